@@ -1,0 +1,62 @@
+# The two front doors: `make demo` (embedded default: SQLite, eager tasks) and `make test`
+# (the whole suite on PostgreSQL and Redis). Both set up .venv on first use.
+
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# Where the suite finds the services (override to run two checkouts side by side).
+TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/profile_sync_audit
+TEST_REDIS_URL ?= redis://127.0.0.1:6379/9
+PYTEST_ARGS ?=
+
+.PHONY: help install demo test test-sqlite lint format bench clean
+
+help:
+	@echo "make demo         set up, seed demo data, dry run, --fix, dry run again (SQLite)"
+	@echo "make test         the whole suite on PostgreSQL and Redis"
+	@echo "make test-sqlite  the whole suite on SQLite (Redis still used for broker and lock)"
+	@echo "make lint         ruff check and ruff format --check"
+	@echo "make bench        the audit benchmark (see bench/README.md)"
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(BIN)/.installed
+
+# The embedded default: no DATABASE_URL, no REDIS_URL.
+DEMO_ENV := env -u DATABASE_URL -u REDIS_URL SQLITE_PATH=var/demo.sqlite3 PROFILE_AUDIT_CONSOLE_LEVEL=WARNING
+
+demo: install
+	$(DEMO_ENV) $(BIN)/python manage.py migrate --verbosity 0
+	$(DEMO_ENV) $(BIN)/python manage.py seed_demo
+	@echo; echo "== 1. Dry run: what is wrong (nothing is changed) =="
+	$(DEMO_ENV) $(BIN)/python manage.py profiles_audit_sync -v 2
+	@echo; echo "== 2. Fix =="
+	$(DEMO_ENV) $(BIN)/python manage.py profiles_audit_sync --fix
+	@echo; echo "== 3. Dry run again: nothing left (--check exits non-zero otherwise) =="
+	$(DEMO_ENV) $(BIN)/python manage.py profiles_audit_sync --check
+
+test: install
+	DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) PROFILE_AUDIT_TEST_DB=postgres \
+		$(BIN)/pytest $(PYTEST_ARGS)
+
+test-sqlite: install
+	env -u DATABASE_URL REDIS_URL=$(TEST_REDIS_URL) PROFILE_AUDIT_TEST_DB=sqlite \
+		$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: install
+	$(BIN)/python bench/audit_bench.py $(BENCH_ARGS)
+
+clean:
+	rm -rf var logs .pytest_cache .hypothesis

@@ -1,0 +1,129 @@
+"""Settings. Everything the operator may change comes from the environment (see README).
+
+Two settings decide where the services are, independently of each other:
+``DATABASE_URL`` (unset: an SQLite file) and ``REDIS_URL`` (unset: Celery tasks run eagerly
+in-process and fixing runs take a file lock instead of a Redis lock).
+"""
+
+import os
+from pathlib import Path
+
+import dj_database_url
+
+from audit_project.log_config import build_logging_config, configure_structlog
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "dev-only-insecure-key-change-me")
+DEBUG = os.environ.get("DJANGO_DEBUG", "") == "1"
+ALLOWED_HOSTS = [
+    h for h in os.environ.get("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1").split(",") if h
+]
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django_celery_beat",
+    "orgs",
+    "connections",
+    "profiles",
+    "queues",
+    "boosts",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "audit_project.urls"
+WSGI_APPLICATION = "audit_project.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Database -------------------------------------------------------------------------------
+SQLITE_PATH = Path(os.environ.get("SQLITE_PATH", BASE_DIR / "var" / "profile_sync_audit.sqlite3"))
+
+if os.environ.get("DATABASE_URL"):
+    DATABASES = {"default": dj_database_url.parse(os.environ["DATABASE_URL"], conn_max_age=60)}
+else:
+    SQLITE_PATH.parent.mkdir(parents=True, exist_ok=True)
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": SQLITE_PATH,
+            # IMMEDIATE takes the write lock when a transaction starts, so a fix's re-check and
+            # its writes are serialized with every other writer (DESIGN rule 4 on SQLite).
+            "OPTIONS": {"transaction_mode": "IMMEDIATE", "timeout": 30},
+        }
+    }
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Celery ---------------------------------------------------------------------------------
+REDIS_URL = os.environ.get("REDIS_URL", "")
+
+if REDIS_URL:
+    CELERY_BROKER_URL = REDIS_URL
+    CELERY_TASK_ALWAYS_EAGER = False
+else:
+    CELERY_BROKER_URL = "memory://localhost/"
+    CELERY_TASK_ALWAYS_EAGER = True
+CELERY_TASK_EAGER_PROPAGATES = True
+# Fail fast when Redis is unreachable instead of hanging the caller.
+CELERY_BROKER_CONNECTION_TIMEOUT = 5
+CELERY_BROKER_TRANSPORT_OPTIONS = {"socket_timeout": 5, "socket_connect_timeout": 5}
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_TASK_DEFAULT_QUEUE = "celery"
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_TASK_ACKS_LATE = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TIMEZONE = "UTC"
+CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+
+# --- The audit ------------------------------------------------------------------------------
+# Mass-deletion guard: an organization whose plan would soft-delete more than
+# max(GUARD_MIN, GUARD_RATIO x its alive profiles) is not fixed (DESIGN "Nothing is lost").
+PROFILE_AUDIT_GUARD_MIN = int(os.environ.get("PROFILE_AUDIT_GUARD_MIN", "5"))
+PROFILE_AUDIT_GUARD_RATIO = float(os.environ.get("PROFILE_AUDIT_GUARD_RATIO", "0.5"))
+# Organizations read per detection chunk (DESIGN rule 8).
+PROFILE_AUDIT_CHUNK_SIZE = 100
+
+# --- Internationalization -------------------------------------------------------------------
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "var" / "static"
+
+# --- Logging --------------------------------------------------------------------------------
+PROFILE_AUDIT_LOG_DIR = Path(os.environ.get("PROFILE_AUDIT_LOG_DIR", BASE_DIR / "logs"))
+LOGGING = build_logging_config(
+    log_dir=PROFILE_AUDIT_LOG_DIR,
+    console_level=os.environ.get("PROFILE_AUDIT_CONSOLE_LEVEL"),
+)
+configure_structlog()

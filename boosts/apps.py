@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class BoostsConfig(AppConfig):
+    name = "boosts"
+    verbose_name = "Boost rules"

@@ -1,0 +1,40 @@
+"""Writes of the connections app: the real-time change of a connection's asset selection."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from uuid import UUID
+
+from django.db import transaction
+
+from connections.models import ConnectionAsset, PlatformConnection
+from connections.platforms import ASSET_TYPE_PLATFORM
+from profiles.services.organization_lock import lock_organization
+from profiles.services.sync import SyncResult, sync_profile
+
+
+def set_asset_selection(
+    *, connection: PlatformConnection, asset_ids: Iterable[UUID], selected: bool
+) -> dict[tuple[str, str], SyncResult]:
+    """Select (or deselect) assets of a connection, then sync each affected key's profile at
+    once, in the same transaction, as the product's real-time sync does."""
+    asset_ids = list(asset_ids)
+    with transaction.atomic():
+        lock_organization(connection.organization_id)
+        assets = list(
+            ConnectionAsset.objects.filter(connection=connection, id__in=asset_ids).values_list(
+                "asset_type", "external_id"
+            )
+        )
+        ConnectionAsset.objects.filter(connection=connection, id__in=asset_ids).update(
+            is_selected=selected
+        )
+        keys = sorted(
+            {(ASSET_TYPE_PLATFORM[t], ext) for t, ext in assets if t in ASSET_TYPE_PLATFORM}
+        )
+        return {
+            key: sync_profile(
+                organization_id=connection.organization_id, platform=key[0], external_id=key[1]
+            )
+            for key in keys
+        }

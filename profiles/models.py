@@ -1,0 +1,167 @@
+"""Social profiles (the publishing targets) and the records of every audit run."""
+
+import uuid
+
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+from audit_project.soft_delete import SoftDeleteModel
+
+
+class SocialProfile(SoftDeleteModel):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    organization = models.ForeignKey(
+        "orgs.Organization", on_delete=models.CASCADE, related_name="profiles"
+    )
+    connection = models.ForeignKey(
+        "connections.PlatformConnection",
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="profiles",
+    )
+    platform = models.CharField(max_length=50)
+    external_id = models.CharField(max_length=255)
+    name = models.CharField(max_length=255, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["created_at", "id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["organization", "platform", "external_id"],
+                condition=Q(deleted_at__isnull=True),
+                name="one_alive_profile_per_key",
+                violation_error_message="An alive profile for this platform account already exists.",
+            )
+        ]
+        indexes = [
+            models.Index(fields=["organization", "platform", "external_id"], name="profile_key_idx")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.platform}:{self.external_id} ({self.name})"
+
+
+class FindingType(models.TextChoices):
+    ORPHANED = "orphaned", "Orphaned profile"
+    DESELECTED = "deselected", "Deselected profile"
+    RELINK = "relink", "Profile to relink"
+    MISSING = "missing", "Missing profile"
+    RESTORE = "restore", "Profile to restore"
+    STALE_QUEUE_SETTING = "stale_queue_setting", "Stale queue setting"
+    INVALID_BOOST_REF = "invalid_boost_ref", "Invalid boost rule reference"
+
+
+class FindingAction(models.TextChoices):
+    SOFT_DELETE = "soft_delete", "Soft delete"
+    RELINK = "relink", "Point at backing connection"
+    DISPATCH_SYNC = "dispatch_sync", "Dispatch profile sync"
+    RESTORE = "restore", "Restore"
+    REMOVE_REFS = "remove_refs", "Remove invalid references"
+
+
+class FindingOutcome(models.TextChoices):
+    PLANNED = "planned", "Planned (dry run)"
+    FIXED = "fixed", "Fixed"
+    STALE = "stale", "Not fixed: no longer held when re-checked"
+    GUARDED = "guarded", "Not fixed: mass-deletion guard"
+    FAILED = "failed", "Not fixed: the organization's fix failed"
+    INTERRUPTED = "interrupted", "Not fixed: the run stopped first"
+
+
+class AuditTrigger(models.TextChoices):
+    COMMAND = "command", "Command"
+    SCHEDULE = "schedule", "Schedule"
+    ADMIN = "admin", "Admin"
+
+
+class AuditStatus(models.TextChoices):
+    RUNNING = "running", "Running"
+    SUCCEEDED = "succeeded", "Succeeded"
+    PARTIAL = "partial", "Partial"
+    FAILED = "failed", "Failed"
+    SKIPPED = "skipped", "Skipped (another run held the lock)"
+
+
+class AuditRun(models.Model):
+    """One run of the audit, dry or fixing, over one organization or all of them."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    trigger = models.CharField(max_length=20, choices=AuditTrigger.choices)
+    # Null means the run covered every organization.
+    organization = models.ForeignKey(
+        "orgs.Organization",
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="audit_runs",
+    )
+    types = models.JSONField(default=list, help_text="Finding types the run looked for.")
+    fix = models.BooleanField(default=False)
+    forced = models.BooleanField(default=False, help_text="The mass-deletion guard was overridden.")
+    status = models.CharField(
+        max_length=20, choices=AuditStatus.choices, default=AuditStatus.RUNNING, db_index=True
+    )
+    started_at = models.DateTimeField(default=timezone.now, db_index=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    duration_seconds = models.FloatField(null=True, blank=True)
+    organizations_audited = models.PositiveIntegerField(default=0)
+    found = models.PositiveIntegerField(default=0)
+    fixed = models.PositiveIntegerField(default=0)
+    by_type = models.JSONField(default=dict, help_text='{type: {"found": n, "fixed": n}}')
+    failed_organizations = models.JSONField(
+        default=dict, blank=True, help_text="{organization id: error} for contained failures."
+    )
+    error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-started_at"]
+
+    def __str__(self) -> str:
+        mode = "fix" if self.fix else "dry run"
+        return f"Audit {self.id} ({mode}, {self.status})"
+
+
+class AuditFinding(models.Model):
+    """One inconsistency a run found, what it did about it, and what it changed."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    run = models.ForeignKey(AuditRun, on_delete=models.CASCADE, related_name="findings")
+    # Position in the run: fixes are applied, and undone, in this order.
+    seq = models.PositiveIntegerField()
+    organization = models.ForeignKey(
+        "orgs.Organization",
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="audit_findings",
+    )
+    type = models.CharField(max_length=30, choices=FindingType.choices)
+    action = models.CharField(max_length=30, choices=FindingAction.choices)
+    model = models.CharField(max_length=100, help_text="app_label.ModelName of the object.")
+    object_id = models.UUIDField(null=True, blank=True, help_text="Empty for a missing profile.")
+    platform = models.CharField(max_length=50, blank=True)
+    external_id = models.CharField(max_length=255, blank=True)
+    before = models.JSONField(null=True, blank=True)
+    after = models.JSONField(null=True, blank=True)
+    outcome = models.CharField(max_length=20, choices=FindingOutcome.choices)
+    detail = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["run", "seq"]
+        constraints = [
+            models.UniqueConstraint(fields=["run", "seq"], name="one_finding_per_run_position")
+        ]
+        indexes = [
+            models.Index(fields=["model", "object_id"], name="finding_object_idx"),
+            models.Index(fields=["run", "type"], name="finding_run_type_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.get_type_display()} {self.object_id or self.external_id} ({self.outcome})"
+
+    @property
+    def fixed(self) -> bool:
+        return self.outcome == FindingOutcome.FIXED

@@ -1,0 +1,484 @@
+"""The audit's semantics, in one place (DESIGN "Audit semantics, per organization O").
+
+Pure functions from a snapshot of one organization to the findings a dry run reports and
+``--fix`` applies. Nothing here reads or writes the database: ``profiles.selectors`` builds the
+snapshot, ``profiles.services.audit`` records and applies the plan.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from connections.models import ConnectionStatus
+from connections.platforms import ASSET_TYPE_PLATFORM
+from profiles.models import FindingAction, FindingType
+
+Key = tuple[str, str]
+"""(platform, external_id): what a selected asset and a profile have in common."""
+
+PROFILE_TYPES: tuple[FindingType, ...] = (
+    FindingType.ORPHANED,
+    FindingType.DESELECTED,
+    FindingType.RELINK,
+    FindingType.RESTORE,
+    FindingType.MISSING,
+)
+CLEANUP_TYPES: tuple[FindingType, ...] = (
+    FindingType.STALE_QUEUE_SETTING,
+    FindingType.INVALID_BOOST_REF,
+)
+ALL_TYPES: tuple[FindingType, ...] = PROFILE_TYPES + CLEANUP_TYPES
+
+# What ``--type`` accepts, and the finding types each value covers.
+SCOPES: dict[str, tuple[FindingType, ...]] = {
+    "orphaned": (FindingType.ORPHANED,),
+    "relink": (FindingType.RELINK,),
+    "missing": (FindingType.MISSING,),
+    "deselected": (FindingType.DESELECTED,),
+    "restore": (FindingType.RESTORE,),
+    "cleanup": CLEANUP_TYPES,
+}
+
+
+def types_for_scopes(scopes: Iterable[str] | None) -> frozenset[FindingType]:
+    """The finding types that ``--type`` values select; none given means all of them."""
+    scopes = list(scopes or [])
+    if not scopes:
+        return frozenset(ALL_TYPES)
+    return frozenset(t for scope in scopes for t in SCOPES[scope])
+
+
+# --- The snapshot -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionRow:
+    id: UUID
+    status: str
+    deleted_at: datetime | None
+    created_at: datetime
+
+    @property
+    def live(self) -> bool:
+        """Live: alive and active (belonging to O is given: the snapshot holds only O's)."""
+        return self.deleted_at is None and self.status == ConnectionStatus.ACTIVE
+
+
+@dataclass(frozen=True, slots=True)
+class AssetRow:
+    """A *selected* asset on one of O's connections (unselected ones never matter)."""
+
+    id: UUID
+    connection_id: UUID
+    asset_type: str
+    external_id: str
+    name: str
+    created_at: datetime
+
+    @property
+    def platform(self) -> str | None:
+        return ASSET_TYPE_PLATFORM.get(self.asset_type)
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileRow:
+    id: UUID
+    connection_id: UUID | None
+    platform: str
+    external_id: str
+    deleted_at: datetime | None
+
+    @property
+    def key(self) -> Key:
+        return (self.platform, self.external_id)
+
+    @property
+    def alive(self) -> bool:
+        return self.deleted_at is None
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSettingRow:
+    """An *alive* queue setting of O."""
+
+    id: UUID
+    profile_id: UUID
+
+
+@dataclass(frozen=True, slots=True)
+class BoostRuleRow:
+    """An *alive* boost rule of O; ``profile_ids`` is whatever JSON the row holds."""
+
+    id: UUID
+    profile_ids: Any
+
+
+@dataclass(frozen=True)
+class OrgSnapshot:
+    """Everything the audit of one organization reads, and nothing of any other."""
+
+    organization_id: UUID
+    connections: Mapping[UUID, ConnectionRow]
+    selected_assets: Sequence[AssetRow]
+    profiles: Sequence[ProfileRow]
+    queue_settings: Sequence[QueueSettingRow] = ()
+    boost_rules: Sequence[BoostRuleRow] = ()
+
+    def is_live(self, connection_id: UUID | None) -> bool:
+        connection = self.connections.get(connection_id) if connection_id else None
+        return connection is not None and connection.live
+
+
+# --- Selection ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SelectedKey:
+    key: Key
+    backing_connection_id: UUID
+    selecting_connection_ids: frozenset[UUID]
+    name: str
+    """Name of the asset on the backing connection: what a missing profile is created with."""
+
+
+def selected_keys(snapshot: OrgSnapshot) -> dict[Key, SelectedKey]:
+    """Keys selected in O: some selected asset with that key sits on a live connection.
+
+    The backing connection is the live selecting connection created first (ties: smallest id).
+    """
+    by_key: dict[Key, list[tuple[datetime, UUID, AssetRow]]] = {}
+    for asset in snapshot.selected_assets:
+        platform = asset.platform
+        if platform is None or not snapshot.is_live(asset.connection_id):
+            continue
+        connection = snapshot.connections[asset.connection_id]
+        by_key.setdefault((platform, asset.external_id), []).append(
+            (connection.created_at, connection.id, asset)
+        )
+    selection = {}
+    for key, candidates in by_key.items():
+        _, backing_id, _ = min(candidates, key=lambda c: (c[0], c[1]))
+        # Two rows of the same asset on one connection: the older one names the profile.
+        backing_asset = min(
+            (c[2] for c in candidates if c[1] == backing_id), key=lambda a: (a.created_at, a.id)
+        )
+        selection[key] = SelectedKey(
+            key=key,
+            backing_connection_id=backing_id,
+            selecting_connection_ids=frozenset(c[1] for c in candidates),
+            name=backing_asset.name,
+        )
+    return selection
+
+
+def unknown_asset_types(snapshot: OrgSnapshot) -> Counter[str]:
+    """Selected assets whose type maps to no platform: logged, never backing a profile."""
+    return Counter(a.asset_type for a in snapshot.selected_assets if a.platform is None)
+
+
+# --- Findings -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One inconsistency and the fix the plan holds for it.
+
+    Two findings are equal when they would make the same change to the same object: a fix
+    re-detects under the organization's lock and applies only findings still equal to one
+    detected then (DESIGN rule 4).
+    """
+
+    type: FindingType
+    object_id: UUID | None
+    """The profile, queue setting or boost rule; ``None`` for a missing profile."""
+    key: Key | None = None
+    connection_id: UUID | None = None
+    """Profile findings: the profile's connection now."""
+    target_connection_id: UUID | None = None
+    """relink, restore, missing: the backing connection the profile ends up on."""
+    deleted_at: datetime | None = None
+    """restore: when the profile to restore was deleted."""
+    profile_id: UUID | None = None
+    """stale_queue_setting: the setting's dead profile."""
+    profile_ids: str | None = None
+    """invalid_boost_ref: the rule's ``profile_ids`` now, as canonical JSON text."""
+    kept_profile_ids: tuple[str, ...] = ()
+    """invalid_boost_ref: the entries the fix keeps, in order."""
+    name: str = field(default="", compare=False)
+    """missing: the new profile's name (a rename of the asset does not make the finding stale)."""
+
+    @property
+    def action(self) -> FindingAction:
+        return ACTIONS[self.type]
+
+    @property
+    def model(self) -> str:
+        return MODELS[self.type]
+
+    @property
+    def soft_deletes_profile(self) -> bool:
+        return self.type in (FindingType.ORPHANED, FindingType.DESELECTED)
+
+
+ACTIONS: dict[FindingType, FindingAction] = {
+    FindingType.ORPHANED: FindingAction.SOFT_DELETE,
+    FindingType.DESELECTED: FindingAction.SOFT_DELETE,
+    FindingType.RELINK: FindingAction.RELINK,
+    FindingType.MISSING: FindingAction.DISPATCH_SYNC,
+    FindingType.RESTORE: FindingAction.RESTORE,
+    FindingType.STALE_QUEUE_SETTING: FindingAction.SOFT_DELETE,
+    FindingType.INVALID_BOOST_REF: FindingAction.REMOVE_REFS,
+}
+MODELS: dict[FindingType, str] = {
+    **{t: "profiles.SocialProfile" for t in PROFILE_TYPES},
+    FindingType.STALE_QUEUE_SETTING: "queues.QueueSetting",
+    FindingType.INVALID_BOOST_REF: "boosts.BoostRule",
+}
+
+
+def _alive_profiles(snapshot: OrgSnapshot) -> list[ProfileRow]:
+    return sorted((p for p in snapshot.profiles if p.alive), key=lambda p: p.id)
+
+
+def find_orphaned_profiles(
+    snapshot: OrgSnapshot, selection: Mapping[Key, SelectedKey]
+) -> list[Finding]:
+    """Alive profiles whose connection is null, dead or not active, and whose key is not
+    selected in O."""
+    return [
+        Finding(FindingType.ORPHANED, p.id, key=p.key, connection_id=p.connection_id)
+        for p in _alive_profiles(snapshot)
+        if not snapshot.is_live(p.connection_id) and p.key not in selection
+    ]
+
+
+def find_deselected_profiles(
+    snapshot: OrgSnapshot, selection: Mapping[Key, SelectedKey]
+) -> list[Finding]:
+    """Alive profiles on a live connection whose key is not selected in O."""
+    return [
+        Finding(FindingType.DESELECTED, p.id, key=p.key, connection_id=p.connection_id)
+        for p in _alive_profiles(snapshot)
+        if snapshot.is_live(p.connection_id) and p.key not in selection
+    ]
+
+
+def find_profiles_to_relink(
+    snapshot: OrgSnapshot, selection: Mapping[Key, SelectedKey]
+) -> list[Finding]:
+    """Alive profiles whose key is selected in O, but not through their own connection."""
+    findings = []
+    for p in _alive_profiles(snapshot):
+        selected = selection.get(p.key)
+        if selected is None or p.connection_id in selected.selecting_connection_ids:
+            continue
+        findings.append(
+            Finding(
+                FindingType.RELINK,
+                p.id,
+                key=p.key,
+                connection_id=p.connection_id,
+                target_connection_id=selected.backing_connection_id,
+            )
+        )
+    return findings
+
+
+def find_profiles_to_restore(
+    snapshot: OrgSnapshot, selection: Mapping[Key, SelectedKey]
+) -> list[Finding]:
+    """Selected keys with no alive profile but dead ones: the most recently deleted comes back
+    (ties: smallest id), on the backing connection."""
+    alive_keys = {p.key for p in snapshot.profiles if p.alive}
+    latest_dead: dict[Key, ProfileRow] = {}
+    for p in snapshot.profiles:
+        if p.alive or p.key not in selection or p.key in alive_keys:
+            continue
+        current = latest_dead.get(p.key)
+        if current is None or (p.deleted_at, -p.id.int) > (current.deleted_at, -current.id.int):
+            latest_dead[p.key] = p
+    return [
+        Finding(
+            FindingType.RESTORE,
+            p.id,
+            key=key,
+            connection_id=p.connection_id,
+            target_connection_id=selection[key].backing_connection_id,
+            deleted_at=p.deleted_at,
+        )
+        for key, p in sorted(latest_dead.items())
+    ]
+
+
+def find_missing_profiles(
+    snapshot: OrgSnapshot, selection: Mapping[Key, SelectedKey]
+) -> list[Finding]:
+    """Selected keys with no profile at all, alive or dead."""
+    known_keys = {p.key for p in snapshot.profiles}
+    return [
+        Finding(
+            FindingType.MISSING,
+            None,
+            key=key,
+            target_connection_id=selected.backing_connection_id,
+            name=selected.name,
+        )
+        for key, selected in sorted(selection.items())
+        if key not in known_keys
+    ]
+
+
+def alive_profiles_after(snapshot: OrgSnapshot, decisions: Iterable[Finding]) -> frozenset[UUID]:
+    """O's alive profile ids once ``decisions`` are applied: deleted ones dead, restored ones
+    alive (DESIGN rule 2). A missing profile gets a new id nothing can refer to yet."""
+    alive = {p.id for p in snapshot.profiles if p.alive}
+    for finding in decisions:
+        if finding.soft_deletes_profile:
+            alive.discard(finding.object_id)
+        elif finding.type == FindingType.RESTORE:
+            alive.add(finding.object_id)
+    return frozenset(alive)
+
+
+def find_stale_queue_settings(
+    snapshot: OrgSnapshot, alive_profile_ids: frozenset[UUID]
+) -> list[Finding]:
+    """Alive queue settings whose profile (of O) is dead."""
+    own_profiles = {p.id for p in snapshot.profiles}
+    return [
+        Finding(FindingType.STALE_QUEUE_SETTING, s.id, profile_id=s.profile_id)
+        for s in sorted(snapshot.queue_settings, key=lambda s: s.id)
+        if s.profile_id in own_profiles and s.profile_id not in alive_profile_ids
+    ]
+
+
+def find_invalid_boost_refs(
+    snapshot: OrgSnapshot, alive_profile_ids: frozenset[UUID]
+) -> list[Finding]:
+    """Alive boost rules with entries that are not the id of an alive profile of O: unknown,
+    dead, another organization's, or malformed. A value that is not a list has no valid entry."""
+    findings = []
+    for rule in sorted(snapshot.boost_rules, key=lambda r: r.id):
+        entries = rule.profile_ids if isinstance(rule.profile_ids, list) else None
+        kept = [e for e in entries or [] if _profile_ref(e) in alive_profile_ids]
+        if entries is not None and len(kept) == len(entries):
+            continue
+        findings.append(
+            Finding(
+                FindingType.INVALID_BOOST_REF,
+                rule.id,
+                profile_ids=canonical_json(rule.profile_ids),
+                kept_profile_ids=tuple(kept),
+            )
+        )
+    return findings
+
+
+def _profile_ref(entry: Any) -> UUID | None:
+    # Entries are read the way the rest of the product reads them (Django's UUID lookup), so a
+    # valid id in upper case or without dashes still counts.
+    if not isinstance(entry, str):
+        return None
+    try:
+        return uuid.UUID(entry)
+    except ValueError:
+        return None
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+# --- The plan -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Guard:
+    """Mass-deletion guard: a plan deleting more than max(minimum, ratio x alive profiles)."""
+
+    minimum: int
+    ratio: float
+    force: bool = False
+
+    def trips(self, *, deletions: int, alive_profiles: int) -> bool:
+        return not self.force and deletions > max(self.minimum, self.ratio * alive_profiles)
+
+
+@dataclass(frozen=True)
+class OrgPlan:
+    organization_id: UUID
+    profile_findings: tuple[Finding, ...]
+    cleanup_findings: tuple[Finding, ...]
+    alive_profiles: int
+    guarded: bool = False
+    unknown_asset_types: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def findings(self) -> tuple[Finding, ...]:
+        return self.profile_findings + self.cleanup_findings
+
+    @property
+    def deletions(self) -> int:
+        return sum(1 for f in self.profile_findings if f.soft_deletes_profile)
+
+
+def find_profile_findings(
+    snapshot: OrgSnapshot, types: frozenset[FindingType] = frozenset(ALL_TYPES)
+) -> tuple[Finding, ...]:
+    """The profile decisions (orphaned, deselected, relink, restore, missing), from one snapshot."""
+    selection = selected_keys(snapshot)
+    finders = {
+        FindingType.ORPHANED: find_orphaned_profiles,
+        FindingType.DESELECTED: find_deselected_profiles,
+        FindingType.RELINK: find_profiles_to_relink,
+        FindingType.RESTORE: find_profiles_to_restore,
+        FindingType.MISSING: find_missing_profiles,
+    }
+    return tuple(
+        finding
+        for finding_type in PROFILE_TYPES
+        if finding_type in types
+        for finding in finders[finding_type](snapshot, selection)
+    )
+
+
+def find_cleanup_findings(
+    snapshot: OrgSnapshot,
+    decisions: Iterable[Finding],
+    types: frozenset[FindingType] = frozenset(ALL_TYPES),
+) -> tuple[Finding, ...]:
+    """Cleanup as it stands once ``decisions`` are applied (DESIGN rules 1 and 2)."""
+    alive = alive_profiles_after(snapshot, decisions)
+    findings: list[Finding] = []
+    if FindingType.STALE_QUEUE_SETTING in types:
+        findings += find_stale_queue_settings(snapshot, alive)
+    if FindingType.INVALID_BOOST_REF in types:
+        findings += find_invalid_boost_refs(snapshot, alive)
+    return tuple(findings)
+
+
+def plan_organization(
+    snapshot: OrgSnapshot,
+    *,
+    types: frozenset[FindingType] = frozenset(ALL_TYPES),
+    guard: Guard,
+) -> OrgPlan:
+    profile_findings = find_profile_findings(snapshot, types)
+    cleanup_findings = find_cleanup_findings(snapshot, profile_findings, types)
+    alive_count = sum(1 for p in snapshot.profiles if p.alive)
+    deletions = sum(1 for f in profile_findings if f.soft_deletes_profile)
+    return OrgPlan(
+        organization_id=snapshot.organization_id,
+        profile_findings=profile_findings,
+        cleanup_findings=cleanup_findings,
+        alive_profiles=alive_count,
+        guarded=guard.trips(deletions=deletions, alive_profiles=alive_count),
+        unknown_asset_types=dict(unknown_asset_types(snapshot)),
+    )

@@ -1,0 +1,130 @@
+"""Applying findings: the writes each finding type stands for, and the before/after each records.
+
+Callers hold the organization's lock inside a transaction and pass only findings they have
+re-checked; these functions write set-wise (one statement per kind of change) and never decide.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from boosts.models import BoostRule
+from profiles.models import FindingType, SocialProfile
+from profiles.plan import Finding
+from profiles.services.soft_delete import ProfileSoftDeleteService, to_json
+from queues.models import QueueSetting
+
+
+@dataclass(frozen=True)
+class Change:
+    """What one finding changed (or, in a dry run, would change)."""
+
+    finding: Finding
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
+
+
+def planned_change(finding: Finding, *, now: datetime) -> Change:
+    """The change a finding stands for, as recorded: ``now`` is when the fix deletes."""
+    match finding.type:
+        case FindingType.ORPHANED | FindingType.DESELECTED | FindingType.STALE_QUEUE_SETTING:
+            return Change(finding, {"deleted_at": None}, {"deleted_at": to_json(now)})
+        case FindingType.RELINK:
+            return Change(
+                finding,
+                {"connection_id": to_json(finding.connection_id)},
+                {"connection_id": to_json(finding.target_connection_id)},
+            )
+        case FindingType.RESTORE:
+            return Change(
+                finding,
+                {
+                    "deleted_at": to_json(finding.deleted_at),
+                    "connection_id": to_json(finding.connection_id),
+                },
+                {"deleted_at": None, "connection_id": to_json(finding.target_connection_id)},
+            )
+        case FindingType.MISSING:
+            platform, external_id = finding.key
+            return Change(
+                finding,
+                None,
+                {
+                    "platform": platform,
+                    "external_id": external_id,
+                    "connection_id": to_json(finding.target_connection_id),
+                    "name": finding.name,
+                },
+            )
+        case FindingType.INVALID_BOOST_REF:
+            return Change(
+                finding,
+                {"profile_ids": _json_value(finding.profile_ids)},
+                {"profile_ids": list(finding.kept_profile_ids)},
+            )
+    raise ValueError(f"unknown finding type {finding.type!r}")
+
+
+def _json_value(text: str | None) -> Any:
+    return json.loads(text) if text is not None else None
+
+
+def apply_profile_findings(
+    findings: Sequence[Finding],
+    *,
+    organization_id: UUID,
+    now: datetime,
+    on_missing: Callable[[Finding], Change],
+) -> list[Change]:
+    """Soft delete, relink, restore (with the queue settings an audit took from the profile),
+    then hand each missing key to ``on_missing``. Returns the changes in ``findings`` order."""
+    soft_deleter = ProfileSoftDeleteService()
+    changes: dict[int, Change] = {}
+
+    deletions = [f for f in findings if f.soft_deletes_profile]
+    soft_deleter.soft_delete_profiles(profile_ids=[f.object_id for f in deletions], now=now)
+
+    relinks: dict[UUID, list[UUID]] = {}
+    for f in findings:
+        if f.type == FindingType.RELINK:
+            relinks.setdefault(f.target_connection_id, []).append(f.object_id)
+    for target, profile_ids in relinks.items():
+        SocialProfile.objects.alive().filter(
+            id__in=profile_ids, organization_id=organization_id
+        ).update(connection_id=target)
+
+    restores = [f for f in findings if f.type == FindingType.RESTORE]
+    restored_settings = soft_deleter.restore_profiles(
+        connection_by_profile={f.object_id: f.target_connection_id for f in restores}
+    )
+    for f in restores:
+        change = planned_change(f, now=now)
+        settings = restored_settings.get(f.object_id, {})
+        if settings:
+            change.before["queue_settings"] = settings
+            change.after["queue_settings"] = {setting_id: None for setting_id in settings}
+        changes[id(f)] = change
+
+    for f in findings:
+        if f.type == FindingType.MISSING:
+            changes[id(f)] = on_missing(f)
+    return [changes.get(id(f)) or planned_change(f, now=now) for f in findings]
+
+
+def apply_cleanup_findings(findings: Sequence[Finding], *, now: datetime) -> list[Change]:
+    """Soft delete stale queue settings; strip invalid entries from boost rules."""
+    QueueSetting.objects.alive().filter(
+        id__in=[f.object_id for f in findings if f.type == FindingType.STALE_QUEUE_SETTING]
+    ).update(deleted_at=now)
+    rules = [
+        BoostRule(id=f.object_id, profile_ids=list(f.kept_profile_ids))
+        for f in findings
+        if f.type == FindingType.INVALID_BOOST_REF
+    ]
+    BoostRule.objects.bulk_update(rules, ["profile_ids"], batch_size=500)
+    return [planned_change(f, now=now) for f in findings]

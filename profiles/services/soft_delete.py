@@ -1,0 +1,79 @@
+"""Soft delete and restore of profiles, and the question every sync asks: is this key selected?"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from uuid import UUID
+
+from profiles.models import AuditFinding, FindingAction, FindingOutcome, FindingType, SocialProfile
+from profiles.plan import selected_keys
+from profiles.selectors import load_key_snapshot
+from queues.models import QueueSetting
+
+
+def to_json(value: object) -> object:
+    """Datetimes and UUIDs as the strings AuditFinding.before/after hold."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, UUID):
+        return str(value)
+    return value
+
+
+class ProfileSoftDeleteService:
+    def is_asset_selected_in_any_connection(
+        self, *, organization_id: UUID, platform: str, external_id: str
+    ) -> bool:
+        """Whether some asset with this key is selected on a live connection of the organization."""
+        snapshot = load_key_snapshot(
+            organization_id=organization_id, platform=platform, external_id=external_id
+        )
+        return (platform, external_id) in selected_keys(snapshot)
+
+    def soft_delete_profiles(self, *, profile_ids: Iterable[UUID], now: datetime) -> int:
+        return SocialProfile.objects.alive().filter(id__in=list(profile_ids)).update(deleted_at=now)
+
+    def restore_profiles(
+        self, *, connection_by_profile: Mapping[UUID, UUID | None]
+    ) -> dict[UUID, dict[str, str]]:
+        """Restore these dead profiles onto the given connections, with the queue settings an
+        audit soft-deleted because the profile was dead (and no others).
+
+        Returns, per profile, the queue settings brought back: {setting id: its deleted_at}.
+        """
+        by_connection: dict[UUID | None, list[UUID]] = {}
+        for profile_id, connection_id in connection_by_profile.items():
+            by_connection.setdefault(connection_id, []).append(profile_id)
+        for connection_id, profile_ids in by_connection.items():
+            SocialProfile.objects.dead().filter(id__in=profile_ids).update(
+                deleted_at=None, connection_id=connection_id
+            )
+        return self.restore_queue_settings(profile_ids=list(connection_by_profile))
+
+    def restore_queue_settings(self, *, profile_ids: list[UUID]) -> dict[UUID, dict[str, str]]:
+        """Bring back the queue settings of these profiles that an audit soft-deleted as stale
+        and that nobody has touched since (their ``deleted_at`` is still the audit's)."""
+        dead_settings = list(
+            QueueSetting.objects.dead()
+            .filter(profile_id__in=profile_ids)
+            .values_list("id", "profile_id", "deleted_at")
+        )
+        if not dead_settings:
+            return {}
+        deleted_by_audit = set(
+            (object_id, (after or {}).get("deleted_at"))
+            for object_id, after in AuditFinding.objects.filter(
+                type=FindingType.STALE_QUEUE_SETTING,
+                action=FindingAction.SOFT_DELETE,
+                outcome=FindingOutcome.FIXED,
+                object_id__in=[s[0] for s in dead_settings],
+            ).values_list("object_id", "after")
+        )
+        restored: dict[UUID, dict[str, str]] = {}
+        for setting_id, profile_id, deleted_at in dead_settings:
+            if (setting_id, to_json(deleted_at)) in deleted_by_audit:
+                restored.setdefault(profile_id, {})[str(setting_id)] = to_json(deleted_at)
+        setting_ids = [UUID(s) for settings in restored.values() for s in settings]
+        QueueSetting.objects.filter(id__in=setting_ids).update(deleted_at=None)
+        return restored
