@@ -77,6 +77,9 @@ else:
             # IMMEDIATE takes the write lock when a transaction starts, so a fix's re-check and
             # its writes are serialized with every other writer (DESIGN rule 4 on SQLite).
             "OPTIONS": {"transaction_mode": "IMMEDIATE", "timeout": 30},
+            # A file, not Django's in-memory default: tests that run fixes from several threads
+            # (or a worker process) need SQLite's real file locking.
+            "TEST": {"NAME": SQLITE_PATH.with_name(f"test_{SQLITE_PATH.name}")},
         }
     }
 
@@ -97,6 +100,10 @@ CELERY_BROKER_CONNECTION_TIMEOUT = 5
 CELERY_BROKER_TRANSPORT_OPTIONS = {"socket_timeout": 5, "socket_connect_timeout": 5}
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_DEFAULT_QUEUE = "celery"
+# Queues are set here, not on the tasks: Celery 5.5+ deprecates the ``queue`` task attribute.
+CELERY_TASK_ROUTES = {
+    "profiles.sync_profile": {"queue": "celery"},
+}
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1

@@ -10,7 +10,7 @@ from audit_project.log_config import audit_logger
 from profiles.services.sync import sync_profile
 
 
-@shared_task(name="profiles.sync_profile", queue="celery", acks_late=True)
+@shared_task(name="profiles.sync_profile", acks_late=True)
 def sync_profile_task(organization_id: str, platform: str, external_id: str) -> dict[str, str]:
     """The profile sync job the audit dispatches for a missing profile (idempotent)."""
     result = sync_profile(

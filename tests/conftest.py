@@ -15,3 +15,16 @@ def eager_tasks(request):
     celery_app.conf.task_always_eager = True
     yield
     celery_app.conf.task_always_eager = previous
+
+
+@pytest.fixture
+def committed(django_capture_on_commit_callbacks):
+    """Call ``fn`` as if its transactions committed for real: the on-commit hooks it registers
+    (the profile sync job sent for a missing profile) run before this returns. Tests run inside
+    a transaction that never commits, so without this those hooks would never fire."""
+
+    def call(fn, *args, **kwargs):
+        with django_capture_on_commit_callbacks(execute=True):
+            return fn(*args, **kwargs)
+
+    return call
