@@ -51,7 +51,7 @@ WSGI_APPLICATION = "audit_project.wsgi.application"
 TEMPLATES = [
     {
         "BACKEND": "django.template.backends.django.DjangoTemplates",
-        "DIRS": [],
+        "DIRS": [BASE_DIR / "audit_project" / "templates"],
         "APP_DIRS": True,
         "OPTIONS": {
             "context_processors": [

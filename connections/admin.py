@@ -1,6 +1,10 @@
 from django.contrib import admin
 
-from audit_project.admin import AliveListFilter
+from audit_project.admin import (
+    AliveListFilter,
+    AssetOrganizationIdFilter,
+    OrganizationIdFilter,
+)
 from connections.models import ConnectionAsset, PlatformConnection
 
 
@@ -14,7 +18,7 @@ class ConnectionAssetInline(admin.TabularInline):
 @admin.register(PlatformConnection)
 class PlatformConnectionAdmin(admin.ModelAdmin):
     list_display = ["name", "provider", "status", "organization", "created_at", "deleted_at"]
-    list_filter = [AliveListFilter, "status", "provider"]
+    list_filter = [AliveListFilter, "status", "provider", OrganizationIdFilter]
     list_select_related = ["organization"]
     search_fields = ["name", "=id", "=organization__id", "organization__name"]
     raw_id_fields = ["organization"]
@@ -24,7 +28,13 @@ class PlatformConnectionAdmin(admin.ModelAdmin):
 @admin.register(ConnectionAsset)
 class ConnectionAssetAdmin(admin.ModelAdmin):
     list_display = ["external_id", "name", "asset_type", "is_selected", "connection", "created_at"]
-    list_filter = ["is_selected", "asset_type", "connection__status", "connection__provider"]
+    list_filter = [
+        "is_selected",
+        "asset_type",
+        "connection__status",
+        "connection__provider",
+        AssetOrganizationIdFilter,
+    ]
     list_select_related = ["connection"]
     search_fields = [
         "external_id",

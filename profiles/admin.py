@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from audit_project.admin import AliveListFilter
+from audit_project.admin import AliveListFilter, OrganizationIdFilter
 from profiles.models import AuditFinding, AuditRun, SocialProfile
 
 
@@ -15,7 +15,7 @@ class SocialProfileAdmin(admin.ModelAdmin):
         "created_at",
         "deleted_at",
     ]
-    list_filter = [AliveListFilter, "platform", "connection__status"]
+    list_filter = [AliveListFilter, "platform", "connection__status", OrganizationIdFilter]
     list_select_related = ["organization", "connection"]
     search_fields = ["name", "external_id", "=id", "=organization__id", "organization__name"]
     raw_id_fields = ["organization", "connection"]

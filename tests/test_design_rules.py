@@ -342,7 +342,7 @@ def test_rule_8_all_org_dry_run_query_count_does_not_grow_with_profiles(audit):
     assert reads_for_run() == few
 
 
-def test_dry_run_rule_names_match_design():
+def test_every_design_rule_has_a_test_named_after_it():
     """Keeps this file honest: one test per rule of DESIGN.md, named after it."""
     names = {name for name in globals() if name.startswith("test_rule_")}
     for number in range(1, 9):

@@ -1,0 +1,355 @@
+#!/usr/bin/env python
+"""Audit benchmark: builds N organizations x M profiles with a given rate of each kind of
+inconsistency, then measures a dry run and a fix over all organizations.
+
+Prints, per phase, the median wall time over --repeat runs, the number of queries, and the
+peak RSS of the process that ran it (each measured run is its own process, on a fresh copy of
+the data set, so one run's memory or changes never leak into the next).
+
+    python bench/audit_bench.py --orgs 1000 --profiles 20            # DATABASE_URL or SQLite
+    DATABASE_URL=postgres://postgres@127.0.0.1:5432/psa python bench/audit_bench.py ...
+
+On PostgreSQL it creates databases ``<name>_bench_template`` and ``<name>_bench`` on the
+server of DATABASE_URL (and drops them at the end unless --keep). Tasks run eagerly (REDIS_URL
+is ignored), so a fix includes creating the missing profiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --- Orchestration (no Django here) ------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--orgs", type=int, default=1000, help="organizations (default 1000)")
+    parser.add_argument("--profiles", type=int, default=20, help="profiles per organization")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=0.05,
+        help="share of profiles in each inconsistent state (default 0.05 per kind)",
+    )
+    parser.add_argument("--repeat", type=int, default=3, help="runs per phase (median shown)")
+    parser.add_argument("--keep", action="store_true", help="keep the benchmark databases")
+    parser.add_argument("command", nargs="?", default="run", choices=["run", "_build", "_measure"])
+    parser.add_argument("--mode", choices=["dry", "fix"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.command == "_build":
+        build(args.orgs, args.profiles, args.rate)
+    elif args.command == "_measure":
+        measure(args.mode)
+    else:
+        orchestrate(args)
+
+
+class Databases:
+    """A template database holding the built data set, copied afresh for every measured run."""
+
+    def __init__(self, url: str | None) -> None:
+        self.url = url
+        if url:
+            base, name = url.rsplit("/", 1)
+            self.admin_url = f"{base}/postgres"
+            self.template = f"{name}_bench_template"
+            self.run_db = f"{name}_bench"
+            self.template_url, self.run_url = f"{base}/{self.template}", f"{base}/{self.run_db}"
+        else:
+            self.template_path = ROOT / "var" / "bench_template.sqlite3"
+            self.run_path = ROOT / "var" / "bench.sqlite3"
+
+    def env(self, *, template: bool) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
+        env["PROFILE_AUDIT_CONSOLE_LEVEL"] = "ERROR"
+        env["PROFILE_AUDIT_LOG_DIR"] = str(ROOT / "var" / "bench-logs")
+        if self.url:
+            env["DATABASE_URL"] = self.template_url if template else self.run_url
+        else:
+            env["SQLITE_PATH"] = str(self.template_path if template else self.run_path)
+        return env
+
+    def _admin(self, *statements: str) -> None:
+        import psycopg
+
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            for statement in statements:
+                conn.execute(statement)
+
+    def fresh_template(self) -> None:
+        if self.url:
+            self._admin(
+                f'DROP DATABASE IF EXISTS "{self.run_db}"',
+                f'DROP DATABASE IF EXISTS "{self.template}"',
+                f'CREATE DATABASE "{self.template}"',
+            )
+        else:
+            self.template_path.parent.mkdir(parents=True, exist_ok=True)
+            self.template_path.unlink(missing_ok=True)
+
+    def copy_for_run(self) -> None:
+        if self.url:
+            self._admin(
+                f'DROP DATABASE IF EXISTS "{self.run_db}"',
+                f'CREATE DATABASE "{self.run_db}" TEMPLATE "{self.template}"',
+            )
+        else:
+            shutil.copyfile(self.template_path, self.run_path)
+
+    def drop(self) -> None:
+        if self.url:
+            self._admin(
+                f'DROP DATABASE IF EXISTS "{self.run_db}"',
+                f'DROP DATABASE IF EXISTS "{self.template}"',
+            )
+        else:
+            self.template_path.unlink(missing_ok=True)
+            self.run_path.unlink(missing_ok=True)
+
+
+def orchestrate(args: argparse.Namespace) -> None:
+    dbs = Databases(os.environ.get("DATABASE_URL"))
+    backend = "PostgreSQL" if dbs.url else "SQLite"
+    print(
+        f"audit benchmark: {args.orgs} organizations x {args.profiles} profiles, "
+        f"rate {args.rate:g} per kind, {backend}, median of {args.repeat}"
+    )
+    dbs.fresh_template()
+    started = time.perf_counter()
+    built = _child(dbs.env(template=True), "_build", args)
+    print(
+        f"built in {time.perf_counter() - started:.1f} s: "
+        + ", ".join(f"{count} {table}" for table, count in built["rows"].items())
+    )
+    print()
+    print(
+        f"{'phase':<6}{'wall s (median)':>17}{'min':>8}{'max':>8}{'queries':>9}"
+        f"{'peak RSS MB':>13}{'found':>8}{'fixed':>8}"
+    )
+    try:
+        for mode in ("dry", "fix"):
+            results = []
+            for _ in range(args.repeat):
+                dbs.copy_for_run()
+                results.append(_child(dbs.env(template=False), "_measure", args, mode=mode))
+            walls = [r["wall_seconds"] for r in results]
+            last = results[-1]
+            print(
+                f"{mode:<6}{statistics.median(walls):>17.2f}{min(walls):>8.2f}{max(walls):>8.2f}"
+                f"{last['queries']:>9}{statistics.median(r['peak_rss_mb'] for r in results):>13.0f}"
+                f"{last['found']:>8}{last['fixed']:>8}"
+            )
+            if mode == "fix":
+                print(f"after the fix, a dry run finds {last['found_after_fix']}")
+    finally:
+        if not args.keep:
+            dbs.drop()
+
+
+def _child(env: dict[str, str], command: str, args: argparse.Namespace, mode: str = "") -> dict:
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        command,
+        f"--orgs={args.orgs}",
+        f"--profiles={args.profiles}",
+        f"--rate={args.rate}",
+    ]
+    if mode:
+        cmd.append(f"--mode={mode}")
+    result = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.stderr.write(result.stdout + result.stderr)
+        raise SystemExit(f"benchmark step {command} {mode} failed")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# --- In a child process (Django set up) ---------------------------------------------------------
+
+
+def _setup_django() -> None:
+    sys.path.insert(0, str(ROOT))
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "audit_project.settings")
+    import django
+
+    django.setup()
+
+
+def build(orgs: int, profiles: int, rate: float) -> None:
+    """Create the data set. Per organization: a live connection holding most assets, a second
+    live one created later, an expired one and a deleted one; each profile slot is healthy or,
+    at ``rate`` each, orphaned, deselected, relink, restore or missing; plus stale queue
+    settings and invalid boost entries at the same rate."""
+    _setup_django()
+    import random
+    import uuid
+    from datetime import timedelta
+
+    from django.core.management import call_command
+    from django.utils import timezone
+
+    from boosts.models import BoostRule
+    from connections.models import ConnectionAsset, PlatformConnection
+    from orgs.models import Organization
+    from profiles.models import SocialProfile
+    from queues.models import QueueSetting
+
+    call_command("migrate", verbosity=0)
+    rng = random.Random(20261128)
+    now = timezone.now()
+    kinds = ["orphaned", "deselected", "relink", "restore", "missing"]
+    rows: dict[str, list] = {k: [] for k in ("org", "conn", "asset", "profile", "queue", "boost")}
+    counts = dict.fromkeys(rows, 0)
+
+    def flush(final: bool = False) -> None:
+        for key, model in (
+            ("org", Organization),
+            ("conn", PlatformConnection),
+            ("asset", ConnectionAsset),
+            ("profile", SocialProfile),
+            ("queue", QueueSetting),
+            ("boost", BoostRule),
+        ):
+            if rows[key] and (final or len(rows["profile"]) >= 20000):
+                model.objects.bulk_create(rows[key], batch_size=2000)
+                counts[key] += len(rows[key])
+                rows[key] = []
+
+    for n in range(orgs):
+        org = Organization(id=uuid.uuid4(), name=f"Bench {n:06d}", created_at=now)
+        main_c = PlatformConnection(
+            organization=org, provider="meta", created_at=now - timedelta(days=9)
+        )
+        second = PlatformConnection(
+            organization=org, provider="meta", created_at=now - timedelta(days=2)
+        )
+        expired = PlatformConnection(organization=org, provider="google", status="expired")
+        deleted = PlatformConnection(organization=org, provider="meta", deleted_at=now)
+        rows["org"].append(org)
+        rows["conn"] += [main_c, second, expired, deleted]
+        healthy_ids = []
+        for slot in range(profiles):
+            external_id = f"{n}-{slot}"
+            roll = rng.random()
+            kind = kinds[int(roll / rate)] if roll < rate * len(kinds) else "healthy"
+
+            def asset(connection, selected=True, external_id=external_id):
+                rows["asset"].append(
+                    ConnectionAsset(
+                        connection=connection,
+                        asset_type="page",
+                        external_id=external_id,
+                        name=f"Page {external_id}",
+                        is_selected=selected,
+                    )
+                )
+
+            def profile(connection, dead=False, external_id=external_id, org=org):
+                p = SocialProfile(
+                    id=uuid.uuid4(),
+                    organization=org,
+                    connection=connection,
+                    platform="facebook",
+                    external_id=external_id,
+                    name=f"Page {external_id}",
+                    deleted_at=now - timedelta(days=1) if dead else None,
+                )
+                rows["profile"].append(p)
+                return p
+
+            if kind == "healthy":
+                asset(main_c)
+                p = profile(main_c)
+                healthy_ids.append(str(p.id))
+                rows["queue"].append(QueueSetting(organization=org, profile=p, slots=["09:00"]))
+            elif kind == "orphaned":
+                asset(expired)
+                profile(expired)
+            elif kind == "deselected":
+                asset(main_c, selected=False)
+                profile(main_c)
+            elif kind == "relink":
+                asset(deleted)
+                asset(second)
+                profile(deleted)
+            elif kind == "restore":
+                asset(main_c)
+                profile(main_c, dead=True)
+            else:  # missing
+                asset(main_c)
+            if rng.random() < rate:  # a stale queue setting on a long-dead profile
+                dead = profile(None, dead=True, external_id=f"{external_id}-gone")
+                rows["queue"].append(QueueSetting(organization=org, profile=dead))
+        refs = healthy_ids[:5]
+        if rng.random() < rate * profiles / 5:
+            refs = [*refs, str(uuid.uuid4()), "junk"]
+        rows["boost"].append(BoostRule(organization=org, name="Boost", profile_ids=refs))
+        flush()
+    flush(final=True)
+    from django.db import connection
+
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("VACUUM ANALYZE")
+    print(
+        json.dumps(
+            {
+                "rows": {
+                    "organizations": counts["org"],
+                    "connections": counts["conn"],
+                    "assets": counts["asset"],
+                    "profiles": counts["profile"],
+                    "queue settings": counts["queue"],
+                    "boost rules": counts["boost"],
+                }
+            }
+        )
+    )
+
+
+def measure(mode: str) -> None:
+    _setup_django()
+    import resource
+
+    from django.db import connection
+
+    from profiles.services.audit import ProfileConnectionAuditService
+
+    queries = 0
+
+    def count(execute, sql, params, many, context):
+        nonlocal queries
+        queries += 1
+        return execute(sql, params, many, context)
+
+    service = ProfileConnectionAuditService()
+    with connection.execute_wrapper(count):
+        started = time.perf_counter()
+        report = service.run_audit_for_all_orgs(fix=mode == "fix", force=False)
+        wall = time.perf_counter() - started
+    result = {
+        "wall_seconds": wall,
+        "queries": queries,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "found": report.run.found,
+        "fixed": report.run.fixed,
+        "status": report.run.status,
+    }
+    if mode == "fix":
+        result["found_after_fix"] = service.run_audit_for_all_orgs().run.found
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
