@@ -251,7 +251,8 @@ def find_orphaned_profiles(
     snapshot: OrgSnapshot, selection: Mapping[Key, SelectedKey]
 ) -> list[Finding]:
     """Alive profiles whose connection is null, dead or not active, and whose key is not
-    selected in O."""
+    selected in O. A connection of another organization counts as not live: nothing of O'
+    can vouch for a profile of O (rule 5)."""
     return [
         Finding(FindingType.ORPHANED, p.id, key=p.key, connection_id=p.connection_id)
         for p in _alive_profiles(snapshot)
