@@ -3,18 +3,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from uuid import UUID
 
 from boosts.models import BoostRule
 from connections.models import ConnectionAsset, PlatformConnection
 from connections.platforms import PLATFORM_ASSET_TYPE
 from orgs.models import Organization
-from profiles.models import SocialProfile
+from profiles.models import AuditFinding, FindingOutcome, SocialProfile
 from profiles.plan import (
     AssetRow,
     BoostRuleRow,
     ConnectionRow,
+    Key,
     OrgSnapshot,
     ProfileRow,
     QueueSettingRow,
@@ -139,4 +142,108 @@ def load_key_snapshot(*, organization_id: UUID, platform: str, external_id: str)
         connections=connections,
         selected_assets=assets,
         profiles=profiles,
+    )
+
+
+# --- Reverts and the admin: reads of recorded runs ------------------------------------------
+
+
+def fixed_findings_newest_first(*, run_id: UUID, page_size: int) -> Iterator[AuditFinding]:
+    """A run's fixed findings in reverse ``seq`` order (the order a revert undoes them), one
+    page of ``page_size`` at a time (keyset on ``seq``: no page costs more than the first)."""
+    last: int | None = None
+    while True:
+        page = AuditFinding.objects.filter(run_id=run_id, outcome=FindingOutcome.FIXED)
+        if last is not None:
+            page = page.filter(seq__lt=last)
+        rows = list(page.order_by("-seq").only(*REVERT_FINDING_FIELDS)[:page_size])
+        yield from rows
+        if len(rows) < page_size:
+            return
+        last = rows[-1].seq
+
+
+REVERT_FINDING_FIELDS = (
+    "id",
+    "seq",
+    "organization_id",
+    "type",
+    "action",
+    "model",
+    "object_id",
+    "platform",
+    "external_id",
+    "before",
+    "after",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileState:
+    id: UUID
+    platform: str
+    external_id: str
+    connection_id: UUID | None
+    deleted_at: datetime | None
+    created_at: datetime
+
+
+def profile_states(
+    *, organization_id: UUID, profile_ids: Collection[UUID] = (), keys: Collection[Key] = ()
+) -> list[ProfileState]:
+    """The organization's profiles with these ids, and its *alive* profiles with these keys."""
+    fields = ("id", "platform", "external_id", "connection_id", "deleted_at", "created_at")
+    profiles = SocialProfile.objects.filter(organization_id=organization_id)
+    rows = []
+    if profile_ids:
+        rows += profiles.filter(id__in=list(profile_ids)).values_list(*fields)
+    if keys:
+        wanted = set(keys)
+        rows += (
+            row
+            for row in profiles.alive()
+            .filter(external_id__in={external_id for _, external_id in wanted})
+            .values_list(*fields)
+            if (row[1], row[2]) in wanted
+        )
+    return [ProfileState(*row) for row in rows]
+
+
+def queue_setting_states(
+    *, organization_id: UUID, setting_ids: Collection[UUID]
+) -> dict[UUID, datetime | None]:
+    """{setting id: deleted_at} for the organization's queue settings with these ids."""
+    if not setting_ids:
+        return {}
+    return dict(
+        QueueSetting.objects.filter(
+            organization_id=organization_id, id__in=list(setting_ids)
+        ).values_list("id", "deleted_at")
+    )
+
+
+def boost_rule_states(
+    *, organization_id: UUID, rule_ids: Collection[UUID]
+) -> dict[UUID, tuple[datetime | None, object]]:
+    """{rule id: (deleted_at, profile_ids as stored)} for the organization's boost rules."""
+    if not rule_ids:
+        return {}
+    return {
+        id_: (deleted_at, profile_ids)
+        for id_, deleted_at, profile_ids in BoostRule.objects.filter(
+            organization_id=organization_id, id__in=list(rule_ids)
+        ).values_list("id", "deleted_at", "profile_ids")
+    }
+
+
+def existing_connection_ids(
+    *, organization_id: UUID, connection_ids: Collection[UUID]
+) -> set[UUID]:
+    """Which of these ids are connections of the organization (alive or soft-deleted)."""
+    if not connection_ids:
+        return set()
+    return set(
+        PlatformConnection.objects.filter(
+            organization_id=organization_id, id__in=list(connection_ids)
+        ).values_list("id", flat=True)
     )
