@@ -8,11 +8,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
 
+from django.db.models import Exists, OuterRef, Q, QuerySet
+
 from boosts.models import BoostRule
 from connections.models import ConnectionAsset, PlatformConnection
 from connections.platforms import PLATFORM_ASSET_TYPE
 from orgs.models import Organization
-from profiles.models import AuditFinding, FindingOutcome, SocialProfile
+from profiles.models import AuditFinding, AuditRun, FindingOutcome, SocialProfile
 from profiles.plan import (
     AssetRow,
     BoostRuleRow,
@@ -246,4 +248,23 @@ def existing_connection_ids(
         PlatformConnection.objects.filter(
             organization_id=organization_id, id__in=list(connection_ids)
         ).values_list("id", flat=True)
+    )
+
+
+def prunable_runs(*, cutoff: datetime) -> QuerySet[AuditRun]:
+    """Runs started before ``cutoff`` that are not the latest of their scope (one organization,
+    or all of them): a later run of the same scope exists."""
+    later_same_org = AuditRun.objects.filter(
+        organization=OuterRef("organization"), started_at__gt=OuterRef("started_at")
+    )
+    later_all_orgs = AuditRun.objects.filter(
+        organization__isnull=True, started_at__gt=OuterRef("started_at")
+    )
+    return (
+        AuditRun.objects.alias(later_org=Exists(later_same_org), later_all=Exists(later_all_orgs))
+        .filter(started_at__lt=cutoff)
+        .filter(
+            Q(organization__isnull=False, later_org=True)
+            | Q(organization__isnull=True, later_all=True)
+        )
     )
