@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
 
-from django.db.models import Exists, OuterRef, Q, QuerySet
+from django.db.models import Exists, Max, OuterRef, Q, QuerySet
 
 from boosts.models import BoostRule
 from connections.models import ConnectionAsset, PlatformConnection
@@ -249,6 +249,42 @@ def existing_connection_ids(
             organization_id=organization_id, id__in=list(connection_ids)
         ).values_list("id", flat=True)
     )
+
+
+def run_findings_page(*, run_id: UUID, page: int, per_page: int) -> tuple[list[AuditFinding], int]:
+    """One page of a run's findings, in ``seq`` order, and the number of pages.
+
+    A run's ``seq`` runs 1..n without gaps (``RunRecorder``), so page p is the ``seq`` range
+    ((p-1) x per_page, p x per_page]: two index lookups whatever the page and the run's size, where
+    OFFSET would read every earlier row.
+    """
+    last_seq = AuditFinding.objects.filter(run_id=run_id).aggregate(last=Max("seq"))["last"] or 0
+    pages = max(1, -(-last_seq // per_page))
+    page = min(max(page, 1), pages)
+    rows = list(
+        AuditFinding.objects.filter(
+            run_id=run_id, seq__gt=(page - 1) * per_page, seq__lte=page * per_page
+        )
+        .select_related("organization")
+        .only(
+            "id",
+            "seq",
+            "organization__id",
+            "organization__name",
+            "type",
+            "action",
+            "model",
+            "object_id",
+            "platform",
+            "external_id",
+            "before",
+            "after",
+            "outcome",
+            "detail",
+        )
+        .order_by("seq")
+    )
+    return rows, pages
 
 
 def prunable_runs(*, cutoff: datetime) -> QuerySet[AuditRun]:
