@@ -9,6 +9,8 @@ from io import StringIO
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
+from django.db import connection as db_connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from boosts.models import BoostRule
@@ -24,7 +26,7 @@ from profiles.models import (
     SocialProfile,
 )
 from profiles.services.audit import ProfileConnectionAuditService
-from profiles.services.revert import RevertRejected, revert_run
+from profiles.services.revert import RevertRejected, _Objects, revert_run
 from queues.models import QueueSetting
 from tests.factories import (
     AssetFactory,
@@ -424,3 +426,56 @@ def test_revert_takes_no_audit_options():
 def test_service_rejection_is_a_value_error_with_the_reason():
     with pytest.raises(RevertRejected, match="no audit run"):
         revert_run(run_id=uuid.uuid4(), fix=True)
+
+
+# --- Size and failure ---------------------------------------------------------------------------
+
+
+def test_a_large_revert_reads_and_writes_in_chunks_with_a_bounded_number_of_queries(fix):
+    connection = ConnectionFactory()
+    org = connection.organization
+    SocialProfile.objects.bulk_create(
+        SocialProfile(
+            organization=org, connection=connection, platform="facebook", external_id=f"x-{n}"
+        )
+        for n in range(1200)
+    )
+    run = fix(org, force=True).run
+    assert run.fixed == 1200
+
+    with CaptureQueriesContext(db_connection) as captured:
+        report = revert(run)
+
+    assert report.put_back == 1200 and report.conflicts == 0
+    assert SocialProfile.objects.filter(organization=org).alive().count() == 1200
+    # Three chunks of 500: a fixed number of reads and writes each, never one per finding.
+    assert len(captured) < 60
+
+
+def test_an_organization_that_fails_is_contained_and_its_revert_can_be_retried(fix, monkeypatch):
+    broken, fine = deselected(), deselected()
+    run = ProfileConnectionAuditService().run_audit_for_all_orgs(fix=True).run
+    after_fix = domain_state()
+    real_write = _Objects.write
+
+    def write(self):
+        if self.organization_id == broken.id:
+            raise RuntimeError("the disk is full")
+        real_write(self)
+
+    monkeypatch.setattr(_Objects, "write", write)
+    first = revert(run)
+
+    assert first.run.status == AuditStatus.PARTIAL and first.failed == 1
+    assert str(broken.id) in first.run.failed_organizations
+    failed = first.run.findings.get(organization=broken)
+    assert failed.outcome == FindingOutcome.FAILED and "the disk is full" in failed.detail
+    assert SocialProfile.objects.filter(organization=fine).alive().count() == 1
+    assert SocialProfile.objects.filter(organization=broken).alive().count() == 0
+    assert domain_state() != after_fix
+
+    monkeypatch.setattr(_Objects, "write", real_write)
+    second = revert(run)
+
+    assert second.put_back == 1 and second.conflicts == 1  # the fine one was put back already
+    assert SocialProfile.objects.alive().count() == 2
