@@ -401,6 +401,20 @@ def test_reverting_a_run_twice_is_rejected(fix):
     _rejected(str(run.id), f"already reverted by run {first.run.id}; to undo that revert")
 
 
+def test_a_revert_in_progress_blocks_another_until_it_is_abandoned(fix):
+    org = deselected()
+    run = fix(org).run
+    in_progress = AuditRun.objects.create(
+        trigger=AuditTrigger.REVERT, fix=True, reverted_run=run, organization=org
+    )
+    _rejected(str(run.id), f"is being reverted right now \\(run {in_progress.id}\\)")
+
+    AuditRun.objects.filter(id=in_progress.id).update(
+        started_at=timezone.now() - timedelta(minutes=61)
+    )
+    assert revert(run).put_back == 1
+
+
 def test_reverting_a_running_run_or_one_that_changed_nothing_is_rejected(fix):
     running = AuditRun.objects.create(trigger=AuditTrigger.COMMAND, fix=True)
     _rejected(str(running.id), "still running; wait for it to finish")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -56,6 +56,9 @@ REVERTIBLE_FIELDS: dict[str, tuple[str, ...]] = {
 # Findings read, decided and written per step; keeps IN lists and memory small.
 CHUNK_SIZE = 500
 RUNS_HINT = "find run ids in the admin under Audit runs"
+# A revert still "running" after this long lost its process (as the audit's lock expires
+# after 60 minutes): it no longer stops the run from being reverted again.
+REVERT_ABANDONED_AFTER = timedelta(minutes=60)
 
 
 class RevertRejected(ValueError):
@@ -103,9 +106,12 @@ def revert_blocker(*, run: AuditRun) -> str | None:
         return f"run {run.id} is still running; wait for it to finish, then revert it"
     if not run.fix:
         return f"run {run.id} is a dry run and changed nothing; there is nothing to revert"
+    abandoned_before = timezone.now() - REVERT_ABANDONED_AFTER
     for revert in run.reverts.filter(fix=True).exclude(status=AuditStatus.FAILED):
         if revert.status == AuditStatus.RUNNING:
-            return f"run {run.id} is being reverted right now (run {revert.id}); wait for it"
+            if revert.started_at > abandoned_before:
+                return f"run {run.id} is being reverted right now (run {revert.id}); wait for it"
+            continue  # its process died; what it committed shows up as conflicts next time
         # A revert that failed in some organization rolled those back: it may be run again.
         if not revert.failed_organizations:
             return (
