@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import sys
 import uuid
@@ -222,7 +223,7 @@ class Command(BaseCommand):
 
     def _revert(self, run_id: str, *, fix: bool) -> RevertReport:
         try:
-            return revert_run(run_id=run_id, fix=fix, source="command")
+            return revert_run(run_id=run_id, fix=fix, source="command", requested_by=_os_user())
         except RevertRejected as exc:
             raise CommandError(str(exc)) from None
         except Exception as exc:
@@ -273,6 +274,13 @@ class Command(BaseCommand):
         )
         for type_, model, object_id, detail in rows.iterator(chunk_size=2000):
             self.stdout.write(f"  conflict {type_:<20} {model} {object_id or '-'}: {detail}")
+
+
+def _os_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return ""
 
 
 def _issues_remain(report: RunReport) -> bool:
