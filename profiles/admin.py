@@ -73,6 +73,9 @@ class SocialProfileAdmin(admin.ModelAdmin):
 class ReadOnlyAdmin(admin.ModelAdmin):
     """Records of what the audit did are history: viewable by staff, never edited here."""
 
+    # "Show counts" would count every filter choice over every finding ever recorded.
+    show_facets = admin.ShowFacets.NEVER
+
     def has_add_permission(self, request):
         return False
 

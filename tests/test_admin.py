@@ -131,6 +131,7 @@ def test_the_run_list_shows_status_in_colour_and_costs_a_few_queries(staff):
     assert 'class="audit-badge" style="background:#b26a00' in html  # partial, in orange
     assert "Acme Bakery" in html and "fix" in html and "1.50 s" in html
     assert "Revert selected run" in html
+    assert "Show counts" not in html  # facet counts would scan every finding ever recorded
 
 
 def test_the_run_page_shows_counts_error_and_one_page_of_findings(staff):
