@@ -545,34 +545,45 @@ class _Objects:
             self.rows[(QUEUE_SETTING, UUID(setting_id))] = {"deleted_at": None}
 
     def write(self) -> None:
-        """Write the rows changed since the last write: deletions first, so a profile that
+        """Write the rows changed since the last write. Deletions first, so a profile that
         goes and another of the same key that comes back never meet in the unique index."""
-        dying, other = [], []
-        settings, rules = [], []
+        dying: list[tuple[UUID, tuple]] = []
+        other: list[tuple[UUID, tuple]] = []
+        settings: list[tuple[UUID, tuple]] = []
+        rules = []
         for model, id_ in sorted(self.dirty, key=str):
             row = self.rows[(model, id_)]
+            deleted_at = _as_datetime(row["deleted_at"])
             if model == PROFILE:
-                profile = SocialProfile(
-                    id=id_,
-                    deleted_at=_as_datetime(row["deleted_at"]),
-                    connection_id=_as_uuid(row["connection_id"]),
-                )
-                (dying if profile.deleted_at else other).append(profile)
+                values = (deleted_at, _as_uuid(row["connection_id"]))
+                (dying if deleted_at else other).append((id_, values))
             elif model == QUEUE_SETTING:
-                settings.append(QueueSetting(id=id_, deleted_at=_as_datetime(row["deleted_at"])))
+                settings.append((id_, (deleted_at,)))
             else:
                 rules.append(
-                    BoostRule(
-                        id=id_,
-                        deleted_at=_as_datetime(row["deleted_at"]),
-                        profile_ids=row["profile_ids"],
-                    )
+                    BoostRule(id=id_, deleted_at=deleted_at, profile_ids=row["profile_ids"])
                 )
-        for profiles in (dying, other):
-            SocialProfile.objects.bulk_update(profiles, ["deleted_at", "connection_id"])
-        QueueSetting.objects.bulk_update(settings, ["deleted_at"])
+        for changes in (dying, other):
+            _update(SocialProfile, ("deleted_at", "connection_id"), changes)
+        _update(QueueSetting, ("deleted_at",), settings)
+        # A rule's profile_ids are its own; rules are few next to profiles.
         BoostRule.objects.bulk_update(rules, ["deleted_at", "profile_ids"])
         self.dirty.clear()
+
+
+def _update(model, fields: tuple[str, ...], changes: list[tuple[UUID, tuple]]) -> None:
+    """One UPDATE per distinct set of new values (a run's fixes share their timestamp, so a
+    chunk is typically one or two statements); values met once go in one bulk_update."""
+    by_values: dict[tuple, list[UUID]] = {}
+    for id_, values in changes:
+        by_values.setdefault(values, []).append(id_)
+    single = []
+    for values, ids in by_values.items():
+        if len(ids) == 1:
+            single.append(model(id=ids[0], **dict(zip(fields, values, strict=True))))
+        else:
+            model.objects.filter(id__in=ids).update(**dict(zip(fields, values, strict=True)))
+    model.objects.bulk_update(single, list(fields))
 
 
 # --- Values as before/after hold them -------------------------------------------------------
