@@ -246,11 +246,12 @@ class Command(BaseCommand):
             out.write("Nothing was changed; run with --fix to put these back.")
         out.write("")
         verb = "put back" if run.fix else "would put back"
-        out.write(f"  {'type':<22}{'fixed by the run':>18}{verb:>16}")
+        # A dry run puts nothing back: its per-type counts are the run's, the summary says more.
+        out.write(f"  {'type':<22}{'fixed by the run':>18}" + (f"{verb:>12}" if run.fix else ""))
         for finding_type, counts in run.by_type.items():
             if counts["found"]:
-                put_back = counts["fixed"] if run.fix else "-"
-                out.write(f"  {finding_type:<22}{counts['found']:>18}{put_back:>16}")
+                put_back = f"{counts['fixed']:>12}" if run.fix else ""
+                out.write(f"  {finding_type:<22}{counts['found']:>18}{put_back}")
         out.write("")
         summary = f"{report.put_back} {verb}, {report.conflicts} conflicts (left alone)"
         if report.failed:
