@@ -34,6 +34,8 @@ from profiles.selectors import run_findings_page
 from profiles.services.revert import RevertRejected, revert_blocker, revert_run
 
 FINDINGS_PER_PAGE = 100
+# Above this many fixed findings, the revert page suggests the command (a request could time out).
+LARGE_REVERT = 20_000
 
 STATUS_COLOURS = {
     AuditStatus.RUNNING: "#417690",
@@ -384,6 +386,7 @@ class AuditRunAdmin(ReadOnlyAdmin):
             "scope": self.scope(run),
             "by_type_table": self.by_type_table(run),
             "blocked": revert_blocker(run=run),
+            "large_run": run.fixed >= LARGE_REVERT,
             "run_url": _run_url(run.id),
         }
         return TemplateResponse(

@@ -250,6 +250,7 @@ def test_the_revert_action_asks_then_reverts_and_says_what_it_did(staff, fixed_r
     response, count = queries(staff, revert_url(fixed_run))
     assert count <= MAX_QUERIES
     assert "Yes, revert this run" in response.content.decode()
+    assert "prefer" not in response.content.decode()  # small: no advice to use the command
 
     response = staff.post(revert_url(fixed_run), {"mode": "fix"}, follow=True)
 
@@ -265,6 +266,16 @@ def test_the_revert_action_asks_then_reverts_and_says_what_it_did(staff, fixed_r
     response = staff.post(revert_url(fixed_run), {"mode": "fix"}, follow=True)
     assert "already reverted by run" in response.content.decode()
     assert AuditRun.objects.filter(reverted_run=fixed_run).count() == 1
+
+
+def test_the_revert_page_suggests_the_command_for_a_very_large_run(staff):
+    run = recorded_run(findings=1)
+    AuditRun.objects.filter(id=run.id).update(fixed=50_000)
+
+    html = staff.get(revert_url(run)).content.decode()
+
+    assert "prefer" in html
+    assert f"<code>manage.py profiles_audit_sync --revert {run.id} --fix</code>" in html
 
 
 def test_the_revert_action_takes_one_run_at_a_time(staff, fixed_run):
