@@ -9,12 +9,13 @@ TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/profile_sync_audit
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/9
 PYTEST_ARGS ?=
 
-.PHONY: help install demo test test-sqlite lint format bench clean
+.PHONY: help install demo test test-sqlite test-browser lint format bench clean
 
 help:
 	@echo "make demo         set up, seed demo data, dry run, --fix, dry run again (SQLite)"
 	@echo "make test         the whole suite on PostgreSQL and Redis"
 	@echo "make test-sqlite  the whole suite on SQLite (Redis still used for broker and lock)"
+	@echo "make test-browser the admin in headless Chromium (needs the chromium package)"
 	@echo "make lint         ruff check and ruff format --check"
 	@echo "make bench        the audit benchmark (see bench/README.md)"
 
@@ -39,13 +40,18 @@ demo: install
 	@echo; echo "== 3. Dry run again: nothing left (--check exits non-zero otherwise) =="
 	$(DEMO_ENV) $(BIN)/python manage.py profiles_audit_sync --check
 
+# The browser check has its own target (it needs Chromium); .ci/run runs all three.
 test: install
 	DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) PROFILE_AUDIT_TEST_DB=postgres \
-		$(BIN)/pytest $(PYTEST_ARGS)
+		$(BIN)/pytest -m "not browser" $(PYTEST_ARGS)
 
 test-sqlite: install
 	env -u DATABASE_URL REDIS_URL=$(TEST_REDIS_URL) PROFILE_AUDIT_TEST_DB=sqlite \
-		$(BIN)/pytest $(PYTEST_ARGS)
+		$(BIN)/pytest -m "not browser" $(PYTEST_ARGS)
+
+test-browser: install
+	DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) PROFILE_AUDIT_TEST_DB=postgres \
+		$(BIN)/pytest -m browser tests/test_browser.py $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

@@ -22,33 +22,53 @@ class AliveListFilter(admin.SimpleListFilter):
         return queryset
 
 
-class OrganizationIdFilter(admin.SimpleListFilter):
-    """Filter by organization id, typed in: a list of every organization would not scale."""
+class InputFilter(admin.SimpleListFilter):
+    """A filter typed in, not picked from a list: there may be thousands of organizations."""
 
-    title = "organization"
-    parameter_name = "organization_id"
     template = "admin/input_filter.html"
-    field_path = "organization_id"
+    placeholder = ""
 
     def lookups(self, request, model_admin):
-        # A non-empty lookup list keeps the filter on the page; the template draws an input.
-        return [("", "")]
+        return ()
+
+    def has_output(self) -> bool:
+        return True
 
     def choices(self, changelist):
-        # The template reads the other query parameters and the clear link from here.
-        self.other_params = {k: v for k, v in changelist.params.items() if k != self.parameter_name}
-        self.clear_url = changelist.get_query_string(remove=[self.parameter_name])
-        return []
+        # One "choice": the form's hidden fields keep every other filter in place.
+        yield {
+            "selected": self.value() is not None,
+            "query_string": changelist.get_query_string(remove=[self.parameter_name]),
+            "display": "All",
+            "hidden_params": [
+                (key, value)
+                for key, values in changelist.get_filters_params().items()
+                if key != self.parameter_name
+                for value in (values if isinstance(values, list) else [values])
+            ],
+            "placeholder": self.placeholder,
+            "parameter_name": self.parameter_name,
+            "value": self.value() or "",
+        }
+
+
+class OrganizationFilter(InputFilter):
+    """By organization id (exact) or name (contains)."""
+
+    title = "organization"
+    parameter_name = "organization"
+    placeholder = "organization id or name"
+    organization_path = "organization"
 
     def queryset(self, request, queryset):
-        if not self.value():
+        value = (self.value() or "").strip()
+        if not value:
             return queryset
         try:
-            org_id = uuid.UUID(self.value())
+            return queryset.filter(**{f"{self.organization_path}_id": uuid.UUID(value)})
         except ValueError:
-            return queryset.none()
-        return queryset.filter(**{self.field_path: org_id})
+            return queryset.filter(**{f"{self.organization_path}__name__icontains": value})
 
 
-class AssetOrganizationIdFilter(OrganizationIdFilter):
-    field_path = "connection__organization_id"
+class AssetOrganizationFilter(OrganizationFilter):
+    organization_path = "connection__organization"

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import dj_database_url
+from celery.schedules import crontab
 
 from audit_project.log_config import build_logging_config, configure_structlog
 
@@ -109,6 +110,16 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TIMEZONE = "UTC"
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+# Beat entries, under stable names: the DatabaseScheduler upserts them and the admin shows them.
+CELERY_BEAT_SCHEDULE = {
+    # Retention, daily at 03:30 UTC: prune audit runs older than PROFILE_AUDIT_RETENTION_DAYS
+    # (never the latest run of an organization). Expires before the next day's entry.
+    "prune-audit-runs": {
+        "task": "profiles.prune_audit_runs",
+        "schedule": crontab(minute=30, hour=3),
+        "options": {"queue": "maintenance", "expires": 12 * 60 * 60},
+    },
+}
 
 # --- The audit ------------------------------------------------------------------------------
 # Mass-deletion guard: an organization whose plan would soft-delete more than
@@ -117,6 +128,10 @@ PROFILE_AUDIT_GUARD_MIN = int(os.environ.get("PROFILE_AUDIT_GUARD_MIN", "5"))
 PROFILE_AUDIT_GUARD_RATIO = float(os.environ.get("PROFILE_AUDIT_GUARD_RATIO", "0.5"))
 # Organizations read per detection chunk (DESIGN rule 8).
 PROFILE_AUDIT_CHUNK_SIZE = 100
+# Retention: runs older than this many days (and their findings) are pruned daily, in batches
+# of PROFILE_AUDIT_PRUNE_BATCH_SIZE rows; the latest run of each organization always stays.
+PROFILE_AUDIT_RETENTION_DAYS = int(os.environ.get("PROFILE_AUDIT_RETENTION_DAYS", "90"))
+PROFILE_AUDIT_PRUNE_BATCH_SIZE = 5000
 
 # --- Internationalization -------------------------------------------------------------------
 LANGUAGE_CODE = "en-us"

@@ -2,8 +2,8 @@ from django.contrib import admin
 
 from audit_project.admin import (
     AliveListFilter,
-    AssetOrganizationIdFilter,
-    OrganizationIdFilter,
+    AssetOrganizationFilter,
+    OrganizationFilter,
 )
 from connections.models import ConnectionAsset, PlatformConnection
 
@@ -18,7 +18,7 @@ class ConnectionAssetInline(admin.TabularInline):
 @admin.register(PlatformConnection)
 class PlatformConnectionAdmin(admin.ModelAdmin):
     list_display = ["name", "provider", "status", "organization", "created_at", "deleted_at"]
-    list_filter = [AliveListFilter, "status", "provider", OrganizationIdFilter]
+    list_filter = [AliveListFilter, "status", "provider", OrganizationFilter]
     list_select_related = ["organization"]
     search_fields = ["name", "=id", "=organization__id", "organization__name"]
     raw_id_fields = ["organization"]
@@ -33,7 +33,7 @@ class ConnectionAssetAdmin(admin.ModelAdmin):
         "asset_type",
         "connection__status",
         "connection__provider",
-        AssetOrganizationIdFilter,
+        AssetOrganizationFilter,
     ]
     list_select_related = ["connection"]
     search_fields = [

@@ -1,7 +1,58 @@
-from django.contrib import admin
+"""The operator's view of the audit: runs and findings (read-only history), and revert.
 
-from audit_project.admin import AliveListFilter, OrganizationIdFilter
-from profiles.models import AuditFinding, AuditRun, SocialProfile
+On-call engineers open these pages after an alert: what did the audit change, where, why, and
+can it be put back. Every page runs a fixed number of queries whatever the size of a run.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
+from django.db.models import QuerySet
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.shortcuts import get_object_or_404
+from django.template.response import TemplateResponse
+from django.urls import NoReverseMatch, path, reverse
+from django.utils.html import format_html, format_html_join
+from django.utils.http import urlencode
+
+from audit_project.admin import AliveListFilter, InputFilter, OrganizationFilter
+from profiles.models import (
+    AuditFinding,
+    AuditRun,
+    AuditStatus,
+    AuditTrigger,
+    FindingOutcome,
+    SocialProfile,
+)
+from profiles.plan import ALL_TYPES
+from profiles.selectors import run_findings_page
+from profiles.services.revert import RevertRejected, revert_blocker, revert_run
+
+FINDINGS_PER_PAGE = 100
+# Above this many fixed findings, the revert page suggests the command (a request could time out).
+LARGE_REVERT = 20_000
+
+STATUS_COLOURS = {
+    AuditStatus.RUNNING: "#417690",
+    AuditStatus.SUCCEEDED: "#2e7d32",
+    AuditStatus.PARTIAL: "#b26a00",
+    AuditStatus.FAILED: "#c62828",
+    AuditStatus.SKIPPED: "#757575",
+}
+OUTCOME_COLOURS = {
+    FindingOutcome.PLANNED: "#417690",
+    FindingOutcome.FIXED: "#2e7d32",
+    FindingOutcome.STALE: "#757575",
+    FindingOutcome.GUARDED: "#b26a00",
+    FindingOutcome.FAILED: "#c62828",
+    FindingOutcome.INTERRUPTED: "#757575",
+    FindingOutcome.CONFLICT: "#b26a00",
+}
 
 
 @admin.register(SocialProfile)
@@ -15,7 +66,7 @@ class SocialProfileAdmin(admin.ModelAdmin):
         "created_at",
         "deleted_at",
     ]
-    list_filter = [AliveListFilter, "platform", "connection__status", OrganizationIdFilter]
+    list_filter = [AliveListFilter, "platform", "connection__status", OrganizationFilter]
     list_select_related = ["organization", "connection"]
     search_fields = ["name", "external_id", "=id", "=organization__id", "organization__name"]
     raw_id_fields = ["organization", "connection"]
@@ -23,6 +74,9 @@ class SocialProfileAdmin(admin.ModelAdmin):
 
 class ReadOnlyAdmin(admin.ModelAdmin):
     """Records of what the audit did are history: viewable by staff, never edited here."""
+
+    # "Show counts" would count every filter choice over every finding ever recorded.
+    show_facets = admin.ShowFacets.NEVER
 
     def has_add_permission(self, request):
         return False
@@ -34,38 +88,428 @@ class ReadOnlyAdmin(admin.ModelAdmin):
         return False
 
 
+# --- Filters that never list all organizations or runs --------------------------------------
+
+
+class RunFilter(InputFilter):
+    title = "run"
+    parameter_name = "run"
+    placeholder = "run id"
+
+    def queryset(self, request, queryset):
+        value = (self.value() or "").strip()
+        if not value:
+            return queryset
+        try:
+            return queryset.filter(run_id=uuid.UUID(value))
+        except ValueError:
+            return queryset.none()
+
+
+class FixedFilter(admin.SimpleListFilter):
+    title = "fixed"
+    parameter_name = "fixed"
+
+    def lookups(self, request, model_admin):
+        return [("yes", "Fixed (or put back)"), ("no", "Not fixed (see outcome for why)")]
+
+    def queryset(self, request, queryset):
+        if self.value() == "yes":
+            return queryset.filter(outcome=FindingOutcome.FIXED)
+        if self.value() == "no":
+            return queryset.exclude(outcome=FindingOutcome.FIXED)
+        return queryset
+
+
+# --- Audit runs -----------------------------------------------------------------------------
+
+
 @admin.register(AuditRun)
 class AuditRunAdmin(ReadOnlyAdmin):
+    change_form_template = "admin/profiles/auditrun/change_form.html"
     list_display = [
         "started_at",
         "trigger",
-        "organization",
-        "fix",
-        "status",
+        "scope",
+        "fix_mode",
+        "status_badge",
         "found",
         "fixed",
-        "duration_seconds",
+        "duration",
     ]
-    list_filter = ["status", "trigger", "fix", "started_at"]
+    list_filter = ["status", "trigger", "fix", "started_at", OrganizationFilter]
     list_select_related = ["organization"]
     search_fields = ["=id", "=organization__id", "organization__name"]
     date_hierarchy = "started_at"
+    show_full_result_count = False
+    actions = ["revert_selected_run"]
+    fieldsets = [
+        (
+            None,
+            {
+                "fields": [
+                    "id",
+                    "status_badge",
+                    "trigger",
+                    "scope",
+                    "fix_mode",
+                    "forced",
+                    "reverted_run_link",
+                    "reverted_by",
+                ]
+            },
+        ),
+        ("When", {"fields": ["started_at", "finished_at", "duration"]}),
+        (
+            "What it found and fixed",
+            {"fields": ["organizations_audited", "types_list", "by_type_table", "error_text"]},
+        ),
+    ]
+    readonly_fields = [
+        "id",
+        "status_badge",
+        "trigger",
+        "scope",
+        "fix_mode",
+        "forced",
+        "reverted_run_link",
+        "reverted_by",
+        "started_at",
+        "finished_at",
+        "duration",
+        "organizations_audited",
+        "types_list",
+        "by_type_table",
+        "error_text",
+    ]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).select_related("organization")
+
+    # --- Columns and fields -------------------------------------------------------------
+
+    @admin.display(description="scope", ordering="organization__name")
+    def scope(self, run: AuditRun) -> str:
+        scope = str(run.organization) if run.organization_id else "all organizations"
+        if run.reverted_run_id:
+            return f"{scope} (revert of run {str(run.reverted_run_id)[:8]})"
+        return scope
+
+    @admin.display(description="fix mode", ordering="fix")
+    def fix_mode(self, run: AuditRun) -> str:
+        mode = "fix" if run.fix else "dry run"
+        return f"{mode}, forced" if run.forced else mode
+
+    @admin.display(description="status", ordering="status")
+    def status_badge(self, run: AuditRun) -> str:
+        return _badge(run.get_status_display(), STATUS_COLOURS.get(run.status, "#757575"))
+
+    @admin.display(description="duration", ordering="duration_seconds")
+    def duration(self, run: AuditRun) -> str:
+        return "-" if run.duration_seconds is None else f"{run.duration_seconds:.2f} s"
+
+    @admin.display(description="reverts run")
+    def reverted_run_link(self, run: AuditRun) -> str:
+        if not run.reverted_run_id:
+            return "-"
+        return _link(_run_url(run.reverted_run_id), str(run.reverted_run_id))
+
+    @admin.display(description="reverted by")
+    def reverted_by(self, run: AuditRun) -> str:
+        reverts = list(run.reverts.order_by("started_at").values_list("id", "fix", "status"))
+        if not reverts:
+            return "-"
+        return format_html_join(
+            ", ",
+            '<a href="{}">{}</a> ({}, {})',
+            (
+                (_run_url(id_), str(id_)[:8], "fix" if fix else "dry run", status)
+                for id_, fix, status in reverts
+            ),
+        )
+
+    @admin.display(description="types looked for")
+    def types_list(self, run: AuditRun) -> str:
+        return ", ".join(run.types) if isinstance(run.types, list) else str(run.types)
+
+    @admin.display(description="per type")
+    def by_type_table(self, run: AuditRun) -> str:
+        counts = run.by_type or {}
+        rows = [(t.label, counts.get(t.value, {})) for t in ALL_TYPES]
+        rows += [(k, v) for k, v in counts.items() if k not in {t.value for t in ALL_TYPES}]
+        fixed_label = "put back" if run.trigger == AuditTrigger.REVERT else "fixed"
+        body = format_html_join(
+            "",
+            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+            (
+                (label, c.get("found", 0), c.get("fixed", 0) if run.fix else "-")
+                for label, c in rows
+            ),
+        )
+        return format_html(
+            '<table class="audit-by-type"><thead><tr><th>type</th><th>found</th><th>{}</th>'
+            "</tr></thead><tbody>{}</tbody><tfoot><tr><th>total</th><th>{}</th><th>{}</th>"
+            "</tr></tfoot></table>",
+            fixed_label,
+            body,
+            run.found,
+            run.fixed if run.fix else "-",
+        )
+
+    @admin.display(description="error")
+    def error_text(self, run: AuditRun) -> str:
+        if not run.error:
+            return "-"
+        return format_html('<pre class="audit-error">{}</pre>', run.error)
+
+    # --- The detail page: one page of findings and the revert button -----------------------
+
+    def render_change_form(self, request, context, add=False, change=False, form_url="", obj=None):
+        if obj is not None:
+            context.update(self._findings_context(request, obj))
+            context["revert_blocked"] = revert_blocker(run=obj)
+            context["can_revert"] = self.has_revert_permission(request)
+            context["revert_url"] = reverse("admin:profiles_auditrun_revert", args=[obj.pk])
+        return super().render_change_form(request, context, add, change, form_url, obj)
+
+    def _findings_context(self, request: HttpRequest, run: AuditRun) -> dict[str, Any]:
+        try:
+            wanted = int(request.GET.get("findings_page", 1))
+        except ValueError:
+            wanted = 1
+        rows, pages = run_findings_page(run_id=run.id, page=wanted, per_page=FINDINGS_PER_PAGE)
+        page = min(max(wanted, 1), pages)
+
+        def page_url(n: int) -> str:
+            return "?" + urlencode({"findings_page": n})
+
+        return {
+            "findings": [_finding_row(f) for f in rows],
+            "findings_page": page,
+            "findings_pages": pages,
+            "findings_first": (page - 1) * FINDINGS_PER_PAGE + 1,
+            "findings_last": (page - 1) * FINDINGS_PER_PAGE + len(rows),
+            "findings_total": run.found if run.status != AuditStatus.RUNNING else None,
+            "findings_prev_url": page_url(page - 1) if page > 1 else None,
+            "findings_next_url": page_url(page + 1) if page < pages else None,
+            "findings_first_url": page_url(1) if page > 1 else None,
+            "findings_last_url": page_url(pages) if page < pages else None,
+            "findings_list_url": reverse("admin:profiles_auditfinding_changelist")
+            + "?"
+            + urlencode({"run": run.id}),
+        }
+
+    # --- Revert: an action and a button, both through one confirmation page ---------------
+
+    def has_revert_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("profiles.revert_auditrun")
+
+    @admin.action(description="Revert selected run", permissions=["revert"])
+    def revert_selected_run(self, request: HttpRequest, queryset: QuerySet[AuditRun]):
+        runs = list(queryset.values_list("id", flat=True)[:2])
+        if len(runs) != 1:
+            self.message_user(
+                request,
+                "Select exactly one run: runs are reverted one at a time.",
+                messages.ERROR,
+            )
+            return None
+        return HttpResponseRedirect(reverse("admin:profiles_auditrun_revert", args=[runs[0]]))
+
+    def get_urls(self):
+        return [
+            path(
+                "<uuid:run_id>/revert/",
+                self.admin_site.admin_view(self.revert_view),
+                name="profiles_auditrun_revert",
+            ),
+            *super().get_urls(),
+        ]
+
+    def revert_view(self, request: HttpRequest, run_id: uuid.UUID) -> HttpResponse:
+        """GET: what a revert of this run would do. POST: revert it (or record a dry run)."""
+        if not (self.has_view_permission(request) and self.has_revert_permission(request)):
+            raise PermissionDenied
+        run = get_object_or_404(AuditRun.objects.select_related("organization"), id=run_id)
+        if request.method == "POST":
+            return self._revert(request, run, fix=request.POST.get("mode") != "dry_run")
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Revert this run?",
+            "opts": self.model._meta,
+            "run": run,
+            "scope": self.scope(run),
+            "by_type_table": self.by_type_table(run),
+            "blocked": revert_blocker(run=run),
+            "large_run": run.fixed >= LARGE_REVERT,
+            "run_url": _run_url(run.id),
+        }
+        return TemplateResponse(
+            request, "admin/profiles/auditrun/revert_confirmation.html", context
+        )
+
+    def _revert(self, request: HttpRequest, run: AuditRun, *, fix: bool) -> HttpResponse:
+        try:
+            report = revert_run(
+                run_id=run.id, fix=fix, source="admin", requested_by=request.user.get_username()
+            )
+        except RevertRejected as exc:
+            self.message_user(request, f"Not reverted: {exc}", messages.ERROR)
+            return HttpResponseRedirect(_run_url(run.id))
+        if fix:
+            self.log_change(request, run, f"Reverted by run {report.run.id}")
+        verb = "put back" if fix else "would be put back"
+        level = messages.SUCCESS if not report.conflicts and not report.failed else messages.WARNING
+        text = format_html(
+            "{} {}: {} {}, {} conflicts (left alone){}. This is the revert's own run, {}.",
+            "Reverted run" if fix else "Dry run of a revert of run",
+            str(run.id)[:8],
+            report.put_back,
+            verb,
+            report.conflicts,
+            f", {report.failed} failed" if report.failed else "",
+            str(report.run.id)[:8],
+        )
+        self.message_user(request, text, level)
+        return HttpResponseRedirect(_run_url(report.run.id))
+
+
+# --- Audit findings -------------------------------------------------------------------------
 
 
 @admin.register(AuditFinding)
 class AuditFindingAdmin(ReadOnlyAdmin):
     list_display = [
-        "run",
         "seq",
+        "run_link",
+        "organization",
         "type",
         "action",
-        "outcome",
-        "model",
-        "object_id",
+        "outcome_badge",
+        "object_link",
         "platform",
         "external_id",
     ]
-    list_filter = ["type", "action", "outcome"]
-    list_select_related = ["run"]
-    search_fields = ["=object_id", "external_id", "=run__id"]
+    list_filter = ["type", "action", FixedFilter, "outcome", RunFilter, OrganizationFilter]
+    list_select_related = ["organization"]
+    search_fields = ["=object_id", "=external_id", "=run__id"]
     show_full_result_count = False
+    fields = [
+        "run_link",
+        "seq",
+        "organization_link",
+        "type",
+        "action",
+        "outcome_badge",
+        "detail",
+        "model",
+        "object_link",
+        "platform",
+        "external_id",
+        "before_json",
+        "after_json",
+    ]
+    readonly_fields = fields
+
+    def get_ordering(self, request):
+        # One run's findings in the order the run made them (the (run, seq) index); across
+        # runs, the newest run first.
+        if request.GET.get(RunFilter.parameter_name):
+            return ["run_id", "seq"]
+        return ["-run__started_at", "run_id", "seq"]
+
+    @admin.display(description="run", ordering="run_id")
+    def run_link(self, finding: AuditFinding) -> str:
+        return _link(_run_url(finding.run_id), str(finding.run_id)[:8])
+
+    @admin.display(description="organization")
+    def organization_link(self, finding: AuditFinding) -> str:
+        if not finding.organization_id:
+            return "-"
+        url = reverse("admin:orgs_organization_change", args=[finding.organization_id])
+        return _link(url, str(finding.organization))
+
+    @admin.display(description="outcome", ordering="outcome")
+    def outcome_badge(self, finding: AuditFinding) -> str:
+        return _outcome_badge(finding)
+
+    @admin.display(description="object")
+    def object_link(self, finding: AuditFinding) -> str:
+        return _object_link(finding)
+
+    @admin.display(description="before")
+    def before_json(self, finding: AuditFinding) -> str:
+        return _pretty_json(finding.before)
+
+    @admin.display(description="after")
+    def after_json(self, finding: AuditFinding) -> str:
+        return _pretty_json(finding.after)
+
+
+# --- Rendering helpers ----------------------------------------------------------------------
+
+
+def _run_url(run_id: uuid.UUID) -> str:
+    return reverse("admin:profiles_auditrun_change", args=[run_id])
+
+
+def _link(url: str, text: str) -> str:
+    return format_html('<a href="{}">{}</a>', url, text)
+
+
+def _badge(label: str, colour: str) -> str:
+    return format_html(
+        '<span class="audit-badge" style="background:{};color:#fff;padding:1px 7px;'
+        'border-radius:9px;white-space:nowrap">{}</span>',
+        colour,
+        label,
+    )
+
+
+def _outcome_badge(finding: AuditFinding) -> str:
+    return _badge(finding.outcome, OUTCOME_COLOURS.get(finding.outcome, "#757575"))
+
+
+def _object_link(finding: AuditFinding) -> str:
+    """The object's own admin page; a missing profile (no id yet): the profiles of its key."""
+    app_label, _, model_name = finding.model.partition(".")
+    if finding.object_id is None:
+        url = reverse("admin:profiles_socialprofile_changelist")
+        query = urlencode({"q": finding.external_id})
+        return _link(f"{url}?{query}", f"{finding.platform}:{finding.external_id}")
+    try:
+        url = reverse(f"admin:{app_label}_{model_name.lower()}_change", args=[finding.object_id])
+    except NoReverseMatch:
+        return f"{finding.model} {finding.object_id}"
+    return _link(url, f"{model_name} {str(finding.object_id)[:8]}")
+
+
+def _pretty_json(value: Any) -> str:
+    if value is None:
+        return "-"
+    return format_html(
+        '<pre class="audit-json">{}</pre>', json.dumps(value, indent=2, sort_keys=True)
+    )
+
+
+def _compact_json(value: Any) -> str:
+    if value is None:
+        return ""
+    return json.dumps(value, sort_keys=True, separators=(", ", ": "))
+
+
+def _finding_row(finding: AuditFinding) -> dict[str, Any]:
+    """One row of the run page's findings table: everything from the row itself (and its
+    organization, joined), so a page costs no query per row."""
+    return {
+        "seq": finding.seq,
+        "url": reverse("admin:profiles_auditfinding_change", args=[finding.id]),
+        "organization": finding.organization.name if finding.organization_id else "-",
+        "type": finding.get_type_display(),
+        "action": finding.get_action_display(),
+        "outcome": _outcome_badge(finding),
+        "object": _object_link(finding),
+        "before": _compact_json(finding.before),
+        "after": _compact_json(finding.after),
+        "detail": finding.detail,
+    }

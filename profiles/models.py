@@ -60,6 +60,7 @@ class FindingAction(models.TextChoices):
     DISPATCH_SYNC = "dispatch_sync", "Dispatch profile sync"
     RESTORE = "restore", "Restore"
     REMOVE_REFS = "remove_refs", "Remove invalid references"
+    REVERT = "revert", "Put back (revert)"
 
 
 class FindingOutcome(models.TextChoices):
@@ -69,12 +70,14 @@ class FindingOutcome(models.TextChoices):
     GUARDED = "guarded", "Not fixed: mass-deletion guard"
     FAILED = "failed", "Not fixed: the organization's fix failed"
     INTERRUPTED = "interrupted", "Not fixed: the run stopped first"
+    CONFLICT = "conflict", "Not put back: changed since the run"
 
 
 class AuditTrigger(models.TextChoices):
     COMMAND = "command", "Command"
     SCHEDULE = "schedule", "Schedule"
     ADMIN = "admin", "Admin"
+    REVERT = "revert", "Revert"
 
 
 class AuditStatus(models.TextChoices):
@@ -115,9 +118,23 @@ class AuditRun(models.Model):
         default=dict, blank=True, help_text="{organization id: error} for contained failures."
     )
     error = models.TextField(blank=True)
+    # A revert run points at the run it put back; a run's reverts are ``run.reverts``.
+    reverted_run = models.ForeignKey(
+        "self",
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="reverts",
+        help_text="For a revert: the run whose changes it put back.",
+    )
 
     class Meta:
         ordering = ["-started_at"]
+        permissions = [("revert_auditrun", "Can revert an audit run")]
+        indexes = [
+            # Retention keeps the latest run of each organization; the admin filters by it.
+            models.Index(fields=["organization", "started_at"], name="run_org_started_idx")
+        ]
 
     def __str__(self) -> str:
         mode = "fix" if self.fix else "dry run"

@@ -3,18 +3,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from uuid import UUID
+
+from django.db.models import Exists, Max, OuterRef, Q, QuerySet
 
 from boosts.models import BoostRule
 from connections.models import ConnectionAsset, PlatformConnection
 from connections.platforms import PLATFORM_ASSET_TYPE
 from orgs.models import Organization
-from profiles.models import SocialProfile
+from profiles.models import AuditFinding, AuditRun, FindingOutcome, SocialProfile
 from profiles.plan import (
     AssetRow,
     BoostRuleRow,
     ConnectionRow,
+    Key,
     OrgSnapshot,
     ProfileRow,
     QueueSettingRow,
@@ -139,4 +144,163 @@ def load_key_snapshot(*, organization_id: UUID, platform: str, external_id: str)
         connections=connections,
         selected_assets=assets,
         profiles=profiles,
+    )
+
+
+# --- Reverts and the admin: reads of recorded runs ------------------------------------------
+
+
+def fixed_findings_newest_first(*, run_id: UUID, page_size: int) -> Iterator[AuditFinding]:
+    """A run's fixed findings in reverse ``seq`` order (the order a revert undoes them), one
+    page of ``page_size`` at a time (keyset on ``seq``: no page costs more than the first)."""
+    last: int | None = None
+    while True:
+        page = AuditFinding.objects.filter(run_id=run_id, outcome=FindingOutcome.FIXED)
+        if last is not None:
+            page = page.filter(seq__lt=last)
+        rows = list(page.order_by("-seq").only(*REVERT_FINDING_FIELDS)[:page_size])
+        yield from rows
+        if len(rows) < page_size:
+            return
+        last = rows[-1].seq
+
+
+REVERT_FINDING_FIELDS = (
+    "id",
+    "seq",
+    "organization_id",
+    "type",
+    "action",
+    "model",
+    "object_id",
+    "platform",
+    "external_id",
+    "before",
+    "after",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileState:
+    id: UUID
+    platform: str
+    external_id: str
+    connection_id: UUID | None
+    deleted_at: datetime | None
+    created_at: datetime
+
+
+def profile_states(
+    *, organization_id: UUID, profile_ids: Collection[UUID] = (), keys: Collection[Key] = ()
+) -> list[ProfileState]:
+    """The organization's profiles with these ids, and its *alive* profiles with these keys."""
+    fields = ("id", "platform", "external_id", "connection_id", "deleted_at", "created_at")
+    profiles = SocialProfile.objects.filter(organization_id=organization_id)
+    rows = []
+    if profile_ids:
+        rows += profiles.filter(id__in=list(profile_ids)).values_list(*fields)
+    if keys:
+        wanted = set(keys)
+        rows += (
+            row
+            for row in profiles.alive()
+            .filter(external_id__in={external_id for _, external_id in wanted})
+            .values_list(*fields)
+            if (row[1], row[2]) in wanted
+        )
+    return [ProfileState(*row) for row in rows]
+
+
+def queue_setting_states(
+    *, organization_id: UUID, setting_ids: Collection[UUID]
+) -> dict[UUID, datetime | None]:
+    """{setting id: deleted_at} for the organization's queue settings with these ids."""
+    if not setting_ids:
+        return {}
+    return dict(
+        QueueSetting.objects.filter(
+            organization_id=organization_id, id__in=list(setting_ids)
+        ).values_list("id", "deleted_at")
+    )
+
+
+def boost_rule_states(
+    *, organization_id: UUID, rule_ids: Collection[UUID]
+) -> dict[UUID, tuple[datetime | None, object]]:
+    """{rule id: (deleted_at, profile_ids as stored)} for the organization's boost rules."""
+    if not rule_ids:
+        return {}
+    return {
+        id_: (deleted_at, profile_ids)
+        for id_, deleted_at, profile_ids in BoostRule.objects.filter(
+            organization_id=organization_id, id__in=list(rule_ids)
+        ).values_list("id", "deleted_at", "profile_ids")
+    }
+
+
+def existing_connection_ids(
+    *, organization_id: UUID, connection_ids: Collection[UUID]
+) -> set[UUID]:
+    """Which of these ids are connections of the organization (alive or soft-deleted)."""
+    if not connection_ids:
+        return set()
+    return set(
+        PlatformConnection.objects.filter(
+            organization_id=organization_id, id__in=list(connection_ids)
+        ).values_list("id", flat=True)
+    )
+
+
+def run_findings_page(*, run_id: UUID, page: int, per_page: int) -> tuple[list[AuditFinding], int]:
+    """One page of a run's findings, in ``seq`` order, and the number of pages.
+
+    A run's ``seq`` runs 1..n without gaps (``RunRecorder``), so page p is the ``seq`` range
+    ((p-1) x per_page, p x per_page]: two index lookups whatever the page and the run's size, where
+    OFFSET would read every earlier row.
+    """
+    last_seq = AuditFinding.objects.filter(run_id=run_id).aggregate(last=Max("seq"))["last"] or 0
+    pages = max(1, -(-last_seq // per_page))
+    page = min(max(page, 1), pages)
+    rows = list(
+        AuditFinding.objects.filter(
+            run_id=run_id, seq__gt=(page - 1) * per_page, seq__lte=page * per_page
+        )
+        .select_related("organization")
+        .only(
+            "id",
+            "seq",
+            "organization__id",
+            "organization__name",
+            "type",
+            "action",
+            "model",
+            "object_id",
+            "platform",
+            "external_id",
+            "before",
+            "after",
+            "outcome",
+            "detail",
+        )
+        .order_by("seq")
+    )
+    return rows, pages
+
+
+def prunable_runs(*, cutoff: datetime) -> QuerySet[AuditRun]:
+    """Runs started before ``cutoff`` that are not the latest of their scope (one organization,
+    or all of them): a later run of the same scope exists."""
+    later_same_org = AuditRun.objects.filter(
+        organization=OuterRef("organization"), started_at__gt=OuterRef("started_at")
+    )
+    later_all_orgs = AuditRun.objects.filter(
+        organization__isnull=True, started_at__gt=OuterRef("started_at")
+    )
+    return (
+        AuditRun.objects.alias(later_org=Exists(later_same_org), later_all=Exists(later_all_orgs))
+        .filter(started_at__lt=cutoff)
+        .filter(
+            Q(organization__isnull=False, later_org=True)
+            | Q(organization__isnull=True, later_all=True)
+        )
     )

@@ -49,10 +49,10 @@ def test_changelists_render_and_filter_by_organization(admin_client, two_orgs, u
     assert "Org 0" in everything.content.decode() and "Org 1" in everything.content.decode()
 
     if url_name != "admin:orgs_organization_changelist":
-        filtered = admin_client.get(url, {"organization_id": str(first.id)}).content.decode()
+        filtered = admin_client.get(url, {"organization": str(first.id)}).content.decode()
         assert "Org 0" in filtered
         assert "Org 1" not in filtered
-        assert 'placeholder="organization id"' in filtered
+        assert 'placeholder="organization id or name"' in filtered
 
 
 def test_profiles_filter_alive_and_dead(admin_client):
@@ -67,12 +67,12 @@ def test_profiles_filter_alive_and_dead(admin_client):
     assert "Still here" in alive and "Gone away" not in alive
 
 
-def test_malformed_organization_id_shows_nothing(admin_client, two_orgs):
-    page = admin_client.get(
-        reverse("admin:profiles_socialprofile_changelist"), {"organization_id": "nope"}
-    )
-    assert page.status_code == 200
-    assert "Org 0 profile" not in page.content.decode()
+def test_organization_filter_takes_a_name_too(admin_client, two_orgs):
+    url = reverse("admin:profiles_socialprofile_changelist")
+
+    assert "Org 0 profile" not in admin_client.get(url, {"organization": "nope"}).content.decode()
+    by_name = admin_client.get(url, {"organization": "org 1"}).content.decode()
+    assert "Org 1 profile" in by_name and "Org 0 profile" not in by_name
 
 
 def test_domain_admin_is_refused_to_non_staff(client, django_user_model):

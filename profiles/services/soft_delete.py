@@ -54,6 +54,15 @@ class ProfileSoftDeleteService:
     def restore_queue_settings(self, *, profile_ids: list[UUID]) -> dict[UUID, dict[str, str]]:
         """Bring back the queue settings of these profiles that an audit soft-deleted as stale
         and that nobody has touched since (their ``deleted_at`` is still the audit's)."""
+        restored = self.queue_settings_to_restore(profile_ids=profile_ids)
+        setting_ids = [UUID(s) for settings in restored.values() for s in settings]
+        if setting_ids:
+            QueueSetting.objects.filter(id__in=setting_ids).update(deleted_at=None)
+        return restored
+
+    def queue_settings_to_restore(self, *, profile_ids: list[UUID]) -> dict[UUID, dict[str, str]]:
+        """Read only: the dead queue settings ``restore_queue_settings`` would bring back with
+        these profiles, per profile {setting id: its deleted_at} (a revert's dry run asks)."""
         dead_settings = list(
             QueueSetting.objects.dead()
             .filter(profile_id__in=profile_ids)
@@ -74,6 +83,4 @@ class ProfileSoftDeleteService:
         for setting_id, profile_id, deleted_at in dead_settings:
             if (setting_id, to_json(deleted_at)) in deleted_by_audit:
                 restored.setdefault(profile_id, {})[str(setting_id)] = to_json(deleted_at)
-        setting_ids = [UUID(s) for settings in restored.values() for s in settings]
-        QueueSetting.objects.filter(id__in=setting_ids).update(deleted_at=None)
         return restored

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import sys
 import uuid
@@ -9,9 +10,10 @@ import uuid
 from django.core.management.base import BaseCommand, CommandError
 
 from orgs.models import Organization
-from profiles.models import AuditFinding, AuditStatus, AuditTrigger
+from profiles.models import AuditFinding, AuditStatus, AuditTrigger, FindingOutcome
 from profiles.plan import ALL_TYPES, SCOPES
 from profiles.services.audit import ProfileConnectionAuditService, RunReport
+from profiles.services.revert import RevertRejected, RevertReport, revert_run
 
 LIST_ORGS_HINT = "list them with `python manage.py list_organizations`"
 
@@ -20,7 +22,8 @@ class Command(BaseCommand):
     help = (
         "Find inconsistencies between platform connections, selected assets, social profiles, "
         "queue settings and boost rules. A dry run (the default) reports the plan and changes "
-        "nothing; --fix applies it. Every run is recorded (admin: Audit runs)."
+        "nothing; --fix applies it. --revert RUN_ID puts back what a fixing run changed. "
+        "Every run is recorded (admin: Audit runs)."
     )
 
     def add_arguments(self, parser):
@@ -56,6 +59,13 @@ class Command(BaseCommand):
             "would soft-delete more than the guard allows).",
         )
         parser.add_argument(
+            "--revert",
+            metavar="RUN_ID",
+            help="Put back what this fixing run changed, finding by finding, where the object "
+            "is still as the run left it (the rest is reported as a conflict). With --fix it is "
+            "applied; without, a dry run shows what would be put back. Recorded as a run.",
+        )
+        parser.add_argument(
             "--check",
             action="store_true",
             help="For monitoring: exit with status 1 when issues remain (found by a dry run, "
@@ -65,6 +75,14 @@ class Command(BaseCommand):
     def handle(
         self, *args, fix, org, scopes, output_format, force, check, verbosity, **options
     ) -> None:
+        if options["revert"] is not None:
+            self._reject_with_revert(org=org, scopes=scopes, force=force)
+            report = self._revert(options["revert"], fix=fix)
+            self._write_revert(report, output_format=output_format, verbosity=verbosity)
+            if check and report.run.status != AuditStatus.SUCCEEDED:
+                self.stderr.write("conflicts remain (--check)")
+                sys.exit(1)
+            return
         org_id = self._organization_id(org)
         service = ProfileConnectionAuditService()
         try:
@@ -188,6 +206,82 @@ class Command(BaseCommand):
             )
             self.stdout.write(line + (f"  ({detail})" if detail else ""))
         self.stdout.write("")
+
+    # --- Revert -------------------------------------------------------------------------------
+
+    def _reject_with_revert(self, *, org, scopes, force) -> None:
+        given = [
+            flag
+            for flag, value in (("--org", org), ("--type", scopes), ("--force", force))
+            if value
+        ]
+        if given:
+            raise CommandError(
+                f"--revert puts back a whole run and takes no {', '.join(given)}; drop "
+                f"{'it' if len(given) == 1 else 'them'} (add --fix to apply the revert)"
+            )
+
+    def _revert(self, run_id: str, *, fix: bool) -> RevertReport:
+        try:
+            return revert_run(run_id=run_id, fix=fix, source="command", requested_by=_os_user())
+        except RevertRejected as exc:
+            raise CommandError(str(exc)) from None
+        except Exception as exc:
+            raise CommandError(f"revert failed: {type(exc).__name__}: {exc}") from exc
+
+    def _write_revert(self, report: RevertReport, *, output_format: str, verbosity: int) -> None:
+        if output_format == "json":
+            self.stdout.write(json.dumps(report.as_json()))
+            return
+        if verbosity == 0:
+            return
+        run, out = report.run, self.stdout
+        mode = "revert" if run.fix else "dry run of a revert"
+        out.write(
+            self.style.MIGRATE_HEADING(
+                f"Profile-connection sync audit: {mode} of run {report.reverted_run.id}"
+            )
+        )
+        if not run.fix:
+            out.write("Nothing was changed; run with --fix to put these back.")
+        out.write("")
+        verb = "put back" if run.fix else "would put back"
+        # A dry run puts nothing back: its per-type counts are the run's, the summary says more.
+        out.write(f"  {'type':<22}{'fixed by the run':>18}" + (f"{verb:>12}" if run.fix else ""))
+        for finding_type, counts in run.by_type.items():
+            if counts["found"]:
+                put_back = f"{counts['fixed']:>12}" if run.fix else ""
+                out.write(f"  {finding_type:<22}{counts['found']:>18}{put_back}")
+        out.write("")
+        summary = f"{report.put_back} {verb}, {report.conflicts} conflicts (left alone)"
+        if report.failed:
+            summary += f", {report.failed} failed"
+        out.write(summary)
+        if report.conflicts and verbosity >= 2:
+            self._write_conflicts(run.id)
+        elif report.conflicts:
+            out.write("  -v 2 lists the conflicts; so does the run's page in the admin.")
+        status_style = {
+            AuditStatus.SUCCEEDED: self.style.SUCCESS,
+            AuditStatus.PARTIAL: self.style.WARNING,
+        }.get(run.status, self.style.ERROR)
+        out.write(f"Run {run.id} · {status_style(run.status)} · {run.duration_seconds:.2f} s")
+
+    def _write_conflicts(self, run_id: uuid.UUID) -> None:
+        rows = (
+            AuditFinding.objects.filter(run_id=run_id, outcome=FindingOutcome.CONFLICT)
+            .order_by("seq")
+            .values_list("type", "model", "object_id", "detail")
+        )
+        for type_, model, object_id, detail in rows.iterator(chunk_size=2000):
+            self.stdout.write(f"  conflict {type_:<20} {model} {object_id or '-'}: {detail}")
+
+
+def _os_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return ""
 
 
 def _issues_remain(report: RunReport) -> bool:

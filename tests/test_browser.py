@@ -1,0 +1,108 @@
+"""Seen in a real browser: an on-call engineer logs in to the admin, opens the audit run, reads
+its findings and reverts it. Drives the distribution's Chromium (``apt-get install chromium``)
+through Playwright; ``make test-browser`` runs it (``.ci/run`` installs Chromium first).
+
+The run page is saved as a screenshot (``PROFILE_AUDIT_SCREENSHOT``, default
+``var/browser/audit-run.png``; ``docs/audit-run.png`` in the README is one of these).
+"""
+
+import os
+from io import StringIO
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.contrib.auth.models import User
+from django.core.management import call_command
+
+from profiles.models import AuditRun, AuditStatus, AuditTrigger
+from profiles.services.audit import ProfileConnectionAuditService
+
+pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+CHROMIUM = os.environ.get("PROFILE_AUDIT_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SCREENSHOT = Path(
+    os.environ.get(
+        "PROFILE_AUDIT_SCREENSHOT", str(settings.BASE_DIR / "var" / "browser" / "audit-run.png")
+    )
+)
+
+
+@pytest.fixture
+def fixed_demo_run(django_capture_on_commit_callbacks):
+    """The demo organizations, fixed by one all-organization run."""
+    call_command("seed_demo", stdout=StringIO())
+    with django_capture_on_commit_callbacks(execute=True):
+        report = ProfileConnectionAuditService().run_audit_for_all_orgs(
+            fix=True, trigger=AuditTrigger.SCHEDULE
+        )
+    assert report.run.fixed > 5
+    return report.run
+
+
+def test_an_operator_opens_a_run_sees_its_findings_and_reverts_it(
+    live_server, fixed_demo_run, monkeypatch
+):
+    from playwright.sync_api import expect, sync_playwright
+
+    User.objects.create_superuser("oncall", "oncall@example.com", "a long test password")
+    run = fixed_demo_run
+    # Playwright's sync API runs an event loop in this thread; the ORM is not used meanwhile.
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.set_default_timeout(20_000)
+
+            page.goto(f"{live_server.url}/admin/login/?next=/admin/profiles/auditrun/")
+            page.fill("#id_username", "oncall")
+            page.fill("#id_password", "a long test password")
+            page.click("input[type=submit]")
+            expect(page.locator("#result_list")).to_be_visible()
+
+            # The newest run is the fix: open it from the list.
+            page.locator("#result_list tbody tr").first.locator("th a").click()
+            expect(page.locator("#findings")).to_contain_text(
+                f"Findings 1-{run.found} of {run.found}"
+            )
+            findings = page.locator("table.audit-findings tbody tr")
+            expect(findings).to_have_count(run.found)
+            expect(page.locator("table.audit-findings")).to_contain_text("Missing profile")
+            expect(page.locator(".audit-by-type")).to_be_visible()
+            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+            # A finding links to the object it concerns.
+            page.locator("table.audit-findings tbody tr").first.locator("a").first.click()
+            expect(page.locator("pre.audit-json").first).to_be_visible()
+            page.go_back()
+
+            page.click("#revert-run")
+            expect(page.locator("#confirm-revert")).to_be_visible()
+            page.click("#confirm-revert")
+            expect(page.locator(".messagelist")).to_contain_text(
+                f"Reverted run {str(run.id)[:8]}: {run.fixed} put back, 0 conflicts"
+            )
+            expect(page.locator("#findings")).to_contain_text("Put back (revert)")
+        finally:
+            browser.close()
+
+    monkeypatch.delenv("DJANGO_ALLOW_ASYNC_UNSAFE")
+    revert = AuditRun.objects.get(reverted_run=run)
+    assert revert.fix and revert.status == AuditStatus.SUCCEEDED
+    assert revert.fixed == run.fixed
+    assert SCREENSHOT.stat().st_size > 10_000
