@@ -111,6 +111,19 @@ PROFILE_AUDIT_GUARD_RATIO = float(os.environ.get("PROFILE_AUDIT_GUARD_RATIO", "0
 # Organizations read per detection chunk (DESIGN rule 8).
 PROFILE_AUDIT_CHUNK_SIZE = 100
 
+# --- Fixing runs: the lock --------------------------------------------------------------------
+# Every fixing run (the task and `profiles_audit_sync --fix`) takes one lock: Redis when this URL
+# is set (the default follows REDIS_URL), else a file lock on this machine.
+PROFILE_AUDIT_LOCK_REDIS_URL = os.environ.get("PROFILE_AUDIT_LOCK_REDIS_URL", REDIS_URL)
+PROFILE_AUDIT_LOCK_KEY = os.environ.get("PROFILE_AUDIT_LOCK_KEY", "profile-sync-audit:fixing-run")
+# 60 minutes, the original's withoutOverlapping(60); longer than the task's hard time limit.
+PROFILE_AUDIT_LOCK_TTL = int(os.environ.get("PROFILE_AUDIT_LOCK_TTL", "3600"))
+# Redis unreachable: an error within this many seconds, not a hung run.
+PROFILE_AUDIT_LOCK_SOCKET_TIMEOUT = float(os.environ.get("PROFILE_AUDIT_LOCK_SOCKET_TIMEOUT", "5"))
+PROFILE_AUDIT_LOCK_FILE = Path(
+    os.environ.get("PROFILE_AUDIT_LOCK_FILE", BASE_DIR / "var" / "profile-sync-audit.lock")
+)
+
 # --- Internationalization -------------------------------------------------------------------
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
