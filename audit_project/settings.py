@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import dj_database_url
+from celery.schedules import crontab
 
 from audit_project.log_config import build_logging_config, configure_structlog
 
@@ -102,6 +103,12 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TIMEZONE = "UTC"
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+# The tasks also name their queue (queue=), which Celery 5.7 deprecates for removal in 6.0;
+# routes here keep the routing when that attribute stops counting.
+CELERY_TASK_ROUTES = {
+    "profiles.audit_sync": {"queue": "maintenance"},
+    "profiles.sync_profile": {"queue": "celery"},
+}
 
 # --- The audit ------------------------------------------------------------------------------
 # Mass-deletion guard: an organization whose plan would soft-delete more than
@@ -111,7 +118,7 @@ PROFILE_AUDIT_GUARD_RATIO = float(os.environ.get("PROFILE_AUDIT_GUARD_RATIO", "0
 # Organizations read per detection chunk (DESIGN rule 8).
 PROFILE_AUDIT_CHUNK_SIZE = 100
 
-# --- Fixing runs: the lock --------------------------------------------------------------------
+# --- Fixing runs: the lock, the scheduled task and its beat entry ----------------------------
 # Every fixing run (the task and `profiles_audit_sync --fix`) takes one lock: Redis when this URL
 # is set (the default follows REDIS_URL), else a file lock on this machine.
 PROFILE_AUDIT_LOCK_REDIS_URL = os.environ.get("PROFILE_AUDIT_LOCK_REDIS_URL", REDIS_URL)
@@ -123,6 +130,30 @@ PROFILE_AUDIT_LOCK_SOCKET_TIMEOUT = float(os.environ.get("PROFILE_AUDIT_LOCK_SOC
 PROFILE_AUDIT_LOCK_FILE = Path(
     os.environ.get("PROFILE_AUDIT_LOCK_FILE", BASE_DIR / "var" / "profile-sync-audit.lock")
 )
+# The scheduled task: at the soft limit it stops after the organization in progress; the hard
+# limit (10 minutes) kills it. soft < hard < lock TTL < the six-hour interval.
+PROFILE_AUDIT_SOFT_TIME_LIMIT = int(os.environ.get("PROFILE_AUDIT_SOFT_TIME_LIMIT", "540"))
+PROFILE_AUDIT_TIME_LIMIT = int(os.environ.get("PROFILE_AUDIT_TIME_LIMIT", "600"))
+# Two retries, a fixed two minutes apart, on transient errors only.
+PROFILE_AUDIT_MAX_RETRIES = 2
+PROFILE_AUDIT_RETRY_DELAY = 120
+# A scheduled message not started within 3 hours is dropped, so a worker outage leaves at most
+# one run waiting, never a backlog. Retries inherit the message's absolute expiry, so this must
+# also outlast the longest retry chain (2 x (600 s + 120 s)), which it does with room to queue.
+PROFILE_AUDIT_SCHEDULE_EXPIRES = 3 * 3600
+
+# Upserted into django-celery-beat's PeriodicTask table by the DatabaseScheduler (the admin
+# shows it). Its copy keeps only queue/exchange/routing_key/priority/headers/expire_seconds of
+# "options": the expiry must be `expire_seconds` (an `expires` here is silently dropped).
+CELERY_BEAT_SCHEDULE = {
+    # Every six hours, on the hour: 00:00, 06:00, 12:00 and 18:00 UTC.
+    "profile-connection-sync-audit": {
+        "task": "profiles.audit_sync",
+        "schedule": crontab(minute="0", hour="*/6"),
+        "kwargs": {"fix": True},
+        "options": {"queue": "maintenance", "expire_seconds": PROFILE_AUDIT_SCHEDULE_EXPIRES},
+    },
+}
 
 # --- Internationalization -------------------------------------------------------------------
 LANGUAGE_CODE = "en-us"
