@@ -21,6 +21,7 @@ import psycopg
 import redis
 from django.conf import settings
 from django.db import connection
+from django_celery_beat.schedulers import DatabaseScheduler
 
 from audit_project.celery import app as celery_app
 from audit_project.log_config import LOG_FILE_NAME
@@ -31,6 +32,7 @@ T = TypeVar("T")
 
 # The broker's keys in the test Redis database: the two queues and kombu's unacked bookkeeping.
 BROKER_KEYS = ("maintenance", "celery", "unacked", "unacked_index", "unacked_mutex")
+BEAT_ENTRY = "profile-connection-sync-audit"
 
 
 def wait_for(condition: Callable[[], T], *, timeout: float = 30.0, what: str = "condition") -> T:
@@ -93,6 +95,18 @@ def find_event(log_dir: Path, event: str, **fields: Any) -> dict[str, Any] | Non
         if entry.get("event") == event and all(entry.get(k) == v for k, v in fields.items()):
             return entry
     return None
+
+
+@contextmanager
+def beat_scheduler() -> Iterator[DatabaseScheduler]:
+    """The scheduler beat runs, set up as at beat's start (it upserts CELERY_BEAT_SCHEDULE into
+    PeriodicTask). Needs a committing test: it closes connections left in a transaction."""
+    scheduler = DatabaseScheduler(app=celery_app)
+    try:
+        yield scheduler
+    finally:
+        scheduler.sync()
+        scheduler._finalize.cancel()  # no sync at interpreter exit: the test database is gone
 
 
 class CeleryWorker:

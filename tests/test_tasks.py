@@ -3,7 +3,6 @@ Crossing the real broker to a real worker: tests/test_worker.py."""
 
 import os
 import signal
-from contextlib import contextmanager
 
 import pytest
 from billiard.pool import soft_timeout_sighandler
@@ -11,27 +10,16 @@ from celery.exceptions import Retry, SoftTimeLimitExceeded
 from django.conf import settings
 from django.db import OperationalError
 from django_celery_beat.models import PeriodicTask
-from django_celery_beat.schedulers import DatabaseScheduler
 
 from audit_project.celery import app as celery_app
 from profiles.models import AuditRun, AuditStatus, AuditTrigger, SocialProfile
 from profiles.services.run_lock import RunLockUnavailable
 from profiles.tasks import TRANSIENT_ERRORS, SoftTimeLimit, audit_sync_task, sync_profile_task
 from tests.factories import AssetFactory, ProfileFactory
-from tests.support import redis_client
+from tests.support import BEAT_ENTRY as ENTRY
+from tests.support import beat_scheduler, redis_client
 
-ENTRY = "profile-connection-sync-audit"
 SIX_HOURS = 6 * 3600
-
-
-@contextmanager
-def beat_scheduler():
-    """The scheduler beat runs, set up as at beat's start (it upserts CELERY_BEAT_SCHEDULE)."""
-    scheduler = DatabaseScheduler(app=celery_app)
-    try:
-        yield scheduler
-    finally:
-        scheduler._finalize.cancel()  # no sync at interpreter exit, the test database is gone
 
 
 # --- Declaration ----------------------------------------------------------------------------
