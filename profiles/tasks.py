@@ -13,12 +13,13 @@ from uuid import UUID
 import redis
 from billiard.pool import soft_timeout_sighandler
 from celery import Task, shared_task
+from celery.exceptions import TimeLimitExceeded
 from django.conf import settings
 from django.db import InterfaceError, OperationalError
 
 from audit_project.log_config import audit_logger
 from profiles.models import AuditTrigger
-from profiles.services.locked_run import run_locked_audit
+from profiles.services.locked_run import fail_killed_runs, run_locked_audit
 from profiles.services.run_lock import RunLockUnavailable
 from profiles.services.sync import sync_profile
 
@@ -98,12 +99,23 @@ class AuditTask(Task):
         )
 
     def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
+        error = f"{type(exc).__name__}: {exc}"
+        killed = 0
+        if isinstance(exc, TimeLimitExceeded):
+            # Called in the worker's main process: the one that ran the audit was killed.
+            killed = fail_killed_runs(
+                trigger=AuditTrigger.SCHEDULE,
+                time_limit=self.time_limit,
+                error=f"killed at the hard time limit ({error}); the fixing-run lock is left "
+                "to expire",
+            )
         audit_logger().error(
             "profile_audit.task_failed",
             summary="Profile-connection sync audit failed",
             task_id=task_id,
-            error=f"{type(exc).__name__}: {exc}",
+            error=error,
             retries=self.request.retries,
+            runs_closed=killed,
         )
 
 

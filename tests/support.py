@@ -162,6 +162,9 @@ class CeleryWorker:
     def _answers_ping(self) -> bool:
         if self.proc.poll() is not None:
             raise AssertionError(f"the worker exited:\n{self.text()[-4000:]}")
+        return self.ping()
+
+    def ping(self) -> bool:
         return bool(celery_app.control.ping(destination=[self.nodename], timeout=0.5))
 
     def text(self) -> str:

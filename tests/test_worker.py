@@ -143,6 +143,34 @@ def test_soft_time_limit_stops_after_the_organization_in_progress(worker):
     assert AuditRun.objects.count() == 1
 
 
+def test_hard_time_limit_kills_the_run_and_records_it_failed(worker):
+    profile = orphaned_profile()
+    with hold_organization(profile.organization_id):
+        sent = audit_sync_task.apply_async(soft_time_limit=1, time_limit=2)
+        wait_for(
+            lambda: (
+                f"Hard time limit (2s) exceeded for profiles.audit_sync[{sent.id}]" in worker.text()
+            ),
+            what="the worker to kill the task",
+        )
+    failed = wait_for(
+        lambda: find_event(worker.log_dir, "profile_audit.task_failed", task_id=sent.id),
+        what="the failure to be logged",
+    )
+    assert failed["summary"] == "Profile-connection sync audit failed"
+    assert failed["error"].startswith("TimeLimitExceeded")
+    assert alive(profile)
+    if connection.vendor == "postgresql":
+        # Killed inside the organization's fix: its record is closed by the worker.
+        run = AuditRun.objects.get()
+        assert run.status == AuditStatus.FAILED
+        assert run.error.startswith("killed at the hard time limit")
+        assert failed["runs_closed"] == 1
+    # On SQLite the process was killed while waiting for the database's single write lock to
+    # create its record, a race with the worker's clean-up that the test does not judge.
+    assert worker.ping()  # the pool replaced the killed process
+
+
 def test_sync_jobs_are_sent_only_when_the_organizations_fix_commits(worker):
     broken = OrganizationFactory(id=uuid.UUID(int=1))  # fixed first
     broken_asset = AssetFactory(connection__organization=broken)

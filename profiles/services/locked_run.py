@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
+from datetime import timedelta
 from uuid import UUID
 
 from django.db import DatabaseError
@@ -156,6 +157,20 @@ def _record_unstarted(
         by_type={t.value: {"found": 0, "fixed": 0} for t in ALL_TYPES},
         error=error,
     )
+
+
+def fail_killed_runs(*, trigger: str, time_limit: float, error: str) -> int:
+    """Close the record of a fixing run whose process was killed at its hard time limit, which
+    cannot close it itself. It is the fixing run of this trigger still ``running`` that started
+    within the limit: the fixing-run lock, which the dead process holds until it expires, keeps
+    any other fixing run from having started since."""
+    now = timezone.now()
+    return AuditRun.objects.filter(
+        trigger=trigger,
+        fix=True,
+        status=AuditStatus.RUNNING,
+        started_at__gte=now - timedelta(seconds=time_limit + 60),
+    ).update(status=AuditStatus.FAILED, finished_at=now, error=error)
 
 
 def _str(value: UUID | None) -> str | None:
