@@ -15,7 +15,7 @@ from billiard.pool import soft_timeout_sighandler
 from celery import Task, shared_task
 from celery.exceptions import TimeLimitExceeded
 from django.conf import settings
-from django.db import InterfaceError, OperationalError
+from django.db import DatabaseError, InterfaceError, OperationalError
 
 from audit_project.log_config import audit_logger
 from profiles.models import AuditTrigger
@@ -103,12 +103,15 @@ class AuditTask(Task):
         killed = 0
         if isinstance(exc, TimeLimitExceeded):
             # Called in the worker's main process: the one that ran the audit was killed.
-            killed = fail_killed_runs(
-                trigger=AuditTrigger.SCHEDULE,
-                time_limit=self.time_limit,
-                error=f"killed at the hard time limit ({error}); the fixing-run lock is left "
-                "to expire",
-            )
+            try:
+                killed = fail_killed_runs(
+                    trigger=AuditTrigger.SCHEDULE,
+                    time_limit=self.time_limit,
+                    error=f"killed at the hard time limit ({error}); the fixing-run lock is "
+                    "left to expire",
+                )
+            except DatabaseError:
+                audit_logger().exception("profile_audit.record_failed", task_id=task_id)
         audit_logger().error(
             "profile_audit.task_failed",
             summary="Profile-connection sync audit failed",

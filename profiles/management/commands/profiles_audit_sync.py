@@ -33,7 +33,7 @@ class Command(BaseCommand):
             action="store_true",
             help="Apply the fixes. Without it, nothing in the domain tables is changed. A fixing "
             "run takes the fixing-run lock (Redis, or a file without REDIS_URL): if another "
-            f"run holds it, nothing is changed, the run is recorded as skipped and the exit "
+            "run holds it, nothing is changed, the run is recorded as skipped and the exit "
             f"status is {EXIT_LOCK_HELD}; if Redis does not answer, nothing is changed and the "
             "exit status is 1.",
         )
