@@ -11,6 +11,7 @@ from typing import Any
 from uuid import UUID
 
 import redis
+import structlog
 from billiard.pool import soft_timeout_sighandler
 from celery import Task, shared_task
 from celery.exceptions import TimeLimitExceeded
@@ -141,7 +142,8 @@ def audit_sync_task(self: AuditTask, fix: bool = True) -> dict[str, Any]:
     """The scheduled audit of every organization (beat entry "profile-connection-sync-audit")."""
     _, soft_limit = self.request.timelimit or (None, None)
     stop = SoftTimeLimit(soft_limit or self.soft_time_limit)
-    with stop.installed():
+    # Every event of this attempt carries the task id, also those logged before a run exists.
+    with stop.installed(), structlog.contextvars.bound_contextvars(task_id=self.request.id):
         report = run_locked_audit(
             org_id=None, fix=fix, scopes=None, trigger=AuditTrigger.SCHEDULE, should_stop=stop
         )

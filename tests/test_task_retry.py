@@ -50,3 +50,5 @@ def test_unreachable_lock_redis_fixes_nothing_and_retries_in_two_minutes(
     )
     assert (event["retry"], event["max_retries"], event["countdown"]) == (1, 2, 120)
     assert "RunLockUnavailable" in event["error"]
+    # The lock failure itself, logged before any run existed, names the attempt.
+    assert find_event(worker.log_dir, "profile_audit.lock_unavailable", task_id=sent.id)
