@@ -38,6 +38,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Serves the admin's static files (collected into STATIC_ROOT) under gunicorn.
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -101,8 +103,11 @@ CELERY_BROKER_CONNECTION_TIMEOUT = 5
 CELERY_BROKER_TRANSPORT_OPTIONS = {"socket_timeout": 5, "socket_connect_timeout": 5}
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_DEFAULT_QUEUE = "celery"
-# Queues are set here, not on the tasks: Celery 5.5+ deprecates the ``queue`` task attribute.
+# Queues are set here, not on the tasks: Celery 5.7 deprecates the ``queue`` task attribute
+# (removal in 6.0), so routes are the one place that says where each task runs.
 CELERY_TASK_ROUTES = {
+    "profiles.audit_sync": {"queue": "maintenance"},
+    "profiles.prune_audit_runs": {"queue": "maintenance"},
     "profiles.sync_profile": {"queue": "celery"},
 }
 CELERY_TASK_IGNORE_RESULT = True
@@ -110,16 +115,6 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TIMEZONE = "UTC"
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
-# Beat entries, under stable names: the DatabaseScheduler upserts them and the admin shows them.
-CELERY_BEAT_SCHEDULE = {
-    # Retention, daily at 03:30 UTC: prune audit runs older than PROFILE_AUDIT_RETENTION_DAYS
-    # (never the latest run of an organization). Expires before the next day's entry.
-    "prune-audit-runs": {
-        "task": "profiles.prune_audit_runs",
-        "schedule": crontab(minute=30, hour=3),
-        "options": {"queue": "maintenance", "expires": 12 * 60 * 60},
-    },
-}
 
 # --- The audit ------------------------------------------------------------------------------
 # Mass-deletion guard: an organization whose plan would soft-delete more than
@@ -132,6 +127,50 @@ PROFILE_AUDIT_CHUNK_SIZE = 100
 # of PROFILE_AUDIT_PRUNE_BATCH_SIZE rows; the latest run of each organization always stays.
 PROFILE_AUDIT_RETENTION_DAYS = int(os.environ.get("PROFILE_AUDIT_RETENTION_DAYS", "90"))
 PROFILE_AUDIT_PRUNE_BATCH_SIZE = 5000
+
+# --- Fixing runs: the lock, the scheduled task and its beat entry ----------------------------
+# Every fixing run (the task and `profiles_audit_sync --fix`) takes one lock: Redis when this URL
+# is set (the default follows REDIS_URL), else a file lock on this machine.
+PROFILE_AUDIT_LOCK_REDIS_URL = os.environ.get("PROFILE_AUDIT_LOCK_REDIS_URL", REDIS_URL)
+PROFILE_AUDIT_LOCK_KEY = os.environ.get("PROFILE_AUDIT_LOCK_KEY", "profile-sync-audit:fixing-run")
+# 60 minutes, the original's withoutOverlapping(60); longer than the task's hard time limit.
+PROFILE_AUDIT_LOCK_TTL = int(os.environ.get("PROFILE_AUDIT_LOCK_TTL", "3600"))
+# Redis unreachable: an error within this many seconds, not a hung run.
+PROFILE_AUDIT_LOCK_SOCKET_TIMEOUT = float(os.environ.get("PROFILE_AUDIT_LOCK_SOCKET_TIMEOUT", "5"))
+PROFILE_AUDIT_LOCK_FILE = Path(
+    os.environ.get("PROFILE_AUDIT_LOCK_FILE", BASE_DIR / "var" / "profile-sync-audit.lock")
+)
+# The scheduled task: at the soft limit it stops after the organization in progress; the hard
+# limit (10 minutes) kills it. soft < hard < lock TTL < the six-hour interval.
+PROFILE_AUDIT_SOFT_TIME_LIMIT = int(os.environ.get("PROFILE_AUDIT_SOFT_TIME_LIMIT", "540"))
+PROFILE_AUDIT_TIME_LIMIT = int(os.environ.get("PROFILE_AUDIT_TIME_LIMIT", "600"))
+# Two retries, a fixed two minutes apart, on transient errors only.
+PROFILE_AUDIT_MAX_RETRIES = 2
+PROFILE_AUDIT_RETRY_DELAY = 120
+# A scheduled message not started within 3 hours is dropped, so a worker outage leaves at most
+# one run waiting, never a backlog. Retries inherit the message's absolute expiry, so this must
+# also outlast the longest retry chain (2 x (600 s + 120 s)), which it does with room to queue.
+PROFILE_AUDIT_SCHEDULE_EXPIRES = 3 * 3600
+
+# Upserted into django-celery-beat's PeriodicTask table by the DatabaseScheduler (the admin
+# shows it). Its copy keeps only queue/exchange/routing_key/priority/headers/expire_seconds of
+# "options": the expiry must be `expire_seconds` (an `expires` here is silently dropped).
+CELERY_BEAT_SCHEDULE = {
+    # Every six hours, on the hour: 00:00, 06:00, 12:00 and 18:00 UTC.
+    "profile-connection-sync-audit": {
+        "task": "profiles.audit_sync",
+        "schedule": crontab(minute="0", hour="*/6"),
+        "kwargs": {"fix": True},
+        "options": {"queue": "maintenance", "expire_seconds": PROFILE_AUDIT_SCHEDULE_EXPIRES},
+    },
+    # Retention, daily at 03:30 UTC: prune audit runs older than PROFILE_AUDIT_RETENTION_DAYS
+    # (never the latest run of an organization). Expires long before the next day's entry.
+    "prune-audit-runs": {
+        "task": "profiles.prune_audit_runs",
+        "schedule": crontab(minute=30, hour=3),
+        "options": {"queue": "maintenance", "expire_seconds": 12 * 3600},
+    },
+}
 
 # --- Internationalization -------------------------------------------------------------------
 LANGUAGE_CODE = "en-us"

@@ -1,6 +1,8 @@
 """Fixtures shared by the suite."""
 
 import pytest
+import redis
+from django.conf import settings
 
 from audit_project.celery import app as celery_app
 
@@ -28,3 +30,12 @@ def committed(django_capture_on_commit_callbacks):
             return fn(*args, **kwargs)
 
     return call
+
+
+@pytest.fixture(autouse=True)
+def free_fixing_run_lock():
+    """No test starts with the fixing-run lock held by an earlier one."""
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    client.delete(settings.PROFILE_AUDIT_LOCK_KEY)
+    client.close()
+    yield

@@ -12,10 +12,14 @@ from django.core.management.base import BaseCommand, CommandError
 from orgs.models import Organization
 from profiles.models import AuditFinding, AuditStatus, AuditTrigger, FindingOutcome
 from profiles.plan import ALL_TYPES, SCOPES
-from profiles.services.audit import ProfileConnectionAuditService, RunReport
+from profiles.services.audit import RunReport
+from profiles.services.locked_run import run_locked_audit
 from profiles.services.revert import RevertRejected, RevertReport, revert_run
+from profiles.services.run_lock import RunLockUnavailable
 
 LIST_ORGS_HINT = "list them with `python manage.py list_organizations`"
+# sysexits.h EX_TEMPFAIL: another fixing run holds the lock; nothing was changed, try later.
+EXIT_LOCK_HELD = 75
 
 
 class Command(BaseCommand):
@@ -30,7 +34,11 @@ class Command(BaseCommand):
         parser.add_argument(
             "--fix",
             action="store_true",
-            help="Apply the fixes. Without it, nothing in the domain tables is changed.",
+            help="Apply the fixes. Without it, nothing in the domain tables is changed. A fixing "
+            "run takes the fixing-run lock (Redis, or a file without REDIS_URL): if another "
+            "run holds it, nothing is changed, the run is recorded as skipped and the exit "
+            f"status is {EXIT_LOCK_HELD}; if Redis does not answer, nothing is changed and the "
+            "exit status is 1.",
         )
         parser.add_argument(
             "--org",
@@ -84,29 +92,32 @@ class Command(BaseCommand):
                 sys.exit(1)
             return
         org_id = self._organization_id(org)
-        service = ProfileConnectionAuditService()
+        progress = Progress(self.stderr) if org_id is None and _interactive(self.stderr) else None
         try:
-            if org_id:
-                report = service.run_full_audit(
-                    org_id=org_id, fix=fix, scopes=scopes, force=force, trigger=AuditTrigger.COMMAND
-                )
-            else:
-                progress = Progress(self.stderr) if _interactive(self.stderr) else None
-                report = service.run_audit_for_all_orgs(
-                    fix=fix,
-                    scopes=scopes,
-                    force=force,
-                    trigger=AuditTrigger.COMMAND,
-                    progress=progress,
-                )
-                if progress:
-                    progress.done()
+            report = run_locked_audit(
+                org_id=org_id,
+                fix=fix,
+                scopes=scopes,
+                force=force,
+                trigger=AuditTrigger.COMMAND,
+                progress=progress,
+            )
+        except RunLockUnavailable as exc:
+            raise CommandError(str(exc)) from exc
         except Exception as exc:
             raise CommandError(f"audit failed: {type(exc).__name__}: {exc}") from exc
+        if progress:
+            progress.done()
 
         if output_format == "json":
             self.stdout.write(json.dumps(report.as_json()))
-        elif verbosity > 0:
+        if report.run.status == AuditStatus.SKIPPED:
+            self.stderr.write(
+                f"skipped: {report.run.error}; nothing was changed "
+                f"(run {report.run.id} recorded as skipped)"
+            )
+            sys.exit(EXIT_LOCK_HELD)
+        if output_format != "json" and verbosity > 0:
             self._write_text(report, verbosity=verbosity)
         if check and _issues_remain(report):
             self.stderr.write("issues remain (--check)")

@@ -1,0 +1,197 @@
+"""The fixing-run lock: at most one fixing audit at a time, on any number of servers (DESIGN
+"Running it"). A Redis lock when a Redis URL is configured; a file lock on one machine otherwise.
+
+Non-blocking by design: a run that finds the lock held is skipped, never queued behind it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import uuid
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+from django.conf import settings
+from redis.backoff import NoBackoff
+from redis.exceptions import LockError, LockNotOwnedError
+from redis.retry import Retry
+
+REDIS_START_HINT = (
+    'start it with: redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save ""'
+    " --appendonly no"
+)
+
+
+class RunLockUnavailable(RuntimeError):
+    """The lock's service did not answer. Fixing runs fail closed: no lock, no fix."""
+
+
+class RunLock(Protocol):
+    description: str
+    """Where the lock lives, for messages (never a password)."""
+
+    def acquire(self) -> bool:
+        """Take the lock without waiting; False when another run holds it."""
+
+    def still_held(self) -> bool:
+        """Whether this run still owns the lock (renewing its lease where it has one)."""
+
+    def release(self) -> bool:
+        """Give the lock up; False when it was no longer this run's to give."""
+
+    def holder(self) -> str:
+        """Who holds the lock, best effort, for the record of a skipped run."""
+
+
+def fixing_run_lock() -> RunLock:
+    """The lock every fixing run takes: Redis when ``PROFILE_AUDIT_LOCK_REDIS_URL`` (by default
+    ``REDIS_URL``) is set, else a file lock (the embedded default, one machine)."""
+    if settings.PROFILE_AUDIT_LOCK_REDIS_URL:
+        return RedisRunLock(
+            url=settings.PROFILE_AUDIT_LOCK_REDIS_URL,
+            key=settings.PROFILE_AUDIT_LOCK_KEY,
+            ttl=settings.PROFILE_AUDIT_LOCK_TTL,
+            socket_timeout=settings.PROFILE_AUDIT_LOCK_SOCKET_TIMEOUT,
+        )
+    return FileRunLock(path=Path(settings.PROFILE_AUDIT_LOCK_FILE))
+
+
+def _holder_token() -> str:
+    # Unique per acquisition (the uuid), and readable by whoever finds the lock held.
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
+
+
+class RedisRunLock:
+    """redis-py's ``Lock``: a token-owned key with a TTL. Release and renewal check the token,
+    so a run never frees or extends a lock that has passed to another run, and a holder that
+    dies leaves the key to expire after ``ttl`` seconds."""
+
+    def __init__(self, *, url: str, key: str, ttl: float, socket_timeout: float) -> None:
+        self.description = f"Redis lock {key!r} at {_redacted(url)}"
+        self.key = key
+        # Fail fast: short socket timeouts and no client-side retries, so an unreachable Redis
+        # is an error within seconds rather than a run that hangs.
+        self.client = redis.Redis.from_url(
+            url,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_timeout,
+            retry=Retry(NoBackoff(), 0),
+        )
+        self.lock = self.client.lock(key, timeout=ttl, blocking=False, thread_local=False)
+        self._url = url
+
+    def acquire(self) -> bool:
+        try:
+            return bool(self.lock.acquire(token=_holder_token()))
+        except redis.RedisError as exc:
+            raise self._unavailable(exc) from exc
+
+    def still_held(self) -> bool:
+        try:
+            # Atomically: still our token? then reset the TTL to its full length.
+            self.lock.reacquire()
+        except LockNotOwnedError:
+            return False
+        except redis.RedisError as exc:
+            raise self._unavailable(exc) from exc
+        return True
+
+    def release(self) -> bool:
+        try:
+            self.lock.release()
+        except LockNotOwnedError:
+            return False
+        except LockError:  # never acquired, or already released
+            return False
+        except redis.RedisError as exc:
+            raise self._unavailable(exc) from exc
+        finally:
+            self.client.close()
+        return True
+
+    def holder(self) -> str:
+        try:
+            token = self.client.get(self.key)
+            ttl_ms = self.client.pttl(self.key)
+        except redis.RedisError:
+            return "unknown"
+        if token is None:
+            return "nobody (released meanwhile)"
+        name = token.decode(errors="replace").rsplit(":", 1)[0]
+        return f"{name}, expires in {max(ttl_ms, 0) / 1000:.0f} s"
+
+    def _unavailable(self, exc: redis.RedisError) -> RunLockUnavailable:
+        return RunLockUnavailable(
+            f"cannot reach Redis at {_redacted(self._url)} for the fixing-run lock "
+            f"({type(exc).__name__}: {exc}); nothing was fixed. Check "
+            f"PROFILE_AUDIT_LOCK_REDIS_URL / REDIS_URL, or {REDIS_START_HINT}"
+        )
+
+
+class FileRunLock:
+    """``flock`` on a file: the embedded default's lock, for runs on one machine. The kernel
+    drops it when its holder dies, so a dead holder never blocks anyone."""
+
+    def __init__(self, *, path: Path) -> None:
+        self.path = path
+        self.description = f"file lock {path}"
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise RunLockUnavailable(
+                f"cannot open the fixing-run lock file {self.path} ({exc}); nothing was fixed"
+            ) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, _holder_token().encode())
+        self._fd = fd
+        return True
+
+    def still_held(self) -> bool:
+        # The lock belongs to the inode we opened: if the file was removed or replaced, another
+        # run can lock the new one, so ours no longer excludes anybody.
+        if self._fd is None:
+            return False
+        try:
+            current = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        ours = os.fstat(self._fd)
+        return (current.st_dev, current.st_ino) == (ours.st_dev, ours.st_ino)
+
+    def release(self) -> bool:
+        if self._fd is None:
+            return False
+        held = self.still_held()
+        # The file stays: removing it would let two runs lock two different inodes.
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+        return held
+
+    def holder(self) -> str:
+        try:
+            token = self.path.read_text(errors="replace").strip()
+        except OSError:
+            return "unknown"
+        return token.rsplit(":", 1)[0] or "unknown"
+
+
+def _redacted(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))

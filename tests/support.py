@@ -1,0 +1,267 @@
+"""Helpers for the tests that cross process boundaries: a real Celery worker, a second
+``manage.py`` process, and ways to hold an organization's fix or break its commit on purpose."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psycopg
+import redis
+from django.conf import settings
+from django.db import connection
+from django_celery_beat.schedulers import DatabaseScheduler
+
+from audit_project.celery import app as celery_app
+from audit_project.log_config import LOG_FILE_NAME
+from profiles.services.organization_lock import _LOCK_NAMESPACE, _signed_int32
+
+BASE_DIR = Path(settings.BASE_DIR)
+T = TypeVar("T")
+
+# The broker's keys in the test Redis database: the two queues and kombu's unacked bookkeeping.
+BROKER_KEYS = ("maintenance", "celery", "unacked", "unacked_index", "unacked_mutex")
+BEAT_ENTRY = "profile-connection-sync-audit"
+
+
+def wait_for(condition: Callable[[], T], *, timeout: float = 30.0, what: str = "condition") -> T:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        pause.wait(0.05)
+
+
+def redis_client() -> redis.Redis:
+    return redis.Redis.from_url(os.environ["REDIS_URL"])
+
+
+def purge_broker() -> None:
+    """Drop every message the test Redis database holds for our queues (a retry left waiting by
+    a stopped worker must not be run by the next one)."""
+    client = redis_client()
+    client.delete(*BROKER_KEYS)
+    client.close()
+
+
+def database_env() -> dict[str, str]:
+    """Environment variables that point another process at the test database."""
+    db = connection.settings_dict
+    if connection.vendor == "postgresql":
+        auth = db["USER"] + (f":{db['PASSWORD']}" if db.get("PASSWORD") else "")
+        url = f"postgres://{auth}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
+        return {"DATABASE_URL": url}
+    return {"SQLITE_PATH": str(db["NAME"])}
+
+
+def process_env(log_dir: Path, **overrides: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "SQLITE_PATH")}
+    env.update(database_env())
+    env.update(
+        DJANGO_SETTINGS_MODULE="audit_project.settings",
+        PROFILE_AUDIT_LOG_DIR=str(log_dir),
+        PROFILE_AUDIT_CONSOLE_LEVEL="INFO",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(overrides)
+    return env
+
+
+def read_events(log_dir: Path) -> list[dict[str, Any]]:
+    path = log_dir / LOG_FILE_NAME
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def find_event(log_dir: Path, event: str, **fields: Any) -> dict[str, Any] | None:
+    for entry in read_events(log_dir):
+        if entry.get("event") == event and all(entry.get(k) == v for k, v in fields.items()):
+            return entry
+    return None
+
+
+@contextmanager
+def beat_scheduler() -> Iterator[DatabaseScheduler]:
+    """The scheduler beat runs, set up as at beat's start (it upserts CELERY_BEAT_SCHEDULE into
+    PeriodicTask). Needs a committing test: it closes connections left in a transaction."""
+    scheduler = DatabaseScheduler(app=celery_app)
+    try:
+        yield scheduler
+    finally:
+        scheduler.sync()
+        scheduler._finalize.cancel()  # no sync at interpreter exit: the test database is gone
+
+
+class CeleryWorker:
+    """``celery worker -Q maintenance,celery`` in a subprocess, on the test database and the
+    test Redis database. Prefork with one child: soft time limits are signalled as in
+    production, and tasks run one at a time in the order they were queued."""
+
+    def __init__(self, log_dir: Path, **env: str) -> None:
+        self.log_dir = log_dir
+        self.nodename = f"psa-test-{uuid.uuid4().hex[:8]}@localhost"
+        self.output = log_dir / "worker-output.log"
+        self.env = process_env(log_dir, **env)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> CeleryWorker:
+        purge_broker()
+        with self.output.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "audit_project",
+                    "worker",
+                    "-Q",
+                    "maintenance,celery",
+                    "--pool",
+                    "prefork",
+                    "--concurrency",
+                    "1",
+                    "-n",
+                    self.nodename,
+                    "--without-gossip",
+                    "--without-mingle",
+                    "--without-heartbeat",
+                    "-l",
+                    "info",
+                ],
+                cwd=BASE_DIR,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            wait_for(self._answers_ping, timeout=60, what=f"worker {self.nodename} to start")
+        except AssertionError:
+            self.stop()
+            raise AssertionError(f"the worker did not start:\n{self.text()[-4000:]}") from None
+        return self
+
+    def _answers_ping(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"the worker exited:\n{self.text()[-4000:]}")
+        return self.ping()
+
+    def ping(self) -> bool:
+        return bool(celery_app.control.ping(destination=[self.nodename], timeout=0.5))
+
+    def text(self) -> str:
+        return self.output.read_text(errors="replace") if self.output.exists() else ""
+
+    def scheduled(self) -> list[dict[str, Any]]:
+        """The ETA messages (retries) the worker holds."""
+        replies = celery_app.control.inspect(destination=[self.nodename], timeout=1).scheduled()
+        return (replies or {}).get(self.nodename, [])
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        self.proc = None
+        purge_broker()
+
+
+def start_command(log_dir: Path, *args: str) -> subprocess.Popen:
+    """``manage.py profiles_audit_sync ARGS`` as another process (another server, in effect)."""
+    return subprocess.Popen(
+        [sys.executable, "manage.py", "profiles_audit_sync", *args],
+        cwd=BASE_DIR,
+        env=process_env(log_dir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@contextmanager
+def hold_organization(org_id: uuid.UUID) -> Iterator[None]:
+    """Keep a fix of this organization waiting, as a real-time sync in progress would.
+
+    PostgreSQL: the organization's advisory lock, from another session. SQLite serializes every
+    writer, so there it is the database's write lock: every write waits, not only this
+    organization's.
+    """
+    if connection.vendor == "postgresql":
+        env = database_env()["DATABASE_URL"]
+        with psycopg.connect(env, autocommit=True) as conn:
+            key = [_LOCK_NAMESPACE, _signed_int32(org_id)]
+            conn.execute("SELECT pg_advisory_lock(%s, %s)", key)
+            try:
+                yield
+            finally:
+                conn.execute("SELECT pg_advisory_unlock(%s, %s)", key)
+        return
+    conn = sqlite3.connect(connection.settings_dict["NAME"], isolation_level=None, timeout=30)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            conn.execute("ROLLBACK")
+    finally:
+        conn.close()
+
+
+@contextmanager
+def break_commits_of(org_id: uuid.UUID) -> Iterator[None]:
+    """Make the commit of any transaction that records a fixed finding of this organization
+    fail, as a real database error would: a trigger points the finding at an organization that
+    does not exist, and the deferred foreign key rejects it at COMMIT — after the fix's writes
+    and its ``on_commit`` registrations, which is what makes the failure interesting."""
+    nowhere = uuid.UUID(int=0)
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute(
+                "CREATE FUNCTION psa_test_break_commit() RETURNS trigger LANGUAGE plpgsql AS $$ "
+                f"BEGIN UPDATE profiles_auditfinding SET organization_id = '{nowhere}' "
+                "WHERE id = NEW.id; RETURN NULL; END $$"
+            )
+            cursor.execute(
+                "CREATE TRIGGER psa_test_break_commit AFTER INSERT ON profiles_auditfinding "
+                f"FOR EACH ROW WHEN (NEW.organization_id = '{org_id}' AND NEW.outcome = 'fixed') "
+                "EXECUTE FUNCTION psa_test_break_commit()"
+            )
+        else:
+            cursor.execute(
+                "CREATE TRIGGER psa_test_break_commit AFTER INSERT ON profiles_auditfinding "
+                f"WHEN NEW.organization_id = '{org_id.hex}' AND NEW.outcome = 'fixed' "
+                f"BEGIN UPDATE profiles_auditfinding SET organization_id = '{nowhere.hex}' "
+                "WHERE id = NEW.id; END"
+            )
+    try:
+        yield
+    finally:
+        with connection.cursor() as cursor:
+            if connection.vendor == "postgresql":
+                cursor.execute("DROP TRIGGER psa_test_break_commit ON profiles_auditfinding")
+                cursor.execute("DROP FUNCTION psa_test_break_commit()")
+            else:
+                cursor.execute("DROP TRIGGER psa_test_break_commit")
