@@ -93,10 +93,11 @@ class AuditRun(models.Model):
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     trigger = models.CharField(max_length=20, choices=AuditTrigger.choices)
-    # Null means the run covered every organization.
+    # Null means the run covered every organization. A run of one organization goes with it
+    # (SET_NULL would turn it into what looks like an all-organization run).
     organization = models.ForeignKey(
         "orgs.Organization",
-        on_delete=models.SET_NULL,
+        on_delete=models.CASCADE,
         null=True,
         blank=True,
         related_name="audit_runs",

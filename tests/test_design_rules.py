@@ -98,6 +98,26 @@ def test_rule_2_dry_run_is_the_plan(audit, committed):
 
 
 @pytest.mark.django_db
+def test_rule_2_dry_run_shows_the_queue_settings_a_restore_brings_back(audit, committed):
+    org = OrganizationFactory()
+    asset = AssetFactory(connection=ConnectionFactory(organization=org))
+    profile = profile_for(asset)
+    queue = QueueSettingFactory(profile=profile)
+    ConnectionAsset.objects.filter(id=asset.id).update(is_selected=False)
+    committed(audit.run_full_audit, org_id=org.id, fix=True)  # profile and its queue retired
+    ConnectionAsset.objects.filter(id=asset.id).update(is_selected=True)
+
+    planned = audit.run_full_audit(org_id=org.id).run.findings.get()
+    done = committed(audit.run_full_audit, org_id=org.id, fix=True).run.findings.get()
+
+    assert planned.type == done.type == "restore"
+    assert list(planned.before["queue_settings"]) == [str(queue.id)]
+    assert (planned.before, planned.after) == (done.before, done.after)
+    queue.refresh_from_db()
+    assert queue.deleted_at is None
+
+
+@pytest.mark.django_db
 def test_rule_3_dry_run_writes_nothing(audit):
     org = OrganizationFactory()
     every_finding_type(org)

@@ -70,3 +70,16 @@ def test_deleting_a_connection_row_keeps_its_profiles():
 def test_models_have_uuid_primary_keys():
     for model in (PlatformConnection, SocialProfile, QueueSetting, BoostRule):
         assert model._meta.pk.get_internal_type() == "UUIDField"
+
+
+def test_a_deleted_organizations_runs_go_with_it_and_all_org_runs_stay():
+    from profiles.models import AuditRun
+
+    org = OrganizationFactory()
+    own = AuditRun.objects.create(trigger="command", organization=org)
+    everyone = AuditRun.objects.create(trigger="command", organization=None)
+
+    org.delete()
+
+    assert not AuditRun.objects.filter(id=own.id).exists()
+    assert AuditRun.objects.filter(id=everyone.id).exists()

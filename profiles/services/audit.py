@@ -46,6 +46,7 @@ from profiles.services.changes import (
     planned_change,
 )
 from profiles.services.organization_lock import lock_organization
+from profiles.services.soft_delete import ProfileSoftDeleteService
 
 ProgressCallback = Callable[[int, int], None]
 """Called with (organizations done, organizations in all) after each chunk."""
@@ -379,12 +380,28 @@ class ProfileConnectionAuditService:
 
     def _record_dry_chunk(self, plans: list[OrgPlan], recorder: RunRecorder, log) -> None:
         now = recorder.run.started_at
+        # What each restore would bring back with its profile is part of the plan (rule 2).
+        queue_settings = ProfileSoftDeleteService().queue_settings_to_restore(
+            profile_ids=[
+                f.object_id
+                for p in plans
+                for f in p.profile_findings
+                if f.type == FindingType.RESTORE
+            ]
+        )
         rows: list[AuditFinding] = []
         for plan in plans:
             outcome = FindingOutcome.GUARDED if plan.guarded else FindingOutcome.PLANNED
             report, org_rows = recorder.findings(
                 plan.organization_id,
-                ((planned_change(f, now=now), outcome, "") for f in plan.findings),
+                (
+                    (
+                        planned_change(f, now=now, queue_settings=queue_settings.get(f.object_id)),
+                        outcome,
+                        "",
+                    )
+                    for f in plan.findings
+                ),
             )
             report.guarded = plan.guarded
             rows += org_rows
@@ -447,7 +464,11 @@ class ProfileConnectionAuditService:
                 recorder.save(rows)
                 for row in rows:
                     if row.type == FindingType.MISSING and row.outcome == FindingOutcome.FIXED:
-                        transaction.on_commit(lambda row=row: self._send_sync(row, recorder, log))
+                        transaction.on_commit(
+                            lambda row=row, report=report: self._send_sync(
+                                row, report, recorder, log
+                            )
+                        )
         except Exception as exc:
             # Contained (DESIGN rule 6): the transaction rolled back; record what was intended.
             recorder.seq, recorder.by_type = seq_before, counts_before
@@ -490,7 +511,7 @@ class ProfileConnectionAuditService:
             for f in plan.findings
         ]
 
-    def _send_sync(self, row: AuditFinding, recorder: RunRecorder, log) -> None:
+    def _send_sync(self, row: AuditFinding, report: OrgReport, recorder: RunRecorder, log) -> None:
         """Send the profile sync job for a missing key (after the organization's commit). A
         broker that refuses it turns the finding into a failure instead of a false "fixed"."""
         from profiles.tasks import sync_profile_task
@@ -509,7 +530,9 @@ class ProfileConnectionAuditService:
             AuditFinding.objects.filter(id=row.id).update(
                 outcome=FindingOutcome.FAILED, detail=error
             )
-            recorder.by_type[row.type]["fixed"] -= 1
+            for counts in (recorder.by_type[row.type], report.by_type[row.type]):
+                counts["fixed"] -= 1
+            report.error = error
             recorder.failed[str(row.organization_id)] = error
 
     def _log_org(self, log, plan: OrgPlan, report: OrgReport, *, duration: float | None) -> None:

@@ -29,8 +29,11 @@ class Change:
     after: dict[str, Any] | None
 
 
-def planned_change(finding: Finding, *, now: datetime) -> Change:
-    """The change a finding stands for, as recorded: ``now`` is when the fix deletes."""
+def planned_change(
+    finding: Finding, *, now: datetime, queue_settings: dict[str, str] | None = None
+) -> Change:
+    """The change a finding stands for, as recorded: ``now`` is when the fix deletes;
+    ``queue_settings`` ({id: deleted_at}) are those a restore brings back with the profile."""
     match finding.type:
         case FindingType.ORPHANED | FindingType.DESELECTED | FindingType.STALE_QUEUE_SETTING:
             return Change(finding, {"deleted_at": None}, {"deleted_at": to_json(now)})
@@ -41,14 +44,15 @@ def planned_change(finding: Finding, *, now: datetime) -> Change:
                 {"connection_id": to_json(finding.target_connection_id)},
             )
         case FindingType.RESTORE:
-            return Change(
-                finding,
-                {
-                    "deleted_at": to_json(finding.deleted_at),
-                    "connection_id": to_json(finding.connection_id),
-                },
-                {"deleted_at": None, "connection_id": to_json(finding.target_connection_id)},
-            )
+            before = {
+                "deleted_at": to_json(finding.deleted_at),
+                "connection_id": to_json(finding.connection_id),
+            }
+            after = {"deleted_at": None, "connection_id": to_json(finding.target_connection_id)}
+            if queue_settings:
+                before["queue_settings"] = queue_settings
+                after["queue_settings"] = dict.fromkeys(queue_settings)
+            return Change(finding, before, after)
         case FindingType.MISSING:
             platform, external_id = finding.key
             return Change(
@@ -103,12 +107,9 @@ def apply_profile_findings(
         connection_by_profile={f.object_id: f.target_connection_id for f in restores}
     )
     for f in restores:
-        change = planned_change(f, now=now)
-        settings = restored_settings.get(f.object_id, {})
-        if settings:
-            change.before["queue_settings"] = settings
-            change.after["queue_settings"] = {setting_id: None for setting_id in settings}
-        changes[id(f)] = change
+        changes[id(f)] = planned_change(
+            f, now=now, queue_settings=restored_settings.get(f.object_id)
+        )
 
     for f in findings:
         if f.type == FindingType.MISSING:
