@@ -420,6 +420,7 @@ class OrgPlan:
     alive_profiles: int
     guarded: bool = False
     unknown_asset_types: Mapping[str, int] = field(default_factory=dict)
+    planning_seconds: float = field(default=0.0, compare=False)
 
     @property
     def findings(self) -> tuple[Finding, ...]:

@@ -65,6 +65,20 @@ def test_completion_events_are_json_lines_with_their_fields():
         assert event["level"] == "info"
 
 
+@pytest.mark.django_db
+def test_a_dry_runs_per_organization_event_carries_a_duration_too():
+    org = OrganizationFactory()
+    ProfileFactory(organization=org)
+    out = StringIO()
+    call_command("profiles_audit_sync", "--format", "json", stdout=out)
+    run_id = json.loads(out.getvalue())["run_id"]
+
+    [per_org] = [e for e in events_of_run(run_id) if e["event"] == "profile_audit.org_completed"]
+    assert set(per_org) >= COMPLETION_FIELDS
+    assert per_org["fix_mode"] is False
+    assert isinstance(per_org["duration_seconds"], float)
+
+
 def test_the_file_is_profile_sync_audit_log_in_the_configured_directory():
     handler = audit_file_handler()
     assert Path(handler.baseFilename) == Path(settings.PROFILE_AUDIT_LOG_DIR) / LOG_FILE_NAME
