@@ -1,7 +1,11 @@
 """structlog set-up: JSON lines to ``logs/profile-sync-audit.log`` (rotated daily, 30 kept)
 through the ``profile-audit`` logger, and a console handler on stderr."""
 
+import os
 import sys
+import time
+from contextlib import suppress
+from logging.handlers import TimedRotatingFileHandler
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +22,58 @@ _PRE_CHAIN: list[Any] = [
     structlog.stdlib.add_logger_name,
     structlog.processors.TimeStamper(fmt="iso", utc=True),
 ]
+
+
+class SharedTimedRotatingFileHandler(TimedRotatingFileHandler):
+    """Daily rotation (UTC midnight) of one file that several processes write: the command,
+    the worker, beat, the admin.
+
+    The standard handler's rollover deletes an existing ``<file>.<date>`` before renaming, so the
+    second process to roll over at midnight would delete what the first had just rotated. Here
+    the first process to roll over links the file to its dated name (which fails if it exists)
+    and unlinks it; the others find the dated file there and only reopen the new one.
+    """
+
+    def doRollover(self) -> None:
+        if self.stream:
+            self.stream.close()
+            self.stream = None
+        started = self.rolloverAt - self.interval
+        dated = self.rotation_filename(
+            f"{self.baseFilename}.{time.strftime(self.suffix, time.gmtime(started))}"
+        )
+        try:
+            os.link(self.baseFilename, dated)
+        except (FileExistsError, FileNotFoundError):
+            pass  # another process rotated it already
+        else:
+            os.unlink(self.baseFilename)
+        if self.backupCount > 0:
+            for old in self.getFilesToDelete():
+                with suppress(FileNotFoundError):
+                    os.remove(old)
+        if not self.delay:
+            self.stream = self._open()
+        now = int(time.time())
+        rollover = self.computeRollover(now)
+        while rollover <= now:
+            rollover += self.interval
+        self.rolloverAt = rollover
+
+    def _open(self):
+        # Between another process's link and unlink, the base name still points at the rotated
+        # file: opening it then would append a whole day to yesterday's log.
+        for _ in range(100):
+            stream = super()._open()
+            if not self._is_rotated(stream):
+                return stream
+            stream.close()
+            time.sleep(0.001)  # the other process unlinks within microseconds
+        return super()._open()
+
+    def _is_rotated(self, stream) -> bool:
+        opened = os.fstat(stream.fileno())
+        return opened.st_nlink > 1
 
 
 def build_logging_config(*, log_dir: Path, console_level: str | None = None) -> dict[str, Any]:
@@ -58,7 +114,7 @@ def build_logging_config(*, log_dir: Path, console_level: str | None = None) -> 
                 "level": console_level,
             },
             "audit_file": {
-                "class": "logging.handlers.TimedRotatingFileHandler",
+                "class": "audit_project.log_config.SharedTimedRotatingFileHandler",
                 "filename": str(log_dir / LOG_FILE_NAME),
                 "when": "midnight",
                 "backupCount": LOG_BACKUP_DAYS,

@@ -17,7 +17,12 @@ import pytest
 from django.conf import settings
 from django.core.management import call_command
 
-from audit_project.log_config import AUDIT_LOGGER, LOG_FILE_NAME, build_logging_config
+from audit_project.log_config import (
+    AUDIT_LOGGER,
+    LOG_FILE_NAME,
+    SharedTimedRotatingFileHandler,
+    build_logging_config,
+)
 from tests.factories import AssetFactory, OrganizationFactory, ProfileFactory
 
 COMPLETION_FIELDS = {
@@ -112,9 +117,9 @@ def test_the_handler_rotates_daily():
 
 def test_a_rollover_keeps_the_newest_30_files(tmp_path):
     spec = dict(build_logging_config(log_dir=tmp_path)["handlers"]["audit_file"])
-    assert spec.pop("class") == "logging.handlers.TimedRotatingFileHandler"
+    assert spec.pop("class") == "audit_project.log_config.SharedTimedRotatingFileHandler"
     spec.pop("formatter"), spec.pop("level")
-    handler = logging.handlers.TimedRotatingFileHandler(**spec)  # as configured, in tmp_path
+    handler = SharedTimedRotatingFileHandler(**spec)  # as configured, in tmp_path
     oldest = date(2020, 1, 1)
     for day in range(35):
         (tmp_path / f"{LOG_FILE_NAME}.{oldest + timedelta(days=day)}").write_text("old\n")
@@ -128,6 +133,34 @@ def test_a_rollover_keeps_the_newest_30_files(tmp_path):
     assert len(backups) == 30
     assert f"{LOG_FILE_NAME}.{oldest}" not in backups  # the oldest went first
     assert (tmp_path / LOG_FILE_NAME).read_text().strip() == "after midnight"
+
+
+def test_processes_sharing_the_file_lose_nothing_at_midnight(tmp_path):
+    """The worker, beat and a command write one file; each rolls over at its first record
+    after midnight. The second must not delete what the first rotated."""
+    spec = dict(build_logging_config(log_dir=tmp_path)["handlers"]["audit_file"])
+    for key in ("class", "formatter", "level"):
+        spec.pop(key)
+    worker, command = SharedTimedRotatingFileHandler(**spec), SharedTimedRotatingFileHandler(**spec)
+
+    def log(handler, message):
+        handler.emit(logging.makeLogRecord({"msg": message, "levelno": logging.INFO}))
+
+    log(worker, "worker before midnight")
+    log(command, "command before midnight")
+    midnight = int(time.time())  # it has just passed, for both processes
+    for handler in (worker, command):
+        handler.rolloverAt = midnight
+    yesterday = time.strftime("%Y-%m-%d", time.gmtime(midnight - 86400))
+    log(worker, "worker after midnight")
+    log(command, "command after midnight")
+    for handler in (worker, command):
+        handler.close()
+
+    rotated = (tmp_path / f"{LOG_FILE_NAME}.{yesterday}").read_text().splitlines()
+    current = (tmp_path / LOG_FILE_NAME).read_text().splitlines()
+    assert rotated == ["worker before midnight", "command before midnight"]
+    assert current == ["worker after midnight", "command after midnight"]
 
 
 LOG_ONE_EVENT = (
