@@ -165,23 +165,8 @@ class AuditRunAdmin(ReadOnlyAdmin):
             {"fields": ["organizations_audited", "types_list", "by_type_table", "error_text"]},
         ),
     ]
-    readonly_fields = [
-        "id",
-        "status_badge",
-        "trigger",
-        "scope",
-        "fix_mode",
-        "forced",
-        "reverted_run_link",
-        "reverted_by",
-        "started_at",
-        "finished_at",
-        "duration",
-        "organizations_audited",
-        "types_list",
-        "by_type_table",
-        "error_text",
-    ]
+    # Every field shown is read-only: a run is history.
+    readonly_fields = [name for _, options in fieldsets for name in options["fields"]]
 
     def get_queryset(self, request):
         return super().get_queryset(request).select_related("organization")

@@ -61,14 +61,15 @@ class UnknownOrganization(ValueError):
 # --- Reports ------------------------------------------------------------------------------------
 
 
-def _empty_counts() -> dict[str, dict[str, int]]:
+def empty_counts() -> dict[str, dict[str, int]]:
+    """{type: {"found": 0, "fixed": 0}} for every finding type: the shape of ``by_type``."""
     return {t.value: {"found": 0, "fixed": 0} for t in ALL_TYPES}
 
 
 @dataclass
 class OrgReport:
     organization_id: UUID
-    by_type: dict[str, dict[str, int]] = field(default_factory=_empty_counts)
+    by_type: dict[str, dict[str, int]] = field(default_factory=empty_counts)
     guarded: bool = False
     error: str = ""
 
@@ -124,7 +125,7 @@ class RunRecorder:
     def __init__(self, run: AuditRun) -> None:
         self.run = run
         self.seq = 0
-        self.by_type = _empty_counts()
+        self.by_type = empty_counts()
         self.organizations: list[OrgReport] = []
         self.failed: dict[str, str] = {}
         self.audited = 0

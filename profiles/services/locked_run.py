@@ -15,12 +15,13 @@ from django.utils import timezone
 
 from audit_project.log_config import audit_logger
 from profiles.models import AuditRun, AuditStatus
-from profiles.plan import ALL_TYPES, SCOPES
+from profiles.plan import SCOPES
 from profiles.services.audit import (
     ProfileConnectionAuditService,
     ProgressCallback,
     RunReport,
     StopCheck,
+    empty_counts,
 )
 from profiles.services.run_lock import RunLock, RunLockUnavailable, fixing_run_lock
 
@@ -154,7 +155,7 @@ def _record_unstarted(
         started_at=now,
         finished_at=now,
         duration_seconds=0.0,
-        by_type={t.value: {"found": 0, "fixed": 0} for t in ALL_TYPES},
+        by_type=empty_counts(),
         error=error,
     )
 
