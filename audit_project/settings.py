@@ -179,7 +179,10 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = BASE_DIR / "var" / "static"
+STATIC_ROOT = Path(os.environ.get("STATIC_ROOT", BASE_DIR / "var" / "static"))
+STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # WhiteNoise warns on every start without it
+# Serve the admin's files from the apps too, so it works before (or without) collectstatic.
+WHITENOISE_USE_FINDERS = True
 
 # --- Logging --------------------------------------------------------------------------------
 PROFILE_AUDIT_LOG_DIR = Path(os.environ.get("PROFILE_AUDIT_LOG_DIR", BASE_DIR / "logs"))

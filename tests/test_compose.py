@@ -98,6 +98,7 @@ def test_the_worker_consumes_maintenance_and_every_queue_a_task_is_routed_to():
     assert check_celery_command(command) == "worker"
     queues = set(option(command, "-Q", "--queues").split(","))
     assert "maintenance" in queues
+    celery_app.loader.import_default_modules()  # what a worker does first: register the tasks
     routed = {
         celery_app.amqp.router.route({}, name)["queue"].name
         for name in celery_app.tasks
