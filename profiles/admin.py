@@ -50,7 +50,6 @@ OUTCOME_COLOURS = {
     FindingOutcome.STALE: "#757575",
     FindingOutcome.GUARDED: "#b26a00",
     FindingOutcome.FAILED: "#c62828",
-    FindingOutcome.INTERRUPTED: "#757575",
     FindingOutcome.CONFLICT: "#b26a00",
 }
 

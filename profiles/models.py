@@ -69,7 +69,6 @@ class FindingOutcome(models.TextChoices):
     STALE = "stale", "Not fixed: no longer held when re-checked"
     GUARDED = "guarded", "Not fixed: mass-deletion guard"
     FAILED = "failed", "Not fixed: the organization's fix failed"
-    INTERRUPTED = "interrupted", "Not fixed: the run stopped first"
     CONFLICT = "conflict", "Not put back: changed since the run"
 
 

@@ -266,22 +266,7 @@ def run_findings_page(*, run_id: UUID, page: int, per_page: int) -> tuple[list[A
             run_id=run_id, seq__gt=(page - 1) * per_page, seq__lte=page * per_page
         )
         .select_related("organization")
-        .only(
-            "id",
-            "seq",
-            "organization__id",
-            "organization__name",
-            "type",
-            "action",
-            "model",
-            "object_id",
-            "platform",
-            "external_id",
-            "before",
-            "after",
-            "outcome",
-            "detail",
-        )
+        .only(*REVERT_FINDING_FIELDS, "organization__name", "outcome", "detail")
         .order_by("seq")
     )
     return rows, pages
