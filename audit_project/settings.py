@@ -107,6 +107,8 @@ CELERY_TASK_DEFAULT_QUEUE = "celery"
 # (removal in 6.0), so routes are the one place that says where each task runs.
 CELERY_TASK_ROUTES = {
     "profiles.audit_sync": {"queue": "maintenance"},
+    "profiles.audit_shard": {"queue": "maintenance"},
+    "profiles.revert_run": {"queue": "maintenance"},
     "profiles.prune_audit_runs": {"queue": "maintenance"},
     "profiles.sync_profile": {"queue": "celery"},
 }
@@ -121,8 +123,19 @@ CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 # max(GUARD_MIN, GUARD_RATIO x its alive profiles) is not fixed (DESIGN "Nothing is lost").
 PROFILE_AUDIT_GUARD_MIN = int(os.environ.get("PROFILE_AUDIT_GUARD_MIN", "5"))
 PROFILE_AUDIT_GUARD_RATIO = float(os.environ.get("PROFILE_AUDIT_GUARD_RATIO", "0.5"))
-# Organizations read per detection chunk (DESIGN rule 8).
+# Organizations read (and, with --fix, fixed in one transaction) per chunk (DESIGN rule 8).
 PROFILE_AUDIT_CHUNK_SIZE = 100
+# An all-organization run is cut into shards of this many consecutive organizations (by id),
+# each a `profiles.audit_shard` task on `maintenance` (DESIGN "Runs at scale").
+PROFILE_AUDIT_SHARD_SIZE = int(os.environ.get("PROFILE_AUDIT_SHARD_SIZE", "1000"))
+# Seconds a shard task works before it sends its own continuation from its cursor: well under
+# the shard task's soft time limit (PROFILE_AUDIT_SOFT_TIME_LIMIT), which stays a backstop.
+PROFILE_AUDIT_SHARD_BUDGET = float(os.environ.get("PROFILE_AUDIT_SHARD_BUDGET", "240"))
+# A scheduled run's shards not finished this long after it started are skipped (run partial):
+# below the six-hour schedule, so runs never pile up.
+PROFILE_AUDIT_RUN_DEADLINE = int(os.environ.get("PROFILE_AUDIT_RUN_DEADLINE", str(5 * 3600 + 1800)))
+# Deliveries of one shard (re-delivery after a lost worker, time limits) before it is failed.
+PROFILE_AUDIT_SHARD_MAX_ATTEMPTS = 5
 # Retention: runs older than this many days (and their findings) are pruned daily, in batches
 # of PROFILE_AUDIT_PRUNE_BATCH_SIZE rows; the latest run of each organization always stays.
 PROFILE_AUDIT_RETENTION_DAYS = int(os.environ.get("PROFILE_AUDIT_RETENTION_DAYS", "90"))

@@ -85,6 +85,7 @@ class AuditStatus(models.TextChoices):
     PARTIAL = "partial", "Partial"
     FAILED = "failed", "Failed"
     SKIPPED = "skipped", "Skipped (another run held the lock)"
+    INTERRUPTED = "interrupted", "Interrupted (its process died)"
 
 
 class AuditRun(models.Model):
@@ -117,7 +118,28 @@ class AuditRun(models.Model):
     failed_organizations = models.JSONField(
         default=dict, blank=True, help_text="{organization id: error} for contained failures."
     )
+    guarded_organizations = models.JSONField(
+        default=list, blank=True, help_text="Organization ids the guard or the run budget held."
+    )
     error = models.TextField(blank=True)
+    # Progress, written as each chunk of organizations commits (the record never lags).
+    organizations_total = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Organizations in scope when the run started."
+    )
+    findings_recorded = models.PositiveIntegerField(
+        default=0, help_text="Findings written so far: the last finding's seq."
+    )
+    last_progress_at = models.DateTimeField(null=True, blank=True)
+    deadline = models.DateTimeField(
+        null=True, blank=True, help_text="Shards not finished by then are skipped."
+    )
+    # Who asked: a user (admin), an OS user (command) or nobody (schedule); where; which task.
+    requested_by = models.CharField(max_length=150, blank=True)
+    requested_host = models.CharField(max_length=255, blank=True)
+    task_id = models.CharField(max_length=255, blank=True)
+    lock_token = models.CharField(
+        max_length=255, blank=True, help_text="The fixing-run lock's token while the run holds it."
+    )
     # A revert run points at the run it put back; a run's reverts are ``run.reverts``.
     reverted_run = models.ForeignKey(
         "self",
@@ -139,6 +161,51 @@ class AuditRun(models.Model):
     def __str__(self) -> str:
         mode = "fix" if self.fix else "dry run"
         return f"Audit {self.id} ({mode}, {self.status})"
+
+
+class ShardStatus(models.TextChoices):
+    PENDING = "pending", "Pending"
+    RUNNING = "running", "Running"
+    DONE = "done", "Done"
+    SKIPPED = "skipped", "Skipped (deadline, or the run was closed)"
+    FAILED = "failed", "Failed"
+
+
+OPEN_SHARD_STATUSES = (ShardStatus.PENDING, ShardStatus.RUNNING)
+
+
+class AuditShard(models.Model):
+    """One slice of a run: consecutive organizations by id, worked in chunks of 100 and resumed
+    from ``cursor`` (the last organization committed) after a budget stop or a lost worker."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    run = models.ForeignKey(AuditRun, on_delete=models.CASCADE, related_name="shards")
+    index = models.PositiveIntegerField()
+    # [first, end): null first = from the smallest id, null end = to the largest.
+    first_organization_id = models.UUIDField(null=True, blank=True)
+    end_organization_id = models.UUIDField(null=True, blank=True)
+    status = models.CharField(
+        max_length=20, choices=ShardStatus.choices, default=ShardStatus.PENDING, db_index=True
+    )
+    cursor = models.UUIDField(null=True, blank=True, help_text="Last organization committed.")
+    organizations_audited = models.PositiveIntegerField(default=0)
+    found = models.PositiveIntegerField(default=0)
+    fixed = models.PositiveIntegerField(default=0)
+    failed_organizations = models.JSONField(default=dict, blank=True)
+    error = models.TextField(blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    worker = models.CharField(max_length=255, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["run", "index"]
+        constraints = [
+            models.UniqueConstraint(fields=["run", "index"], name="one_shard_per_run_index")
+        ]
+
+    def __str__(self) -> str:
+        return f"Shard {self.index} of run {self.run_id} ({self.status})"
 
 
 class AuditFinding(models.Model):
@@ -174,6 +241,8 @@ class AuditFinding(models.Model):
         indexes = [
             models.Index(fields=["model", "object_id"], name="finding_object_idx"),
             models.Index(fields=["run", "type"], name="finding_run_type_idx"),
+            # A run's counts are recounted from its findings when it closes (or is closed).
+            models.Index(fields=["run", "outcome"], name="finding_run_outcome_idx"),
         ]
 
     def __str__(self) -> str:
