@@ -124,7 +124,7 @@ CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 PROFILE_AUDIT_GUARD_MIN = int(os.environ.get("PROFILE_AUDIT_GUARD_MIN", "5"))
 PROFILE_AUDIT_GUARD_RATIO = float(os.environ.get("PROFILE_AUDIT_GUARD_RATIO", "0.5"))
 # Organizations read (and, with --fix, fixed in one transaction) per chunk (DESIGN rule 8).
-PROFILE_AUDIT_CHUNK_SIZE = 100
+PROFILE_AUDIT_CHUNK_SIZE = int(os.environ.get("PROFILE_AUDIT_CHUNK_SIZE", "100"))
 # An all-organization run is cut into shards of this many consecutive organizations (by id),
 # each a `profiles.audit_shard` task on `maintenance` (DESIGN "Runs at scale").
 PROFILE_AUDIT_SHARD_SIZE = int(os.environ.get("PROFILE_AUDIT_SHARD_SIZE", "1000"))
@@ -173,7 +173,7 @@ CELERY_BEAT_SCHEDULE = {
     "profile-connection-sync-audit": {
         "task": "profiles.audit_sync",
         "schedule": crontab(minute="0", hour="*/6"),
-        "kwargs": {"fix": True},
+        "kwargs": {"fix": True, "trigger": "schedule"},
         "options": {"queue": "maintenance", "expire_seconds": PROFILE_AUDIT_SCHEDULE_EXPIRES},
     },
     # Retention, daily at 03:30 UTC: prune audit runs older than PROFILE_AUDIT_RETENTION_DAYS

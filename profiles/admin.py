@@ -12,7 +12,7 @@ from typing import Any
 
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
-from django.db.models import QuerySet
+from django.db.models import Count, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
@@ -22,6 +22,7 @@ from django.utils.http import urlencode
 
 from audit_project.admin import AliveListFilter, InputFilter, OrganizationFilter
 from profiles.models import (
+    OPEN_SHARD_STATUSES,
     AuditFinding,
     AuditRun,
     AuditStatus,
@@ -31,11 +32,10 @@ from profiles.models import (
 )
 from profiles.plan import ALL_TYPES
 from profiles.selectors import run_findings_page
-from profiles.services.revert import RevertRejected, revert_blocker, revert_run
+from profiles.services.recording import close_run
+from profiles.services.revert import RevertRejected, claim_revert, revert_blocker
 
 FINDINGS_PER_PAGE = 100
-# Above this many fixed findings, the revert page suggests the command (a request could time out).
-LARGE_REVERT = 20_000
 
 STATUS_COLOURS = {
     AuditStatus.RUNNING: "#417690",
@@ -43,6 +43,7 @@ STATUS_COLOURS = {
     AuditStatus.PARTIAL: "#b26a00",
     AuditStatus.FAILED: "#c62828",
     AuditStatus.SKIPPED: "#757575",
+    AuditStatus.INTERRUPTED: "#c62828",
 }
 OUTCOME_COLOURS = {
     FindingOutcome.PLANNED: "#417690",
@@ -158,7 +159,7 @@ class AuditRunAdmin(ReadOnlyAdmin):
                 ]
             },
         ),
-        ("When", {"fields": ["started_at", "finished_at", "duration"]}),
+        ("When", {"fields": ["started_at", "finished_at", "duration", "progress"]}),
         (
             "What it found and fixed",
             {"fields": ["organizations_audited", "types_list", "by_type_table", "error_text"]},
@@ -191,6 +192,22 @@ class AuditRunAdmin(ReadOnlyAdmin):
     @admin.display(description="duration", ordering="duration_seconds")
     def duration(self, run: AuditRun) -> str:
         return "-" if run.duration_seconds is None else f"{run.duration_seconds:.2f} s"
+
+    @admin.display(description="progress")
+    def progress(self, run: AuditRun) -> str:
+        """While a run works: how far it is, from its record (written as each unit commits)."""
+        if run.status != AuditStatus.RUNNING:
+            return "-"
+        since = run.last_progress_at or run.started_at
+        if run.trigger == AuditTrigger.REVERT:
+            total = run.reverted_run.fixed if run.reverted_run_id else 0
+            done = f"{run.findings_recorded} of {total} findings"
+        else:
+            total = run.organizations_total or 0
+            done = f"{run.organizations_audited} of {total} organizations"
+            open_shards = run.shards.filter(status__in=OPEN_SHARD_STATUSES).count()
+            done += f", {open_shards} shard{'s' if open_shards != 1 else ''} open"
+        return f"running: {done}; last progress {since:%Y-%m-%d %H:%M:%S} UTC (refreshes itself)"
 
     @admin.display(description="reverts run")
     def reverted_run_link(self, run: AuditRun) -> str:
@@ -325,7 +342,6 @@ class AuditRunAdmin(ReadOnlyAdmin):
             "scope": self.scope(run),
             "by_type_table": self.by_type_table(run),
             "blocked": revert_blocker(run=run),
-            "large_run": run.fixed >= LARGE_REVERT,
             "run_url": _run_url(run.id),
         }
         return TemplateResponse(
@@ -333,29 +349,57 @@ class AuditRunAdmin(ReadOnlyAdmin):
         )
 
     def _revert(self, request: HttpRequest, run: AuditRun, *, fix: bool) -> HttpResponse:
+        """Record the revert and send it as a task on ``maintenance``: a request never does
+        long work. The revert's own page shows its progress."""
+        from profiles.tasks import revert_run_task
+
         try:
-            report = revert_run(
-                run_id=run.id, fix=fix, source="admin", requested_by=request.user.get_username()
+            revert = claim_revert(
+                run_id=run.id,
+                fix=fix,
+                requested_by=request.user.get_username(),
+                requested_host=request.META.get("REMOTE_ADDR", ""),
             )
         except RevertRejected as exc:
             self.message_user(request, f"Not reverted: {exc}", messages.ERROR)
             return HttpResponseRedirect(_run_url(run.id))
+        try:
+            revert_run_task.delay(str(revert.id))
+        except Exception as exc:
+            error = f"the revert task could not be sent: {type(exc).__name__}: {exc}"
+            close_run(revert, status=AuditStatus.FAILED, error=error)
+            self.message_user(request, f"Not reverted: {error}", messages.ERROR)
+            return HttpResponseRedirect(_run_url(revert.id))
         if fix:
-            self.log_change(request, run, f"Reverted by run {report.run.id}")
-        verb = "put back" if fix else "would be put back"
-        level = messages.SUCCESS if not report.conflicts and not report.failed else messages.WARNING
+            self.log_change(request, run, f"Revert sent as run {revert.id}")
+        revert.refresh_from_db()
+        if revert.status == AuditStatus.RUNNING:
+            text = format_html(
+                "{} run {} sent as run {}: this page shows its progress.",
+                "Revert of" if fix else "Dry run of a revert of",
+                str(run.id)[:8],
+                str(revert.id)[:8],
+            )
+            self.message_user(request, text, messages.SUCCESS)
+            return HttpResponseRedirect(_run_url(revert.id))
+        # Done already (no broker: tasks run in the request): say what it did.
+        outcomes = dict(revert.findings.order_by().values_list("outcome").annotate(n=Count("id")))
+        put_back = outcomes.get(FindingOutcome.FIXED if fix else FindingOutcome.PLANNED, 0)
+        conflicts = outcomes.get(FindingOutcome.CONFLICT, 0)
+        failed = outcomes.get(FindingOutcome.FAILED, 0)
         text = format_html(
             "{} {}: {} {}, {} conflicts (left alone){}. This is the revert's own run, {}.",
             "Reverted run" if fix else "Dry run of a revert of run",
             str(run.id)[:8],
-            report.put_back,
-            verb,
-            report.conflicts,
-            f", {report.failed} failed" if report.failed else "",
-            str(report.run.id)[:8],
+            put_back,
+            "put back" if fix else "would be put back",
+            conflicts,
+            f", {failed} failed" if failed else "",
+            str(revert.id)[:8],
         )
+        level = messages.SUCCESS if not conflicts and not failed else messages.WARNING
         self.message_user(request, text, level)
-        return HttpResponseRedirect(_run_url(report.run.id))
+        return HttpResponseRedirect(_run_url(revert.id))
 
 
 # --- Audit findings -------------------------------------------------------------------------

@@ -419,16 +419,14 @@ class OrgPlan:
     cleanup_findings: tuple[Finding, ...]
     alive_profiles: int
     guarded: bool = False
+    deletions: int = 0
+    """Profiles the organization's whole plan soft-deletes, whatever types were asked for."""
     unknown_asset_types: Mapping[str, int] = field(default_factory=dict)
     planning_seconds: float = field(default=0.0, compare=False)
 
     @property
     def findings(self) -> tuple[Finding, ...]:
         return self.profile_findings + self.cleanup_findings
-
-    @property
-    def deletions(self) -> int:
-        return sum(1 for f in self.profile_findings if f.soft_deletes_profile)
 
 
 def find_profile_findings(
@@ -472,15 +470,19 @@ def plan_organization(
     types: frozenset[FindingType] = frozenset(ALL_TYPES),
     guard: Guard,
 ) -> OrgPlan:
-    profile_findings = find_profile_findings(snapshot, types)
+    # The guard weighs the organization's whole plan: fixing one type at a time (``--type``)
+    # must not get round it (DESIGN "Mass-deletion guard").
+    whole = find_profile_findings(snapshot)
+    profile_findings = tuple(f for f in whole if f.type in types)
     cleanup_findings = find_cleanup_findings(snapshot, profile_findings, types)
     alive_count = sum(1 for p in snapshot.profiles if p.alive)
-    deletions = sum(1 for f in profile_findings if f.soft_deletes_profile)
+    deletions = sum(1 for f in whole if f.soft_deletes_profile)
     return OrgPlan(
         organization_id=snapshot.organization_id,
         profile_findings=profile_findings,
         cleanup_findings=cleanup_findings,
         alive_profiles=alive_count,
         guarded=guard.trips(deletions=deletions, alive_profiles=alive_count),
+        deletions=deletions,
         unknown_asset_types=dict(unknown_asset_types(snapshot)),
     )

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
 
+from django.db import connection
 from django.db.models import Exists, Max, OuterRef, Q, QuerySet
 
 from boosts.models import BoostRule
@@ -27,12 +28,23 @@ from profiles.plan import (
 from queues.models import QueueSetting
 
 
-def organization_id_chunks(*, chunk_size: int) -> Iterator[list[UUID]]:
-    """Every organization id, in chunks ordered by id (keyset pagination: one query a chunk,
-    and organizations created meanwhile are still reached if their id sorts later)."""
-    last: UUID | None = None
+def organization_id_chunks(
+    *,
+    chunk_size: int,
+    first: UUID | None = None,
+    end: UUID | None = None,
+    after: UUID | None = None,
+) -> Iterator[list[UUID]]:
+    """Organization ids in [first, end) (None: unbounded), after ``after``, in chunks ordered
+    by id (keyset pagination: one query a chunk, and organizations created meanwhile are still
+    reached if their id sorts later)."""
+    last = after
     while True:
         ids = Organization.objects.order_by("id")
+        if first is not None:
+            ids = ids.filter(id__gte=first)
+        if end is not None:
+            ids = ids.filter(id__lt=end)
         if last is not None:
             ids = ids.filter(id__gt=last)
         chunk = list(ids.values_list("id", flat=True)[:chunk_size])
@@ -42,50 +54,69 @@ def organization_id_chunks(*, chunk_size: int) -> Iterator[list[UUID]]:
         last = chunk[-1]
 
 
+def shard_starts(*, shard_size: int) -> tuple[list[UUID], int]:
+    """The first organization id of every ``shard_size`` organizations by id, and how many
+    organizations there are: one query (a window over the id index), whatever their number."""
+    table = Organization._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT id, total FROM (SELECT id, row_number() OVER (ORDER BY id) AS position, "
+            f"count(*) OVER () AS total FROM {table}) numbered "
+            "WHERE (position - 1) %% %s = 0 ORDER BY id",
+            [shard_size],
+        )
+        rows = cursor.fetchall()
+    starts = [value if isinstance(value, UUID) else UUID(value) for value, _ in rows]
+    return starts, rows[0][1] if rows else 0
+
+
 def load_snapshots(organization_ids: Sequence[UUID]) -> dict[UUID, OrgSnapshot]:
-    """Snapshots of these organizations: five queries in all."""
+    """Snapshots of these organizations: five queries in all, each on an index, as tuples
+    (no model instances, no ``Meta.ordering`` sort)."""
     connections: dict[UUID, dict[UUID, ConnectionRow]] = {org: {} for org in organization_ids}
     assets: dict[UUID, list[AssetRow]] = {org: [] for org in organization_ids}
     profiles: dict[UUID, list[ProfileRow]] = {org: [] for org in organization_ids}
     settings: dict[UUID, list[QueueSettingRow]] = {org: [] for org in organization_ids}
     rules: dict[UUID, list[BoostRuleRow]] = {org: [] for org in organization_ids}
 
-    for id_, org, status, deleted_at, created_at in PlatformConnection.objects.filter(
-        organization_id__in=organization_ids
-    ).values_list("id", "organization_id", "status", "deleted_at", "created_at"):
-        connections[org][id_] = ConnectionRow(id_, status, deleted_at, created_at)
-
-    for (
-        id_,
-        org,
-        connection_id,
-        asset_type,
-        external_id,
-        name,
-        created_at,
-    ) in ConnectionAsset.objects.filter(
-        connection__organization_id__in=organization_ids, is_selected=True
-    ).values_list(
-        "id",
-        "connection__organization_id",
-        "connection_id",
-        "asset_type",
-        "external_id",
-        "name",
-        "created_at",
+    organization_of: dict[UUID, UUID] = {}
+    for id_, org, status, deleted_at, created_at in (
+        PlatformConnection.objects.filter(organization_id__in=organization_ids)
+        .order_by()
+        .values_list("id", "organization_id", "status", "deleted_at", "created_at")
     ):
-        assets[org].append(AssetRow(id_, connection_id, asset_type, external_id, name, created_at))
+        connections[org][id_] = ConnectionRow(id_, status, deleted_at, created_at)
+        organization_of[id_] = org
 
-    for id_, org, connection_id, platform, external_id, deleted_at in SocialProfile.objects.filter(
-        organization_id__in=organization_ids
-    ).values_list(
-        "id", "organization_id", "connection_id", "platform", "external_id", "deleted_at"
+    # By connection id (the foreign key's index), not through a join on the organization.
+    for id_, connection_id, asset_type, external_id, name, created_at in (
+        (
+            ConnectionAsset.objects.filter(
+                connection_id__in=list(organization_of), is_selected=True
+            )
+            .order_by()
+            .values_list("id", "connection_id", "asset_type", "external_id", "name", "created_at")
+        )
+        if organization_of
+        else ()
+    ):
+        assets[organization_of[connection_id]].append(
+            AssetRow(id_, connection_id, asset_type, external_id, name, created_at)
+        )
+
+    for id_, org, connection_id, platform, external_id, deleted_at in (
+        SocialProfile.objects.filter(organization_id__in=organization_ids)
+        .order_by()
+        .values_list(
+            "id", "organization_id", "connection_id", "platform", "external_id", "deleted_at"
+        )
     ):
         profiles[org].append(ProfileRow(id_, connection_id, platform, external_id, deleted_at))
 
     for id_, org, profile_id in (
         QueueSetting.objects.alive()
         .filter(organization_id__in=organization_ids)
+        .order_by()
         .values_list("id", "organization_id", "profile_id")
     ):
         settings[org].append(QueueSettingRow(id_, profile_id))
@@ -93,6 +124,7 @@ def load_snapshots(organization_ids: Sequence[UUID]) -> dict[UUID, OrgSnapshot]:
     for id_, org, profile_ids in (
         BoostRule.objects.alive()
         .filter(organization_id__in=organization_ids)
+        .order_by()
         .values_list("id", "organization_id", "profile_ids")
     ):
         rules[org].append(BoostRuleRow(id_, profile_ids))

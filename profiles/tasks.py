@@ -1,27 +1,34 @@
-"""Celery tasks of the profiles app: thin wrappers over the services."""
+"""Celery tasks of the profiles app: thin wrappers over the services. Queues come from
+``CELERY_TASK_ROUTES``; services send these tasks by name and never import this module."""
 
 from __future__ import annotations
 
-import signal
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+import socket
+from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
 import redis
 import structlog
-from billiard.pool import soft_timeout_sighandler
 from celery import Task, shared_task
-from celery.exceptions import TimeLimitExceeded
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from django.conf import settings
 from django.db import DatabaseError, InterfaceError, OperationalError
 
 from audit_project.log_config import audit_logger
-from profiles.models import AuditTrigger
-from profiles.services.locked_run import fail_killed_runs, run_locked_audit
+from profiles.models import AuditStatus, AuditTrigger
+from profiles.services.audit import (
+    CONTINUE,
+    AuditRequest,
+    Budget,
+    close_dead_runs,
+    fail_shard,
+    send_shards,
+    start_run,
+    work_shard,
+)
 from profiles.services.retention import prune_audit_runs
+from profiles.services.revert import perform_revert
 from profiles.services.run_lock import RunLockUnavailable
 from profiles.services.sync import sync_profile
 
@@ -36,54 +43,13 @@ TRANSIENT_ERRORS = (
 )
 
 
-class SoftTimeLimit:
-    """The task's soft time limit as a stop check: once reached, the audit stops before its
-    next organization (``should_stop``) and ends ``partial``, releasing its lock.
-
-    billiard signals the soft limit to the process running the task (SIGUSR1), and its handler
-    raises ``SoftTimeLimitExceeded`` wherever the task is — possibly inside an organization's
-    transaction, mid-query. ``installed()`` turns that signal into a flag instead; the deadline
-    covers pools that do not signal (solo, threads) and eager runs.
-    """
-
-    def __init__(self, seconds: float | None) -> None:
-        self.seconds = seconds
-        self._deadline = time.monotonic() + seconds if seconds else None
-        self._signalled = False
-
-    def __call__(self) -> str | None:
-        if self._signalled or (self._deadline is not None and time.monotonic() >= self._deadline):
-            return f"soft time limit reached ({self.seconds:g} s)"
-        return None
-
-    @contextmanager
-    def installed(self) -> Iterator[SoftTimeLimit]:
-        sig = getattr(signal, "SIGUSR1", None)
-        ours = (
-            sig is not None
-            and threading.current_thread() is threading.main_thread()
-            and signal.getsignal(sig) is soft_timeout_sighandler
-        )
-        if not ours:  # not a prefork child: SIGUSR1 is not the soft limit here
-            yield self
-            return
-        previous = signal.signal(sig, self._on_signal)
-        try:
-            yield self
-        finally:
-            signal.signal(sig, previous)
-
-    def _on_signal(self, signum, frame) -> None:
-        self._signalled = True
-
-
 class AuditTask(Task):
     """Logs the outcome of each attempt, as the original's onSuccess/onFailure did."""
 
     def on_success(self, retval, task_id, args, kwargs) -> None:
         audit_logger().info(
             "profile_audit.task_completed",
-            summary="Profile-connection sync audit completed",
+            summary="Profile-connection sync audit started its shards",
             task_id=task_id,
             queue=_queue(self.request),
             **retval,
@@ -101,26 +67,12 @@ class AuditTask(Task):
         )
 
     def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
-        error = f"{type(exc).__name__}: {exc}"
-        killed = 0
-        if isinstance(exc, TimeLimitExceeded):
-            # Called in the worker's main process: the one that ran the audit was killed.
-            try:
-                killed = fail_killed_runs(
-                    trigger=AuditTrigger.SCHEDULE,
-                    time_limit=self.time_limit,
-                    error=f"killed at the hard time limit ({error}); the fixing-run lock is "
-                    "left to expire",
-                )
-            except DatabaseError:
-                audit_logger().exception("profile_audit.record_failed", task_id=task_id)
         audit_logger().error(
             "profile_audit.task_failed",
             summary="Profile-connection sync audit failed",
             task_id=task_id,
-            error=error,
+            error=f"{type(exc).__name__}: {exc}",
             retries=self.request.retries,
-            runs_closed=killed,
         )
 
 
@@ -128,8 +80,6 @@ class AuditTask(Task):
     bind=True,
     base=AuditTask,
     name="profiles.audit_sync",  # queue: maintenance (CELERY_TASK_ROUTES)
-    soft_time_limit=settings.PROFILE_AUDIT_SOFT_TIME_LIMIT,
-    time_limit=settings.PROFILE_AUDIT_TIME_LIMIT,
     autoretry_for=TRANSIENT_ERRORS,
     max_retries=settings.PROFILE_AUDIT_MAX_RETRIES,
     default_retry_delay=settings.PROFILE_AUDIT_RETRY_DELAY,
@@ -137,25 +87,104 @@ class AuditTask(Task):
     retry_backoff=False,
     retry_jitter=False,
     acks_late=True,
+    # Starting a run is quick: it records the run and its shards and sends them.
+    soft_time_limit=settings.PROFILE_AUDIT_SOFT_TIME_LIMIT,
+    time_limit=settings.PROFILE_AUDIT_TIME_LIMIT,
 )
-def audit_sync_task(self: AuditTask, fix: bool = True) -> dict[str, Any]:
-    """The scheduled audit of every organization (beat entry "profile-connection-sync-audit")."""
-    _, soft_limit = self.request.timelimit or (None, None)
-    stop = SoftTimeLimit(soft_limit or self.soft_time_limit)
-    # Every event of this attempt carries the task id, also those logged before a run exists.
-    with stop.installed(), structlog.contextvars.bound_contextvars(task_id=self.request.id):
-        report = run_locked_audit(
-            org_id=None, fix=fix, scopes=None, trigger=AuditTrigger.SCHEDULE, should_stop=stop
+def audit_sync_task(
+    self: AuditTask,
+    fix: bool = True,
+    trigger: str = AuditTrigger.COMMAND,
+    requested_by: str = "",
+) -> dict[str, Any]:
+    """Start an audit of every organization and fan it out over the workers, one
+    ``profiles.audit_shard`` task per shard (beat entry "profile-connection-sync-audit")."""
+    with structlog.contextvars.bound_contextvars(task_id=self.request.id):
+        run = start_run(
+            AuditRequest(
+                fix=fix,
+                trigger=trigger,
+                requested_by=requested_by,
+                task_id=self.request.id or "",
+                deadline=timedelta(seconds=settings.PROFILE_AUDIT_RUN_DEADLINE)
+                if trigger == AuditTrigger.SCHEDULE
+                else None,
+            )
         )
-    run = report.run
+        shards = send_shards(run) if run.status == AuditStatus.RUNNING else 0
+    run.refresh_from_db()
     return {
         "run_id": str(run.id),
         "status": run.status,
         "fix_mode": run.fix,
+        "shards": shards,
         "total_issues_found": run.found,
         "total_issues_fixed": run.fixed,
-        "duration_seconds": run.duration_seconds,
     }
+
+
+class ShardTask(Task):
+    def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
+        """The shard's attempt failed beyond its retries, or its process was killed at the hard
+        time limit (this runs in the worker's main process then): continue from the cursor while
+        deliveries remain (``work_shard`` counts them), else close the shard as failed."""
+        shard_id = UUID(args[0] if args else kwargs["shard_id"])
+        error = f"{type(exc).__name__}: {exc}"
+        log = audit_logger().bind(task_id=task_id, shard_id=str(shard_id))
+        try:
+            if isinstance(exc, TimeLimitExceeded):
+                log.warning("profile_audit.shard_killed", error=error)
+                audit_shard_task.delay(str(shard_id))
+            else:
+                log.error("profile_audit.shard_failed", error=error)
+                fail_shard(shard_id=shard_id, error=error)
+        except (DatabaseError, *TRANSIENT_ERRORS):
+            log.exception("profile_audit.record_failed")
+
+
+@shared_task(
+    bind=True,
+    base=ShardTask,
+    name="profiles.audit_shard",  # queue: maintenance (CELERY_TASK_ROUTES)
+    soft_time_limit=settings.PROFILE_AUDIT_SOFT_TIME_LIMIT,
+    time_limit=settings.PROFILE_AUDIT_TIME_LIMIT,
+    autoretry_for=TRANSIENT_ERRORS,
+    max_retries=settings.PROFILE_AUDIT_MAX_RETRIES,
+    default_retry_delay=settings.PROFILE_AUDIT_RETRY_DELAY,
+    retry_backoff=False,
+    retry_jitter=False,
+    acks_late=True,
+    # A worker process that dies mid-shard (OOM, kill -9) puts the message back: another one
+    # resumes from the shard's cursor; nothing committed is redone.
+    reject_on_worker_lost=True,
+)
+def audit_shard_task(self: ShardTask, shard_id: str) -> dict[str, str]:
+    """Work one shard for at most PROFILE_AUDIT_SHARD_BUDGET seconds, then send its own
+    continuation from the cursor. The soft time limit is a backstop that does the same."""
+    budget = Budget(seconds=settings.PROFILE_AUDIT_SHARD_BUDGET)
+    worker = f"{self.request.hostname or socket.gethostname()}:{self.request.id}"
+    with structlog.contextvars.bound_contextvars(task_id=self.request.id):
+        try:
+            outcome = work_shard(shard_id=UUID(shard_id), budget=budget, worker=worker)
+        except SoftTimeLimitExceeded:
+            # The chunk in flight rolled back; the cursor holds the last one committed.
+            outcome = CONTINUE
+        if outcome == CONTINUE:
+            audit_shard_task.delay(shard_id)
+    return {"shard_id": shard_id, "outcome": outcome}
+
+
+@shared_task(
+    name="profiles.revert_run",  # queue: maintenance (CELERY_TASK_ROUTES)
+    acks_late=True,
+    soft_time_limit=3 * 3600,
+    time_limit=3 * 3600 + 300,
+)
+def revert_run_task(revert_run_id: str) -> dict[str, object]:
+    """Carry out a revert the admin recorded (``claim_revert``): a request never does long
+    work; the revert's page shows its progress."""
+    report = perform_revert(revert_run_id=UUID(revert_run_id))
+    return report.as_json()
 
 
 @shared_task(name="profiles.sync_profile", acks_late=True)
@@ -183,13 +212,15 @@ def sync_profile_task(organization_id: str, platform: str, external_id: str) -> 
     time_limit=35 * 60,
 )
 def prune_audit_runs_task() -> dict[str, object]:
-    """Retention: delete audit runs (and findings) older than PROFILE_AUDIT_RETENTION_DAYS,
-    keeping the latest run of each organization."""
+    """Daily maintenance: close runs whose process died (``interrupted``, so they can be
+    reverted), then retention: delete audit runs (and findings) older than
+    PROFILE_AUDIT_RETENTION_DAYS, keeping the latest run of each organization."""
+    interrupted = close_dead_runs()
     report = prune_audit_runs(
         older_than_days=settings.PROFILE_AUDIT_RETENTION_DAYS,
         batch_size=settings.PROFILE_AUDIT_PRUNE_BATCH_SIZE,
     )
-    return report.as_json()
+    return {**report.as_json(), "runs_interrupted": len(interrupted)}
 
 
 def _queue(request) -> str | None:

@@ -268,14 +268,20 @@ def test_the_revert_action_asks_then_reverts_and_says_what_it_did(staff, fixed_r
     assert AuditRun.objects.filter(reverted_run=fixed_run).count() == 1
 
 
-def test_the_revert_page_suggests_the_command_for_a_very_large_run(staff):
-    run = recorded_run(findings=1)
-    AuditRun.objects.filter(id=run.id).update(fixed=50_000)
+def test_an_admin_revert_is_recorded_by_who_asked_and_sent_as_a_task(staff, fixed_run):
+    """The request records the revert and sends it (here the task runs eagerly); the page it
+    lands on is the revert's own run, with who asked and from where."""
+    response = staff.post(revert_url(fixed_run), {"mode": "fix"}, follow=True)
 
-    html = staff.get(revert_url(run)).content.decode()
-
-    assert "prefer" in html
-    assert f"<code>manage.py profiles_audit_sync --revert {run.id} --fix</code>" in html
+    revert = AuditRun.objects.get(trigger=AuditTrigger.REVERT)
+    assert response.redirect_chain[-1][0].endswith(f"/{revert.id}/change/")
+    assert f"This is the revert's own run, {str(revert.id)[:8]}" in response.content.decode()
+    assert (revert.status, revert.fixed, revert.requested_by) == (
+        AuditStatus.SUCCEEDED,
+        1,
+        "oncall",
+    )
+    assert revert.requested_host == "127.0.0.1"
 
 
 def test_the_revert_action_takes_one_run_at_a_time(staff, fixed_run):

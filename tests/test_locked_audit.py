@@ -1,5 +1,5 @@
 """Fixing runs under the fixing-run lock, through the command and the service they share
-(profiles.services.locked_run): held lock, lost lease, dead holder, unreachable Redis, and one
+(profiles.services.audit): held lock, lost lease, dead holder, unreachable Redis, and one
 organization's failure contained."""
 
 import json
@@ -12,7 +12,7 @@ from django.conf import settings
 from django.core.management import CommandError, call_command
 
 from profiles.models import AuditFinding, AuditRun, AuditStatus, AuditTrigger, SocialProfile
-from profiles.services.locked_run import run_locked_audit
+from profiles.services.audit import AuditRequest, Budget, run_audit, start_run
 from profiles.services.run_lock import RunLockUnavailable
 from tests.factories import AssetFactory, OrganizationFactory, ProfileFactory
 from tests.support import break_commits_of, redis_client, wait_for
@@ -135,28 +135,26 @@ def test_a_dead_holder_blocks_fixing_until_its_lock_expires():
 
 
 @pytest.mark.django_db
-def test_a_lost_lease_stops_the_run_before_the_next_organization():
+def test_a_lost_lease_stops_the_run_before_the_next_chunk(settings):
+    settings.PROFILE_AUDIT_CHUNK_SIZE = 1  # a chunk per organization, to stop between them
     profiles = [orphaned_profile(uuid.UUID(int=n)) for n in (1, 2, 3)]  # fixed in id order
     client = redis_client()
     checks = []
 
     def another_run_takes_over() -> None:
-        # Called before each organization: once the first is fixed, the lease is lost.
+        # Checked after each chunk is read: once the first is fixed, the lease is lost.
         checks.append(1)
         if len(checks) == 2:
             client.set(settings.PROFILE_AUDIT_LOCK_KEY, "other-host:1:token", ex=600)
         return None
 
-    report = run_locked_audit(
-        org_id=None,
-        fix=True,
-        scopes=None,
-        trigger=AuditTrigger.COMMAND,
-        should_stop=another_run_takes_over,
+    report = run_audit(
+        AuditRequest(fix=True, trigger=AuditTrigger.COMMAND),
+        budget=Budget(check=another_run_takes_over),
     )
     assert [alive(p) for p in profiles] == [False, True, True]
     assert report.run.status == AuditStatus.PARTIAL
-    assert report.run.error.startswith("stopped early: lost the fixing-run lock")
+    assert "stopped: lost the fixing-run lock" in report.run.error
     assert report.run.fixed == 1
     assert client.get(settings.PROFILE_AUDIT_LOCK_KEY) == b"other-host:1:token"
 
@@ -165,7 +163,7 @@ def test_a_lost_lease_stops_the_run_before_the_next_organization():
 def test_the_service_raises_lock_unavailable_and_records_the_failure(settings):
     settings.PROFILE_AUDIT_LOCK_REDIS_URL = UNREACHABLE
     with pytest.raises(RunLockUnavailable):
-        run_locked_audit(org_id=None, fix=True, scopes=None, trigger=AuditTrigger.SCHEDULE)
+        start_run(AuditRequest(fix=True, trigger=AuditTrigger.SCHEDULE))
     run = AuditRun.objects.get()
     assert (run.status, run.trigger, run.fix) == (AuditStatus.FAILED, "schedule", True)
 

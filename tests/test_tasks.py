@@ -1,20 +1,30 @@
 """The scheduled audit task and its beat entry, as declared and as run in-process (eager).
 Crossing the real broker to a real worker: tests/test_worker.py."""
 
-import os
-import signal
+import json
+from datetime import timedelta
 
 import pytest
-from billiard.pool import soft_timeout_sighandler
 from celery.exceptions import Retry, SoftTimeLimitExceeded
 from django.conf import settings
 from django.db import OperationalError
 from django_celery_beat.models import PeriodicTask
 
 from audit_project.celery import app as celery_app
-from profiles.models import AuditRun, AuditStatus, AuditTrigger, SocialProfile
+from profiles.models import (
+    AuditFinding,
+    AuditRun,
+    AuditShard,
+    AuditStatus,
+    AuditTrigger,
+    ShardStatus,
+    SocialProfile,
+)
+from profiles.plan import Guard
+from profiles.services.audit import CONTINUE, AuditRequest, Budget, start_run, work_shard
+from profiles.services.chunks import ShardCursor, ShardMoved, fix_chunk, plan_chunk
 from profiles.services.run_lock import RunLockUnavailable
-from profiles.tasks import TRANSIENT_ERRORS, SoftTimeLimit, audit_sync_task, sync_profile_task
+from profiles.tasks import TRANSIENT_ERRORS, audit_shard_task, audit_sync_task, sync_profile_task
 from tests.factories import AssetFactory, ProfileFactory
 from tests.support import BEAT_ENTRY as ENTRY
 from tests.support import beat_scheduler, redis_client
@@ -40,9 +50,19 @@ def test_every_task_of_ours_has_a_route():
 
 
 def test_time_limits_lock_and_schedule_fit_inside_each_other():
-    task = audit_sync_task
-    assert (task.soft_time_limit, task.time_limit) == (540, 600)
-    assert task.soft_time_limit < task.time_limit < settings.PROFILE_AUDIT_LOCK_TTL < SIX_HOURS
+    for task in (audit_sync_task, audit_shard_task):
+        assert (task.soft_time_limit, task.time_limit) == (540, 600)
+        assert task.soft_time_limit < task.time_limit < settings.PROFILE_AUDIT_LOCK_TTL < SIX_HOURS
+    # A shard stops on its own budget well before the soft limit, the backstop.
+    assert audit_shard_task.soft_time_limit > settings.PROFILE_AUDIT_SHARD_BUDGET
+    assert settings.PROFILE_AUDIT_RUN_DEADLINE < SIX_HOURS
+
+
+def test_a_shard_survives_its_worker_and_retries_transient_errors():
+    task = audit_shard_task
+    assert task.acks_late and task.reject_on_worker_lost
+    assert set(task.autoretry_for) == set(TRANSIENT_ERRORS)
+    assert celery_app.amqp.router.route({}, task.name)["queue"].name == "maintenance"
 
 
 def test_retries_twice_two_minutes_apart_on_transient_errors_only():
@@ -78,11 +98,11 @@ def test_beat_entry_row_is_what_beat_reads():
     )
     assert row.interval is None
     assert row.queue == "maintenance"
-    assert row.kwargs == '{"fix": true}'
+    assert json.loads(row.kwargs) == {"fix": True, "trigger": "schedule"}
     assert row.expire_seconds == settings.PROFILE_AUDIT_SCHEDULE_EXPIRES
     assert row.expires is None
     # What beat sends with each message.
-    assert entry.kwargs == {"fix": True}
+    assert entry.kwargs == {"fix": True, "trigger": "schedule"}
     assert entry.options["queue"] == "maintenance"
     assert entry.options["expires"] == settings.PROFILE_AUDIT_SCHEDULE_EXPIRES
 
@@ -125,7 +145,7 @@ def test_the_entry_shows_in_the_admin(admin_client):
 def test_the_task_fixes_every_organization_as_a_scheduled_run():
     orphan = ProfileFactory()
     asset = AssetFactory()
-    result = audit_sync_task.delay().get()
+    result = audit_sync_task.delay(trigger="schedule").get()
     orphan.refresh_from_db()
     assert orphan.deleted_at is not None
     assert SocialProfile.objects.filter(external_id=asset.external_id).alive().count() == 1
@@ -167,39 +187,96 @@ def test_unreachable_redis_is_retried_in_two_minutes(settings):
     assert orphan.deleted_at is None
 
 
-def test_the_soft_limit_signal_becomes_a_stop_request_instead_of_an_exception():
-    previous = signal.signal(signal.SIGUSR1, soft_timeout_sighandler)  # as in a prefork child
-    try:
-        stop = SoftTimeLimit(540)
-        assert stop() is None
-        with stop.installed():
-            os.kill(os.getpid(), signal.SIGUSR1)  # what the pool does at the soft limit
-            assert stop() == "soft time limit reached (540 s)"
-        assert signal.getsignal(signal.SIGUSR1) is soft_timeout_sighandler
-    finally:
-        signal.signal(signal.SIGUSR1, previous)
-
-
-def test_the_soft_limit_signal_is_left_alone_outside_a_prefork_child():
-    previous = signal.getsignal(signal.SIGUSR1)
-    with SoftTimeLimit(540).installed():
-        assert signal.getsignal(signal.SIGUSR1) is previous
+@pytest.mark.django_db
+def test_a_task_sent_by_hand_is_not_recorded_as_schedule():
+    ProfileFactory()
+    result = audit_sync_task.delay(fix=False).get()
+    run = AuditRun.objects.get(id=result["run_id"])
+    assert (run.trigger, run.task_id) == (AuditTrigger.COMMAND, run.task_id or "x")
+    assert run.task_id
 
 
 @pytest.mark.django_db
-def test_a_reached_soft_limit_ends_the_run_partial_unlocked_and_not_retried():
-    profile = ProfileFactory()
-    default = audit_sync_task.soft_time_limit
-    audit_sync_task.soft_time_limit = 0.001  # reached before the first organization
-    try:
-        result = audit_sync_task.delay().get()
-    finally:
-        audit_sync_task.soft_time_limit = default
-    assert result["status"] == AuditStatus.PARTIAL
-    run = AuditRun.objects.get()  # one record: no retry
-    assert run.error == "stopped early: soft time limit reached (0.001 s)"
-    profile.refresh_from_db()
-    assert profile.deleted_at is None
+def test_a_shard_whose_budget_runs_out_continues_and_every_organization_is_audited(settings):
+    """Each delivery of the shard works one chunk, then sends its continuation from the cursor
+    (eager here: the continuation runs at once); no organization is skipped or done twice."""
+    settings.PROFILE_AUDIT_CHUNK_SIZE = 2
+    settings.PROFILE_AUDIT_SHARD_BUDGET = 1e-9  # spent as soon as it is checked
+    orphans = [ProfileFactory() for _ in range(5)]
+
+    result = audit_sync_task.delay(trigger="schedule").get()
+
+    run = AuditRun.objects.get(id=result["run_id"])
+    assert (run.status, run.organizations_audited, run.found, run.fixed) == (
+        AuditStatus.SUCCEEDED,
+        5,
+        5,
+        5,
+    )
+    shard = run.shards.get()
+    # 5 organizations, 2 a time: three deliveries, and a fourth that finds the shard at its end.
+    assert (shard.status, shard.attempts) == (ShardStatus.DONE, 4)
+    for orphan in orphans:
+        orphan.refresh_from_db()
+        assert orphan.deleted_at is not None
+    assert not redis_client().exists(settings.PROFILE_AUDIT_LOCK_KEY)
+
+
+@pytest.mark.django_db
+def test_a_shard_delivered_twice_changes_nothing_twice(settings):
+    settings.PROFILE_AUDIT_CHUNK_SIZE = 1
+    orphans = sorted((ProfileFactory() for _ in range(3)), key=lambda p: p.organization_id)
+    run = start_run(AuditRequest(fix=True))
+    shard = run.shards.get()
+    stop_after_one = Budget(check=lambda: "enough")
+    assert work_shard(shard_id=shard.id, budget=stop_after_one) == CONTINUE
+    # A second delivery that read the shard before the first committed: its chunk is the one
+    # already done. It is rolled back whole, and it stops.
+    late = ShardCursor(run_id=run.id, shard_id=shard.id, cursor=None)
+    plans = plan_chunk([orphans[0].organization_id], types=frozenset(), guard=a_guard())
+    with pytest.raises(ShardMoved):
+        fix_chunk(plans, position=late, types=frozenset(), guard=a_guard(), send_sync=None)
+    # The first delivery resumes, and a third delivery after the end finds nothing to do.
+    audit_shard_task.delay(str(shard.id))
+    audit_shard_task.delay(str(shard.id))
+
+    run.refresh_from_db()
+    assert (run.status, run.found, run.fixed, run.organizations_audited) == (
+        AuditStatus.SUCCEEDED,
+        3,
+        3,
+        3,
+    )
+    assert AuditFinding.objects.filter(run=run).count() == 3
+    assert sorted(AuditFinding.objects.filter(run=run).values_list("seq", flat=True)) == [1, 2, 3]
+    assert AuditShard.objects.get(id=shard.id).status == ShardStatus.DONE
+
+
+def a_guard():
+    return Guard(minimum=5, ratio=0.5)
+
+
+@pytest.mark.django_db
+def test_a_scheduled_run_past_its_deadline_skips_what_did_not_start(settings):
+    settings.PROFILE_AUDIT_SHARD_SIZE = 1
+    orphans = [ProfileFactory() for _ in range(3)]
+    run = start_run(AuditRequest(fix=True, trigger="schedule", deadline=timedelta(hours=1)))
+    first, *rest = run.shards.order_by("index")
+    work_shard(shard_id=first.id)
+    AuditRun.objects.filter(id=run.id).update(deadline=run.started_at)  # the deadline passes
+    for shard in rest:
+        audit_shard_task.delay(str(shard.id))
+
+    run.refresh_from_db()
+    assert run.status == AuditStatus.PARTIAL
+    assert run.fixed == 1
+    assert "not finished by the run's deadline" in run.error
+    assert sorted(run.shards.values_list("status", flat=True)) == [
+        ShardStatus.DONE,
+        ShardStatus.SKIPPED,
+        ShardStatus.SKIPPED,
+    ]
+    assert sum(1 for p in orphans if SocialProfile.objects.get(id=p.id).deleted_at) == 1
     assert not redis_client().exists(settings.PROFILE_AUDIT_LOCK_KEY)
 
 

@@ -8,9 +8,9 @@ import uuid
 import pytest
 from django.conf import settings
 from django.db import connection
+from profiles.services.locked_run import run_locked_audit
 
 from profiles.models import AuditRun, AuditStatus, AuditTrigger, SocialProfile
-from profiles.services.locked_run import run_locked_audit
 from profiles.tasks import audit_sync_task, sync_profile_task
 from tests.factories import AssetFactory, OrganizationFactory, ProfileFactory
 from tests.support import (

@@ -1,69 +1,122 @@
-"""The audit: detect (one plan per organization), report it, and with ``fix`` apply it.
+"""Audit runs: one entry point (``AuditRequest``), shards, and the run's life from start to finish.
 
-The command, the Celery task and the admin are thin interfaces over
-``ProfileConnectionAuditService``. The semantics live in ``profiles.plan``; this module decides
-nothing of its own: it walks organizations, records every run and finding, and applies each
-organization's plan in its own transaction under the organization's lock, after re-checking it.
+A run is cut into shards of consecutive organizations (``start_run``). Each shard is worked
+chunk by chunk (``work_shard``; ``profiles.services.chunks``), in this process or as
+``profiles.audit_shard`` tasks on any number of workers (``send_shards``); whoever closes the
+last open shard finishes the run. A fixing run holds the fixing-run lock from its start to its
+finish; its shards renew it. The semantics live in ``profiles.plan``; nothing here decides what
+is inconsistent.
 """
 
 from __future__ import annotations
 
+import itertools
+import os
+import socket
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from functools import cached_property
 from uuid import UUID
 
+from celery import signature
 from django.conf import settings
-from django.db import transaction
+from django.db import DatabaseError, transaction
+from django.db.models import Count
 from django.utils import timezone
 
+from audit_project.celery import app as celery_app
 from audit_project.log_config import audit_logger
 from orgs.models import Organization
 from profiles.models import (
+    OPEN_SHARD_STATUSES,
     AuditFinding,
     AuditRun,
+    AuditShard,
     AuditStatus,
     AuditTrigger,
     FindingOutcome,
-    FindingType,
+    ShardStatus,
 )
-from profiles.plan import (
-    ALL_TYPES,
-    SCOPES,
-    Finding,
-    Guard,
-    OrgPlan,
-    find_cleanup_findings,
-    find_profile_findings,
-    plan_organization,
-    types_for_scopes,
+from profiles.plan import SCOPES, Finding, Guard, OrgPlan, plan_organization, types_for_scopes
+from profiles.selectors import load_snapshots, organization_id_chunks, shard_starts
+from profiles.services.chunks import (
+    ChunkOutcome,
+    ShardCursor,
+    ShardMoved,
+    fix_chunk,
+    plan_chunk,
+    record_dry_chunk,
 )
-from profiles.selectors import load_snapshots, organization_id_chunks
-from profiles.services.changes import (
-    Change,
-    apply_cleanup_findings,
-    apply_profile_findings,
-    planned_change,
+from profiles.services.recording import (
+    close_interrupted_runs,
+    close_run,
+    empty_counts,
+    guarded_organizations,
+    mark_finding_failed,
+    shard_failures,
 )
-from profiles.services.organization_lock import lock_organization
-from profiles.services.soft_delete import ProfileSoftDeleteService
+from profiles.services.run_lock import RunLock, RunLockUnavailable, fixing_run_lock
+
+SHARD_TASK = "profiles.audit_shard"
+SYNC_TASK = "profiles.sync_profile"
 
 ProgressCallback = Callable[[int, int], None]
 """Called with (organizations done, organizations in all) after each chunk."""
-StopCheck = Callable[[], str | None]
-"""Called before each organization is fixed; a returned reason stops the run there."""
 
 
 class UnknownOrganization(ValueError):
     pass
 
 
-# --- Reports ------------------------------------------------------------------------------------
+# --- The request and the budget -----------------------------------------------------------------
 
 
-def empty_counts() -> dict[str, dict[str, int]]:
-    """{type: {"found": 0, "fixed": 0}} for every finding type: the shape of ``by_type``."""
-    return {t.value: {"found": 0, "fixed": 0} for t in ALL_TYPES}
+@dataclass(frozen=True)
+class AuditRequest:
+    """Everything that defines a run, from whichever interface asked for it."""
+
+    fix: bool = False
+    organization_id: UUID | None = None
+    scopes: tuple[str, ...] = ()
+    """``--type`` values; empty means all."""
+    force: bool = False
+    trigger: str = AuditTrigger.COMMAND
+    requested_by: str = ""
+    requested_host: str = field(default_factory=socket.gethostname)
+    task_id: str = ""
+    deadline: timedelta | None = None
+    """Shards not finished this long after the start are skipped (scheduled runs)."""
+
+    def __post_init__(self) -> None:
+        unknown = set(self.scopes) - set(SCOPES)
+        if unknown:
+            raise ValueError(f"unknown finding types: {', '.join(sorted(unknown))}")
+        object.__setattr__(self, "scopes", tuple(sorted(set(self.scopes or SCOPES))))
+
+
+class Budget:
+    """What a unit of work may still spend. Checked between chunks: once spent, the shard stops
+    cleanly after the chunk it has committed (a task sends its continuation from the cursor;
+    an in-process run stops ``partial``). Time limits are only a backstop."""
+
+    def __init__(
+        self, *, seconds: float | None = None, check: Callable[[], str | None] | None = None
+    ) -> None:
+        self.seconds = seconds
+        self._deadline = time.monotonic() + seconds if seconds else None
+        self._check = check
+
+    def spent(self) -> str | None:
+        if self._check and (reason := self._check()):
+            return reason
+        if self._deadline is not None and time.monotonic() >= self._deadline:
+            return f"time budget spent ({self.seconds:g} s)"
+        return None
+
+
+# --- Reports (read back from the records, never kept in memory during a run) ---------------------
 
 
 @dataclass
@@ -93,11 +146,34 @@ class OrgReport:
 
 @dataclass
 class RunReport:
-    """A finished run: its record, and the organizations that had something to report."""
+    """A run's record, and per organization what it found and fixed (read on demand)."""
 
     run: AuditRun
-    organizations: list[OrgReport]
-    findings_recorded: int = 0
+
+    @property
+    def findings_recorded(self) -> int:
+        return self.run.findings_recorded
+
+    @cached_property
+    def organizations(self) -> list[OrgReport]:
+        """Organizations that had something to report, by id."""
+        reports: dict[UUID, OrgReport] = {}
+        for org, type_, outcome, n in (
+            AuditFinding.objects.filter(run_id=self.run.id)
+            .order_by()
+            .values_list("organization_id", "type", "outcome")
+            .annotate(n=Count("id"))
+        ):
+            if org is None:
+                continue
+            report = reports.setdefault(org, OrgReport(org))
+            counts = report.by_type.setdefault(type_, {"found": 0, "fixed": 0})
+            counts["found"] += n
+            counts["fixed"] += n if outcome == FindingOutcome.FIXED else 0
+            report.guarded |= outcome == FindingOutcome.GUARDED
+        for org, error in (self.run.failed_organizations or {}).items():
+            reports.setdefault(UUID(org), OrgReport(UUID(org))).error = error
+        return [reports[org] for org in sorted(reports)]
 
     def as_json(self) -> dict[str, object]:
         run = self.run
@@ -116,99 +192,470 @@ class RunReport:
         }
 
 
-# --- Recording ----------------------------------------------------------------------------------
+# --- Starting a run -----------------------------------------------------------------------------
+
+# Locks of the runs this process started: a file lock belongs to the process holding it, and
+# in-process shards renew and release it through this object.
+_held_locks: dict[UUID, RunLock] = {}
 
 
-class RunRecorder:
-    """Writes a run's findings and keeps its counts; ``finish`` closes the AuditRun."""
-
-    def __init__(self, run: AuditRun) -> None:
-        self.run = run
-        self.seq = 0
-        self.by_type = empty_counts()
-        self.organizations: list[OrgReport] = []
-        self.failed: dict[str, str] = {}
-        self.audited = 0
-        self._started = time.monotonic()
-
-    def findings(
-        self,
-        organization_id: UUID,
-        entries: Iterable[tuple[Change, str, str]],
-    ) -> tuple[OrgReport, list[AuditFinding]]:
-        """Unsaved AuditFinding rows for (change, outcome, detail) entries, counted."""
-        report = OrgReport(organization_id)
-        rows = []
-        for change, outcome, detail in entries:
-            finding = change.finding
-            self.seq += 1
-            platform, external_id = finding.key or ("", "")
-            rows.append(
-                AuditFinding(
-                    run=self.run,
-                    seq=self.seq,
-                    organization_id=organization_id,
-                    type=finding.type,
-                    action=finding.action,
-                    model=finding.model,
-                    object_id=finding.object_id,
-                    platform=platform,
-                    external_id=external_id,
-                    before=change.before,
-                    after=change.after,
-                    outcome=outcome,
-                    detail=detail,
-                )
+def start_run(request: AuditRequest) -> AuditRun:
+    """Record the run and its shards. A fixing run first takes the fixing-run lock and closes
+    the runs whose process died (``interrupted``); if another run holds the lock, the run is
+    recorded ``skipped`` and nothing else happens. Raises ``RunLockUnavailable`` (recorded as a
+    failed run) when the lock's service does not answer: never a fix without the lock."""
+    if request.organization_id is not None and not (
+        Organization.objects.filter(id=request.organization_id).exists()
+    ):
+        raise UnknownOrganization(f"no organization with id {request.organization_id}")
+    log = audit_logger().bind(fix_mode=request.fix, trigger=request.trigger)
+    lock = None
+    if request.fix:
+        lock = fixing_run_lock()
+        log = log.bind(lock=lock.description)
+        try:
+            acquired = lock.acquire()
+        except RunLockUnavailable as exc:
+            log.error("profile_audit.lock_unavailable", org_id=_str(request.organization_id))
+            try:
+                _record_unstarted(request, status=AuditStatus.FAILED, error=str(exc))
+            except DatabaseError:
+                log.exception("profile_audit.record_failed")
+            raise
+        if not acquired:
+            holder = lock.holder()
+            log.info("profile_audit.skipped", org_id=_str(request.organization_id), held_by=holder)
+            return _record_unstarted(
+                request,
+                status=AuditStatus.SKIPPED,
+                error=f"another fixing run holds the lock ({lock.description}; held by {holder})",
             )
-            for counts in (self.by_type[finding.type], report.by_type[finding.type]):
-                counts["found"] += 1
-                counts["fixed"] += outcome == FindingOutcome.FIXED
-        return report, rows
-
-    def keep(self, report: OrgReport) -> None:
-        if report.found or report.error or report.guarded:
-            self.organizations.append(report)
-
-    def save(self, rows: Sequence[AuditFinding]) -> None:
-        AuditFinding.objects.bulk_create(rows, batch_size=1000)
-
-    def finish(self, *, status: str | None = None, error: str = "") -> AuditRun:
-        run = self.run
-        if status is None:
-            partial = self.failed or any(o.guarded for o in self.organizations)
-            status = AuditStatus.PARTIAL if partial or error else AuditStatus.SUCCEEDED
-        run.status = status
-        run.error = error or "; ".join(f"organization {o}: {e}" for o, e in self.failed.items())
-        run.failed_organizations = self.failed
-        run.by_type = self.by_type
-        run.found = sum(c["found"] for c in self.by_type.values())
-        run.fixed = sum(c["fixed"] for c in self.by_type.values())
-        run.organizations_audited = self.audited
-        run.finished_at = timezone.now()
-        run.duration_seconds = round(time.monotonic() - self._started, 3)
-        run.save()
-        return run
+    try:
+        if lock is not None:
+            close_interrupted_runs(live_lock_token=lock.token, log=log)
+        run = _create_run(request, lock_token=lock.token if lock else "")
+    except BaseException:
+        if lock is not None:
+            _release(lock, log)
+        raise
+    if lock is not None:
+        _held_locks[run.id] = lock
+    log.info(
+        "profile_audit.started",
+        run_id=str(run.id),
+        org_id=_str(request.organization_id),
+        types=list(request.scopes),
+        shards=run.shards.count(),
+        organizations=run.organizations_total,
+    )
+    return run
 
 
-# --- The service --------------------------------------------------------------------------------
+def _create_run(request: AuditRequest, *, lock_token: str) -> AuditRun:
+    now = timezone.now()
+    if request.organization_id is not None:
+        org = request.organization_id
+        # [org, org + 1): exactly this organization.
+        ranges = [(org, UUID(int=org.int + 1) if org.int < (1 << 128) - 1 else None)]
+        total = 1
+    else:
+        starts, total = shard_starts(shard_size=settings.PROFILE_AUDIT_SHARD_SIZE)
+        bounds = [None, *starts[1:], None]
+        ranges = list(itertools.pairwise(bounds)) if starts else [(None, None)]
+    with transaction.atomic():
+        run = AuditRun.objects.create(
+            trigger=request.trigger,
+            organization_id=request.organization_id,
+            types=list(request.scopes),
+            fix=request.fix,
+            forced=request.force,
+            started_at=now,
+            last_progress_at=now,
+            deadline=now + request.deadline if request.deadline else None,
+            organizations_total=total,
+            by_type=empty_counts(),
+            requested_by=request.requested_by,
+            requested_host=request.requested_host,
+            task_id=request.task_id,
+            lock_token=lock_token,
+        )
+        AuditShard.objects.bulk_create(
+            AuditShard(run=run, index=i, first_organization_id=first, end_organization_id=end)
+            for i, (first, end) in enumerate(ranges)
+        )
+    return run
+
+
+def _record_unstarted(request: AuditRequest, *, status: str, error: str) -> AuditRun:
+    """The record of a fixing run that never started: skipped, or failed for want of its lock."""
+    now = timezone.now()
+    return AuditRun.objects.create(
+        trigger=request.trigger,
+        organization_id=request.organization_id,
+        types=list(request.scopes),
+        fix=request.fix,
+        forced=request.force,
+        status=status,
+        started_at=now,
+        finished_at=now,
+        duration_seconds=0.0,
+        by_type=empty_counts(),
+        error=error,
+        requested_by=request.requested_by,
+        requested_host=request.requested_host,
+        task_id=request.task_id,
+    )
+
+
+def send_shards(run: AuditRun) -> int:
+    """Fan the run out: one ``profiles.audit_shard`` task per open shard, on ``maintenance``
+    (without a broker, tasks run eagerly: the same code path, in this process)."""
+    shard_ids = list(
+        run.shards.filter(status__in=OPEN_SHARD_STATUSES)
+        .order_by("index")
+        .values_list("id", flat=True)
+    )
+    for shard_id in shard_ids:
+        signature(SHARD_TASK, args=(str(shard_id),), app=celery_app).apply_async()
+    return len(shard_ids)
+
+
+# --- Working a shard ----------------------------------------------------------------------------
+
+DONE, CONTINUE, STOPPED = "done", "continue", "stopped"
+
+
+def work_shard(
+    *,
+    shard_id: UUID,
+    budget: Budget | None = None,
+    progress: Callable[[int], None] | None = None,
+    worker: str = "",
+) -> str:
+    """Work the shard from its cursor, a chunk at a time, until it is done (``DONE``), the
+    budget is spent (``CONTINUE``: send it again to go on), or it must stop (``STOPPED``:
+    another delivery is ahead, the run was closed, the lock was lost, or the deadline passed).
+    ``progress`` is called with the organizations of each committed chunk."""
+    shard = AuditShard.objects.select_related("run").filter(id=shard_id).first()
+    if shard is None or shard.status not in OPEN_SHARD_STATUSES:
+        return STOPPED
+    run = shard.run
+    log = audit_logger().bind(run_id=str(run.id), shard=shard.index, fix_mode=run.fix)
+    if run.status != AuditStatus.RUNNING:
+        _end_shard(shard, ShardStatus.SKIPPED, f"the run is {run.status}")
+        return STOPPED
+    if _past_deadline(run):
+        _end_shard(shard, ShardStatus.SKIPPED, "not finished by the run's deadline", log=log)
+        return STOPPED
+    attempts = shard.attempts + 1
+    AuditShard.objects.filter(id=shard.id).update(
+        status=ShardStatus.RUNNING,
+        attempts=attempts,
+        worker=worker or f"{socket.gethostname()}:{os.getpid()}",
+        started_at=shard.started_at or timezone.now(),
+    )
+    shard.status = ShardStatus.RUNNING
+    if attempts > settings.PROFILE_AUDIT_SHARD_MAX_ATTEMPTS:
+        _end_shard(shard, ShardStatus.FAILED, f"gave up after {attempts - 1} deliveries", log=log)
+        return STOPPED
+
+    types = types_for_scopes(run.types)
+    guard = Guard(
+        minimum=settings.PROFILE_AUDIT_GUARD_MIN,
+        ratio=settings.PROFILE_AUDIT_GUARD_RATIO,
+        force=run.forced,
+    )
+    position = ShardCursor(run_id=run.id, shard_id=shard.id, cursor=shard.cursor)
+    lock = _lock_of(run) if run.fix else None
+    worked = False
+    try:
+        for chunk in organization_id_chunks(
+            chunk_size=settings.PROFILE_AUDIT_CHUNK_SIZE,
+            first=shard.first_organization_id,
+            end=shard.end_organization_id,
+            after=shard.cursor,
+        ):
+            plans = plan_chunk(chunk, types=types, guard=guard)
+            reason = budget.spent() if budget else None
+            if reason and worked:
+                log.info("profile_audit.shard_paused", reason=reason, cursor=str(position.cursor))
+                return CONTINUE
+            if _past_deadline(run):
+                _end_shard(
+                    shard, ShardStatus.SKIPPED, "not finished by the run's deadline", log=log
+                )
+                return STOPPED
+            if lock is not None and (lost := _lock_lost(lock, log)):
+                _end_shard(shard, ShardStatus.FAILED, f"stopped: {lost}", log=log)
+                return STOPPED
+            if run.fix:
+                outcome = fix_chunk(
+                    plans, position=position, types=types, guard=guard, send_sync=_sender(run)
+                )
+            else:
+                outcome = record_dry_chunk(plans, position=position, now=run.started_at)
+            worked = True
+            _log_organizations(log, outcome)
+            if progress:
+                progress(len(chunk))
+            if reason:  # spent on the first chunk: that one is done, the rest waits
+                log.info("profile_audit.shard_paused", reason=reason, cursor=str(position.cursor))
+                return CONTINUE
+    except ShardMoved as exc:
+        log.info("profile_audit.shard_superseded", reason=str(exc))
+        return STOPPED
+    _end_shard(shard, ShardStatus.DONE, log=log)
+    return DONE
+
+
+def fail_shard(*, shard_id: UUID, error: str) -> None:
+    """The shard's task failed for good (not a contained organization failure): close it, and
+    the run if it was the last one open."""
+    shard = AuditShard.objects.select_related("run").filter(id=shard_id).first()
+    if shard is not None and shard.status in OPEN_SHARD_STATUSES:
+        _end_shard(shard, ShardStatus.FAILED, error)
+
+
+def stop_run(run: AuditRun, *, reason: str) -> None:
+    """Skip the run's open shards (an in-process run whose budget is spent) and finish it."""
+    for shard in run.shards.filter(status__in=OPEN_SHARD_STATUSES):
+        _end_shard(shard, ShardStatus.SKIPPED, f"stopped early: {reason}")
+
+
+def _end_shard(shard: AuditShard, status: str, error: str = "", *, log=None) -> None:
+    AuditShard.objects.filter(id=shard.id, status__in=OPEN_SHARD_STATUSES).update(
+        status=status, error=error, finished_at=timezone.now()
+    )
+    if log is not None and status != ShardStatus.DONE:
+        log.warning("profile_audit.shard_ended", status=status, error=error)
+    finish_run_if_complete(shard.run_id)
+
+
+def _past_deadline(run: AuditRun) -> bool:
+    return run.deadline is not None and timezone.now() >= run.deadline
+
+
+def _log_organizations(log, outcome: ChunkOutcome) -> None:
+    for org in outcome.organizations:
+        plan = org.plan
+        org_id = str(plan.organization_id)
+        if plan.unknown_asset_types:
+            log.warning(
+                "profile_audit.unknown_asset_types",
+                org_id=org_id,
+                asset_types=dict(plan.unknown_asset_types),
+            )
+        if org.guarded:
+            log.warning(
+                "profile_audit.org_guarded",
+                org_id=org_id,
+                deletions=plan.deletions,
+                alive_profiles=plan.alive_profiles,
+                guard_min=settings.PROFILE_AUDIT_GUARD_MIN,
+                guard_ratio=settings.PROFILE_AUDIT_GUARD_RATIO,
+            )
+        if org.error:
+            log.error("profile_audit.org_failed", org_id=org_id, error=org.error)
+        if org.found or org.error:
+            log.info(
+                "profile_audit.org_completed",
+                org_id=org_id,
+                total_issues_found=org.found,
+                total_issues_fixed=org.fixed,
+                guarded=org.guarded,
+                duration_seconds=round(org.seconds, 4),
+            )
+
+
+def _sender(run: AuditRun):
+    """Sends a missing profile's sync job once its organization's fix has committed. A broker
+    that refuses it turns the finding into a failure instead of a false "fixed"."""
+
+    def send(organization_id: UUID, platform: str, external_id: str, finding_id: UUID) -> None:
+        try:
+            signature(
+                SYNC_TASK, args=(str(organization_id), platform, external_id), app=celery_app
+            ).apply_async()
+        except Exception as exc:
+            error = f"profile sync not sent: {type(exc).__name__}: {exc}"
+            audit_logger().error(
+                "profile_audit.sync_dispatch_failed",
+                run_id=str(run.id),
+                org_id=str(organization_id),
+                platform=platform,
+                external_id=external_id,
+                error=error,
+            )
+            mark_finding_failed(finding_id=finding_id, run_id=run.id, error=error)
+            _add_shard_failure(run, organization_id, error)
+
+    return send
+
+
+def _add_shard_failure(run: AuditRun, organization_id: UUID, error: str) -> None:
+    with transaction.atomic():
+        shard = (
+            AuditShard.objects.select_for_update()
+            .filter(run_id=run.id)
+            .exclude(first_organization_id__gt=organization_id)
+            .order_by("-index")
+            .first()
+        )
+        if shard is not None:
+            shard.failed_organizations = {**shard.failed_organizations, str(organization_id): error}
+            shard.save(update_fields=["failed_organizations"])
+
+
+# --- The fixing-run lock, held by the run ---------------------------------------------------------
+
+
+def _lock_of(run: AuditRun) -> RunLock:
+    lock = _held_locks.get(run.id)
+    if lock is None:
+        lock = fixing_run_lock()
+        lock.adopt(run.lock_token)
+    return lock
+
+
+def _lock_lost(lock: RunLock, log) -> str | None:
+    """Renew the run's lease; why the run must stop if it no longer holds the lock."""
+    try:
+        held = lock.still_held()
+    except RunLockUnavailable as exc:
+        log.error("profile_audit.lock_unavailable", error=str(exc))
+        return f"the fixing-run lock can no longer be checked: {exc}"
+    if not held:
+        log.warning("profile_audit.lock_lost")
+        return f"lost the fixing-run lock ({lock.description}) to expiry or another run"
+    return None
+
+
+def _release(lock: RunLock, log) -> None:
+    try:
+        released = lock.release()
+    except RunLockUnavailable as exc:
+        # The key expires by itself; the run's own outcome is what the caller needs.
+        log.error("profile_audit.lock_release_failed", error=str(exc))
+        return
+    if not released:
+        log.warning("profile_audit.lock_lost_before_release")
+
+
+# --- Finishing a run ----------------------------------------------------------------------------
+
+
+def finish_run_if_complete(run_id: UUID) -> AuditRun | None:
+    """Finish the run once no shard is open: status, counts recounted from its findings, the
+    completion event, the lock's release. Whoever closes the last shard calls it; only one
+    caller finishes (``close_run`` is conditional on the run still running)."""
+    if AuditShard.objects.filter(run_id=run_id, status__in=OPEN_SHARD_STATUSES).exists():
+        return None
+    run = AuditRun.objects.filter(id=run_id, status=AuditStatus.RUNNING).first()
+    if run is None:
+        return None
+    failed, unfinished = shard_failures(run.id)
+    shards = run.shards.count()
+    if unfinished and len(unfinished) == shards and not run.organizations_audited:
+        status = AuditStatus.FAILED
+    elif unfinished or failed or guarded_organizations(run.id):
+        status = AuditStatus.PARTIAL
+    else:
+        status = AuditStatus.SUCCEEDED
+    error = "; ".join([*unfinished, *(f"organization {o}: {e}" for o, e in failed.items())])
+    return _close(run, status=status, error=error, failed=failed)
+
+
+def fail_run(run: AuditRun, *, error: str) -> None:
+    """The run could not go on (an in-process run hit an error that is not contained)."""
+    failed, _ = shard_failures(run.id)
+    _close(run, status=AuditStatus.FAILED, error=error, failed=failed)
+
+
+def _close(run: AuditRun, *, status: str, error: str, failed: dict[str, str]) -> AuditRun | None:
+    token = run.lock_token
+    if not close_run(run, status=status, error=error, failed_organizations=failed):
+        return None
+    log = audit_logger().bind(run_id=str(run.id), fix_mode=run.fix)
+    log.info(
+        "profile_audit.completed",
+        org_id=_str(run.organization_id),
+        status=run.status,
+        total_issues_found=run.found,
+        total_issues_fixed=run.fixed,
+        organizations_audited=run.organizations_audited,
+        duration_seconds=run.duration_seconds,
+        error=run.error or None,
+    )
+    if run.fix and token:
+        lock = _held_locks.pop(run.id, None)
+        if lock is None:
+            lock = fixing_run_lock()
+            lock.adopt(token)
+        _release(lock, log)
+    return run
+
+
+def close_dead_runs() -> list[AuditRun]:
+    """The daily maintenance's part: close as ``interrupted`` the runs whose process died —
+    fixing runs whose lock is gone, dry runs and reverts silent for an hour."""
+    log = audit_logger()
+    try:
+        holder = fixing_run_lock().current_token()
+    except RunLockUnavailable as exc:
+        # Without knowing who holds the lock, no fixing run can be judged dead.
+        log.error("profile_audit.lock_unavailable", error=str(exc))
+        return []
+    return close_interrupted_runs(live_lock_token=holder, log=log)
+
+
+# --- In this process ----------------------------------------------------------------------------
+
+
+def run_audit(
+    request: AuditRequest,
+    *,
+    progress: ProgressCallback | None = None,
+    budget: Budget | None = None,
+) -> RunReport:
+    """Start the run and work all its shards here, one after another. A spent budget stops the
+    run there (``partial``); an error that is not contained fails it and is raised."""
+    run = start_run(request)
+    if run.status != AuditStatus.RUNNING:
+        return RunReport(run)
+    done = 0
+
+    def counted(organizations: int) -> None:
+        nonlocal done
+        done += organizations
+        if progress:
+            progress(done, run.organizations_total or 0)
+
+    try:
+        for shard_id in run.shards.order_by("index").values_list("id", flat=True):
+            if work_shard(shard_id=shard_id, budget=budget, progress=counted) == CONTINUE:
+                stop_run(run, reason=budget.spent() or "budget spent")
+                break
+    except BaseException as exc:
+        audit_logger().bind(run_id=str(run.id)).exception("profile_audit.failed")
+        try:
+            fail_run(run, error=f"{type(exc).__name__}: {exc}")
+        except DatabaseError:
+            audit_logger().exception("profile_audit.record_failed", run_id=str(run.id))
+        raise
+    run.refresh_from_db()
+    if run.status == AuditStatus.RUNNING:  # another process holds a shard of it
+        finish_run_if_complete(run.id)
+        run.refresh_from_db()
+    return RunReport(run)
+
+
+# --- The original feature's service API, over the run machinery ---------------------------------
 
 
 class ProfileConnectionAuditService:
     """Finds every inconsistency between connections, selected assets, profiles, queue settings
-    and boost rules, and fixes them on request (DESIGN "Audit semantics" and rules 1-8)."""
-
-    def __init__(
-        self,
-        *,
-        guard_min: int | None = None,
-        guard_ratio: float | None = None,
-        chunk_size: int | None = None,
-    ) -> None:
-        self.guard_min = settings.PROFILE_AUDIT_GUARD_MIN if guard_min is None else guard_min
-        self.guard_ratio = (
-            settings.PROFILE_AUDIT_GUARD_RATIO if guard_ratio is None else guard_ratio
-        )
-        self.chunk_size = chunk_size or settings.PROFILE_AUDIT_CHUNK_SIZE
+    and boost rules, and fixes them on request (DESIGN "Audit semantics" and rules 1-8). Every
+    fix is a recorded run over one organization, under the fixing-run lock."""
 
     # --- Detection: reads only --------------------------------------------------------------
 
@@ -216,9 +663,12 @@ class ProfileConnectionAuditService:
         self, *, org_id: UUID, scopes: Iterable[str] | None = None, force: bool = False
     ) -> OrgPlan:
         snapshot = load_snapshots([org_id])[org_id]
-        return plan_organization(
-            snapshot, types=types_for_scopes(scopes), guard=self._guard(force=force)
+        guard = Guard(
+            minimum=settings.PROFILE_AUDIT_GUARD_MIN,
+            ratio=settings.PROFILE_AUDIT_GUARD_RATIO,
+            force=force,
         )
+        return plan_organization(snapshot, types=types_for_scopes(scopes), guard=guard)
 
     def find_orphaned_profiles(self, *, org_id: UUID) -> list[Finding]:
         return self._find(org_id, "orphaned")
@@ -243,7 +693,7 @@ class ProfileConnectionAuditService:
         return [f for f in self._find(org_id, "cleanup") if f.type == "invalid_boost_ref"]
 
     def _find(self, org_id: UUID, scope: str) -> list[Finding]:
-        return list(self.plan_organization(org_id=org_id, scopes=[scope]).findings)
+        return list(self.plan_organization(org_id=org_id, scopes=[scope], force=True).findings)
 
     # --- Fixes: each is a recorded fixing run of one type over one organization -------------
 
@@ -279,21 +729,17 @@ class ProfileConnectionAuditService:
         scopes: Iterable[str] | None = None,
         trigger: str = AuditTrigger.COMMAND,
         force: bool = False,
-        should_stop: StopCheck | None = None,
+        should_stop: Callable[[], str | None] | None = None,
     ) -> RunReport:
         """Audit one organization; with ``fix``, apply its plan."""
-        if not Organization.objects.filter(id=org_id).exists():
-            raise UnknownOrganization(f"no organization with id {org_id}")
-        return self._run(
-            organization_id=org_id,
-            chunks=iter([[org_id]]),
-            total=1,
+        request = AuditRequest(
             fix=fix,
-            scopes=scopes,
-            trigger=trigger,
+            organization_id=org_id,
+            scopes=tuple(scopes or ()),
             force=force,
-            should_stop=should_stop,
+            trigger=trigger,
         )
+        return run_audit(request, budget=Budget(check=should_stop) if should_stop else None)
 
     def run_audit_for_all_orgs(
         self,
@@ -303,265 +749,13 @@ class ProfileConnectionAuditService:
         trigger: str = AuditTrigger.COMMAND,
         force: bool = False,
         progress: ProgressCallback | None = None,
-        should_stop: StopCheck | None = None,
+        should_stop: Callable[[], str | None] | None = None,
     ) -> RunReport:
         """Audit every organization, in chunks ordered by id; one chunk in memory at a time."""
-        return self._run(
-            organization_id=None,
-            chunks=organization_id_chunks(chunk_size=self.chunk_size),
-            total=Organization.objects.count() if progress else 0,
-            fix=fix,
-            scopes=scopes,
-            trigger=trigger,
-            force=force,
-            progress=progress,
-            should_stop=should_stop,
+        request = AuditRequest(fix=fix, scopes=tuple(scopes or ()), force=force, trigger=trigger)
+        return run_audit(
+            request, progress=progress, budget=Budget(check=should_stop) if should_stop else None
         )
-
-    def _guard(self, *, force: bool) -> Guard:
-        return Guard(minimum=self.guard_min, ratio=self.guard_ratio, force=force)
-
-    def _run(
-        self,
-        *,
-        organization_id: UUID | None,
-        chunks: Iterable[list[UUID]],
-        total: int,
-        fix: bool,
-        scopes: Iterable[str] | None,
-        trigger: str,
-        force: bool,
-        progress: ProgressCallback | None = None,
-        should_stop: StopCheck | None = None,
-    ) -> RunReport:
-        scopes = sorted(set(scopes or SCOPES))
-        types = types_for_scopes(scopes)
-        guard = self._guard(force=force)
-        run = AuditRun.objects.create(
-            trigger=trigger,
-            organization_id=organization_id,
-            types=scopes,
-            fix=fix,
-            forced=force,
-        )
-        recorder = RunRecorder(run)
-        log = audit_logger().bind(run_id=str(run.id), fix_mode=fix)
-        log.info("profile_audit.started", org_id=_str(organization_id), types=scopes)
-        stopped = ""
-        try:
-            for chunk in chunks:
-                snapshots = load_snapshots(chunk)
-                plans = [_timed_plan(snapshots[o], types=types, guard=guard) for o in chunk]
-                del snapshots
-                if fix:
-                    stopped = self._fix_chunk(plans, types, recorder, log, should_stop)
-                else:
-                    self._record_dry_chunk(plans, recorder, log)
-                if progress:
-                    progress(recorder.audited, total)
-                if stopped or (should_stop and (stopped := should_stop() or "")):
-                    break
-        except Exception as exc:
-            log.exception("profile_audit.failed", org_id=_str(organization_id))
-            recorder.finish(status=AuditStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
-            raise
-        if stopped:
-            log.warning("profile_audit.stopped", reason=stopped)
-        run = recorder.finish(error=f"stopped early: {stopped}" if stopped else "")
-        log.info(
-            "profile_audit.completed",
-            org_id=_str(organization_id),
-            status=run.status,
-            total_issues_found=run.found,
-            total_issues_fixed=run.fixed,
-            organizations_audited=run.organizations_audited,
-            duration_seconds=run.duration_seconds,
-        )
-        return RunReport(run, recorder.organizations, recorder.seq)
-
-    def _record_dry_chunk(self, plans: list[OrgPlan], recorder: RunRecorder, log) -> None:
-        now = recorder.run.started_at
-        # What each restore would bring back with its profile is part of the plan (rule 2).
-        queue_settings = ProfileSoftDeleteService().queue_settings_to_restore(
-            profile_ids=[
-                f.object_id
-                for p in plans
-                for f in p.profile_findings
-                if f.type == FindingType.RESTORE
-            ]
-        )
-        rows: list[AuditFinding] = []
-        for plan in plans:
-            outcome = FindingOutcome.GUARDED if plan.guarded else FindingOutcome.PLANNED
-            report, org_rows = recorder.findings(
-                plan.organization_id,
-                (
-                    (
-                        planned_change(f, now=now, queue_settings=queue_settings.get(f.object_id)),
-                        outcome,
-                        "",
-                    )
-                    for f in plan.findings
-                ),
-            )
-            report.guarded = plan.guarded
-            rows += org_rows
-            recorder.keep(report)
-            recorder.audited += 1
-            self._log_org(log, plan, report, duration=plan.planning_seconds)
-        recorder.save(rows)
-
-    def _fix_chunk(
-        self,
-        plans: list[OrgPlan],
-        types: frozenset[FindingType],
-        recorder: RunRecorder,
-        log,
-        should_stop: StopCheck | None,
-    ) -> str:
-        for plan in plans:
-            if should_stop and (reason := should_stop()):
-                return reason
-            started = time.monotonic()
-            report = self._fix_organization(plan, types, recorder, log)
-            recorder.keep(report)
-            recorder.audited += 1
-            duration = plan.planning_seconds + time.monotonic() - started
-            self._log_org(log, plan, report, duration=duration)
-        return ""
-
-    def _fix_organization(
-        self, plan: OrgPlan, types: frozenset[FindingType], recorder: RunRecorder, log
-    ) -> OrgReport:
-        org_id = plan.organization_id
-        now = timezone.now()
-        if not plan.findings:
-            return OrgReport(org_id)
-        if plan.guarded:
-            report, rows = recorder.findings(
-                org_id,
-                (
-                    (planned_change(f, now=now), FindingOutcome.GUARDED, "mass-deletion guard")
-                    for f in plan.findings
-                ),
-            )
-            report.guarded = True
-            recorder.save(rows)
-            log.warning(
-                "profile_audit.org_guarded",
-                org_id=str(org_id),
-                deletions=plan.deletions,
-                alive_profiles=plan.alive_profiles,
-                guard_min=self.guard_min,
-                guard_ratio=self.guard_ratio,
-            )
-            return report
-        seq_before = recorder.seq
-        counts_before = {t: dict(c) for t, c in recorder.by_type.items()}
-        try:
-            with transaction.atomic():
-                lock_organization(org_id)
-                entries = self._apply_rechecked(plan, types, now)
-                report, rows = recorder.findings(org_id, entries)
-                recorder.save(rows)
-                for row in rows:
-                    if row.type == FindingType.MISSING and row.outcome == FindingOutcome.FIXED:
-                        transaction.on_commit(
-                            lambda row=row, report=report: self._send_sync(
-                                row, report, recorder, log
-                            )
-                        )
-        except Exception as exc:
-            # Contained (DESIGN rule 6): the transaction rolled back; record what was intended.
-            recorder.seq, recorder.by_type = seq_before, counts_before
-            error = f"{type(exc).__name__}: {exc}"
-            log.error("profile_audit.org_failed", org_id=str(org_id), error=error, exc_info=True)
-            report, rows = recorder.findings(
-                org_id,
-                ((planned_change(f, now=now), FindingOutcome.FAILED, error) for f in plan.findings),
-            )
-            recorder.save(rows)
-            report.error = error
-            recorder.failed[str(org_id)] = error
-        return report
-
-    def _apply_rechecked(
-        self, plan: OrgPlan, types: frozenset[FindingType], now
-    ) -> list[tuple[Change, str, str]]:
-        """Re-detect under the lock; apply the planned findings that still hold, in order,
-        profile decisions first and cleanup after them (DESIGN rules 1 and 4)."""
-        org_id = plan.organization_id
-        fresh = load_snapshots([org_id])[org_id]
-        still = set(find_profile_findings(fresh, types))
-        decisions = [f for f in plan.profile_findings if f in still]
-        applied = apply_profile_findings(
-            decisions,
-            organization_id=org_id,
-            now=now,
-            # The sync job is sent once this transaction commits (``_send_sync``).
-            on_missing=lambda f: planned_change(f, now=now),
-        )
-        still_cleanup = set(find_cleanup_findings(fresh, decisions, types))
-        cleanup = [f for f in plan.cleanup_findings if f in still_cleanup]
-        applied += apply_cleanup_findings(cleanup, now=now)
-        by_finding = {id(change.finding): change for change in applied}
-        stale = "no longer held when re-checked under the organization's lock"
-        return [
-            (by_finding[id(f)], FindingOutcome.FIXED, "")
-            if id(f) in by_finding
-            else (planned_change(f, now=now), FindingOutcome.STALE, stale)
-            for f in plan.findings
-        ]
-
-    def _send_sync(self, row: AuditFinding, report: OrgReport, recorder: RunRecorder, log) -> None:
-        """Send the profile sync job for a missing key (after the organization's commit). A
-        broker that refuses it turns the finding into a failure instead of a false "fixed"."""
-        from profiles.tasks import sync_profile_task
-
-        try:
-            sync_profile_task.delay(str(row.organization_id), row.platform, row.external_id)
-        except Exception as exc:
-            error = f"profile sync not sent: {type(exc).__name__}: {exc}"
-            log.error(
-                "profile_audit.sync_dispatch_failed",
-                org_id=str(row.organization_id),
-                platform=row.platform,
-                external_id=row.external_id,
-                error=error,
-            )
-            AuditFinding.objects.filter(id=row.id).update(
-                outcome=FindingOutcome.FAILED, detail=error
-            )
-            for counts in (recorder.by_type[row.type], report.by_type[row.type]):
-                counts["fixed"] -= 1
-            report.error = error
-            recorder.failed[str(row.organization_id)] = error
-
-    def _log_org(self, log, plan: OrgPlan, report: OrgReport, *, duration: float) -> None:
-        if plan.unknown_asset_types:
-            log.warning(
-                "profile_audit.unknown_asset_types",
-                org_id=str(plan.organization_id),
-                asset_types=dict(plan.unknown_asset_types),
-            )
-        if not (report.found or report.error):
-            return
-        log.info(
-            "profile_audit.org_completed",
-            org_id=str(plan.organization_id),
-            total_issues_found=report.found,
-            total_issues_fixed=report.fixed,
-            guarded=report.guarded,
-            duration_seconds=round(duration, 4),
-        )
-
-
-def _timed_plan(snapshot, *, types: frozenset[FindingType], guard: Guard) -> OrgPlan:
-    """The organization's plan, with the time planning it took (its share of a dry run; the
-    chunk's reads are shared and not counted)."""
-    started = time.monotonic()
-    plan = plan_organization(snapshot, types=types, guard=guard)
-    return replace(plan, planning_seconds=time.monotonic() - started)
 
 
 def _str(value: UUID | None) -> str | None:

@@ -11,7 +11,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
-from uuid import UUID
 
 from boosts.models import BoostRule
 from profiles.models import FindingType, SocialProfile
@@ -81,26 +80,27 @@ def _json_value(text: str | None) -> Any:
 def apply_profile_findings(
     findings: Sequence[Finding],
     *,
-    organization_id: UUID,
     now: datetime,
     on_missing: Callable[[Finding], Change],
 ) -> list[Change]:
     """Soft delete, relink, restore (with the queue settings an audit took from the profile),
-    then hand each missing key to ``on_missing``. Returns the changes in ``findings`` order."""
+    then hand each missing key to ``on_missing``. Returns the changes in ``findings`` order.
+
+    The findings may span many organizations (a chunk): each kind of change is one statement
+    whatever their number, and the caller holds every organization's lock.
+    """
     soft_deleter = ProfileSoftDeleteService()
     changes: dict[int, Change] = {}
 
     deletions = [f for f in findings if f.soft_deletes_profile]
     soft_deleter.soft_delete_profiles(profile_ids=[f.object_id for f in deletions], now=now)
 
-    relinks: dict[UUID, list[UUID]] = {}
-    for f in findings:
-        if f.type == FindingType.RELINK:
-            relinks.setdefault(f.target_connection_id, []).append(f.object_id)
-    for target, profile_ids in relinks.items():
-        SocialProfile.objects.alive().filter(
-            id__in=profile_ids, organization_id=organization_id
-        ).update(connection_id=target)
+    relinks = [
+        SocialProfile(id=f.object_id, connection_id=f.target_connection_id)
+        for f in findings
+        if f.type == FindingType.RELINK
+    ]
+    SocialProfile.objects.bulk_update(relinks, ["connection_id"], batch_size=1000)
 
     restores = [f for f in findings if f.type == FindingType.RESTORE]
     restored_settings = soft_deleter.restore_profiles(

@@ -1,5 +1,6 @@
 """The per-organization lock that serializes the audit's fixes with the real-time sync."""
 
+from collections.abc import Sequence
 from uuid import UUID
 
 from django.db import connection
@@ -21,6 +22,22 @@ def lock_organization(organization_id: UUID) -> None:
             cursor.execute(
                 "SELECT pg_advisory_xact_lock(%s, %s)",
                 [_LOCK_NAMESPACE, _signed_int32(organization_id)],
+            )
+
+
+def lock_organizations(organization_ids: Sequence[UUID]) -> None:
+    """Hold the locks of all these organizations until the current transaction ends: one
+    statement, taking them in one fixed order (so two holders of overlapping sets never wait
+    for each other in a cycle)."""
+    if not connection.in_atomic_block:
+        raise RuntimeError("lock_organizations() must be called inside transaction.atomic()")
+    if connection.vendor == "postgresql" and organization_ids:
+        keys = sorted({_signed_int32(org) for org in organization_ids})
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT count(pg_advisory_xact_lock(%s, key)) "
+                "FROM (SELECT key FROM unnest(%s::integer[]) AS k(key) ORDER BY key) ordered",
+                [_LOCK_NAMESPACE, keys],
             )
 
 

@@ -10,9 +10,10 @@ command (``profiles_audit_sync --revert``) and the admin are thin interfaces ove
 from __future__ import annotations
 
 import itertools
+import socket
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -39,8 +40,8 @@ from profiles.selectors import (
     profile_states,
     queue_setting_states,
 )
-from profiles.services.audit import RunRecorder
 from profiles.services.organization_lock import lock_organization
+from profiles.services.recording import ABANDONED_AFTER, FindingRow, close_run, record_findings
 from profiles.services.soft_delete import ProfileSoftDeleteService, to_json
 from queues.models import QueueSetting
 
@@ -56,9 +57,9 @@ REVERTIBLE_FIELDS: dict[str, tuple[str, ...]] = {
 # Findings read, decided and written per step; keeps IN lists and memory small.
 CHUNK_SIZE = 500
 RUNS_HINT = "find run ids in the admin under Audit runs"
-# A revert still "running" after this long lost its process (as the audit's lock expires
-# after 60 minutes): it no longer stops the run from being reverted again.
-REVERT_ABANDONED_AFTER = timedelta(minutes=60)
+# A revert that has not progressed for this long lost its process (as the audit's lock
+# expires after 60 minutes): it no longer stops the run from being reverted again.
+REVERT_ABANDONED_AFTER = ABANDONED_AFTER
 
 
 class RevertRejected(ValueError):
@@ -107,9 +108,11 @@ def revert_blocker(*, run: AuditRun) -> str | None:
     if not run.fix:
         return f"run {run.id} is a dry run and changed nothing; there is nothing to revert"
     abandoned_before = timezone.now() - REVERT_ABANDONED_AFTER
-    for revert in run.reverts.filter(fix=True).exclude(status=AuditStatus.FAILED):
+    for revert in run.reverts.filter(fix=True).exclude(
+        status__in=[AuditStatus.FAILED, AuditStatus.INTERRUPTED]
+    ):
         if revert.status == AuditStatus.RUNNING:
-            if revert.started_at > abandoned_before:
+            if (revert.last_progress_at or revert.started_at) > abandoned_before:
                 return f"run {run.id} is being reverted right now (run {revert.id}); wait for it"
             continue  # its process died; what it committed shows up as conflicts next time
         # A revert that failed in some organization rolled those back: it may be run again.
@@ -118,13 +121,26 @@ def revert_blocker(*, run: AuditRun) -> str | None:
                 f"run {run.id} was already reverted by run {revert.id}; to undo that revert, "
                 f"revert run {revert.id}"
             )
-    # The run's own count (exact once it has finished): no scan of a large run's findings.
-    if not run.fixed:
+    # The findings, not the run's totals: a run that died may have fixed more than it counted.
+    if not AuditFinding.objects.filter(run_id=run.id, outcome=FindingOutcome.FIXED).exists():
         return f"run {run.id} changed nothing (no fixed findings); there is nothing to revert"
     return None
 
 
-def _claim_run(*, run_id: UUID | str, fix: bool) -> tuple[AuditRun, AuditRun]:
+def claim_revert(
+    *, run_id: UUID | str, fix: bool, requested_by: str = "", requested_host: str = ""
+) -> AuditRun:
+    """Record a revert of run ``run_id`` (its own run, ``running``) to be carried out by
+    ``perform_revert`` — in a task, for the admin. Raises ``RevertRejected`` when it cannot be."""
+    _, run = _claim_run(
+        run_id=run_id, fix=fix, requested_by=requested_by, requested_host=requested_host
+    )
+    return run
+
+
+def _claim_run(
+    *, run_id: UUID | str, fix: bool, requested_by: str = "", requested_host: str = ""
+) -> tuple[AuditRun, AuditRun]:
     """Check the run can be reverted and record the revert run, atomically: two reverts of one
     run started at once are serialized on the run's row, and the second is rejected."""
     try:
@@ -138,12 +154,17 @@ def _claim_run(*, run_id: UUID | str, fix: bool) -> tuple[AuditRun, AuditRun]:
         reason = revert_blocker(run=target)
         if reason:
             raise RevertRejected(reason)
+        now = timezone.now()
         run = AuditRun.objects.create(
             trigger=AuditTrigger.REVERT,
             organization_id=target.organization_id,
             types=target.types,
             fix=fix,
             reverted_run=target,
+            started_at=now,
+            last_progress_at=now,
+            requested_by=requested_by,
+            requested_host=requested_host or socket.gethostname(),
         )
     return target, run
 
@@ -157,24 +178,45 @@ def revert_run(
     """Put back what run ``run_id`` changed (with ``fix``; without, record what would be put
     back and change nothing). Raises ``RevertRejected`` before writing anything when the run is
     unknown, a dry run, still running, already reverted or changed nothing."""
-    target, run = _claim_run(run_id=run_id, fix=fix)
-    recorder = RunRecorder(run)
+    _, run = _claim_run(run_id=run_id, fix=fix, requested_by=requested_by)
+    return perform_revert(revert_run_id=run.id, source=source)
+
+
+def perform_revert(*, revert_run_id: UUID, source: str = "task") -> RevertReport:
+    """Carry out a claimed revert, one organization per transaction; its record's counts grow
+    as each commits, so its page shows its progress."""
+    run = AuditRun.objects.select_related("reverted_run").get(id=revert_run_id)
+    target = run.reverted_run
     report = RevertReport(run=run, reverted_run=target)
+    if run.status != AuditStatus.RUNNING or target is None:
+        return report
+    fix = run.fix
+    failed: dict[str, str] = {}
     log = audit_logger().bind(run_id=str(run.id), reverted_run_id=str(target.id), fix_mode=fix)
-    log.info("profile_audit.revert_started", source=source, requested_by=requested_by or None)
+    log.info("profile_audit.revert_started", source=source, requested_by=run.requested_by or None)
     try:
         findings = fixed_findings_newest_first(run_id=target.id, page_size=CHUNK_SIZE)
         # A run records organization after organization, so each group is one organization.
         for org_id, group in itertools.groupby(findings, key=lambda f: f.organization_id):
             _OrganizationRevert(
-                target=target, organization_id=org_id, fix=fix, recorder=recorder, report=report
-            ).run(group, log)
+                target=target, run=run, organization_id=org_id, fix=fix, report=report
+            ).run(group, log, failed)
     except Exception as exc:
         log.exception("profile_audit.revert_failed")
-        recorder.finish(status=AuditStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
+        close_run(
+            run,
+            status=AuditStatus.FAILED,
+            error=f"{type(exc).__name__}: {exc}",
+            failed_organizations=failed,
+        )
         raise
-    partial = report.conflicts or recorder.failed
-    run = recorder.finish(status=AuditStatus.PARTIAL if partial else AuditStatus.SUCCEEDED)
+    partial = report.conflicts or failed
+    close_run(
+        run,
+        status=AuditStatus.PARTIAL if partial else AuditStatus.SUCCEEDED,
+        error="; ".join(f"organization {o}: {e}" for o, e in failed.items()),
+        failed_organizations=failed,
+    )
     log.info(
         "profile_audit.revert_completed",
         org_id=str(run.organization_id) if run.organization_id else None,
@@ -216,48 +258,50 @@ class _OrganizationRevert:
         self,
         *,
         target: AuditRun,
+        run: AuditRun,
         organization_id: UUID | None,
         fix: bool,
-        recorder: RunRecorder,
         report: RevertReport,
     ) -> None:
         self.target = target
+        self.revert = run
         self.organization_id = organization_id
         self.fix = fix
-        self.recorder = recorder
         self.report = report
         self.now = timezone.now()
         self.objects = _Objects(organization_id) if organization_id else None
 
-    def run(self, findings: Iterable[AuditFinding], log) -> None:
+    def run(self, findings: Iterable[AuditFinding], log, failed_organizations: dict) -> None:
         org = str(self.organization_id) if self.organization_id else None
         seen: list[AuditFinding] = []
-        seq_before = self.recorder.seq
-        counts_before = {t: dict(c) for t, c in self.recorder.by_type.items()}
         report_before = (self.report.put_back, self.report.conflicts)
         findings = iter(findings)
         try:
             with transaction.atomic():
                 if self.organization_id:
                     lock_organization(self.organization_id)
+                first = True
                 for chunk in _chunks(findings, CHUNK_SIZE):
                     seen += chunk
-                    self._revert_chunk(chunk)
+                    self._revert_chunk(chunk, organizations=1 if first else 0)
+                    first = False
         except Exception as exc:
             # Contained: this organization's transaction rolled back; record what was intended.
             error = f"{type(exc).__name__}: {exc}"
             log.error("profile_audit.revert_org_failed", org_id=org, error=error, exc_info=True)
-            self.recorder.seq, self.recorder.by_type = seq_before, counts_before
             self.report.put_back, self.report.conflicts = report_before
             failed = [*seen, *findings]
-            self._record([_Decision(f, FAILED, f"not put back: {error}") for f in failed])
-            self.recorder.failed[org or "none"] = error
+            with transaction.atomic():
+                self._record(
+                    [_Decision(f, FAILED, f"not put back: {error}") for f in failed],
+                    organizations=1,
+                )
+            failed_organizations[org or "none"] = error
             self.report.failed += len(failed)
             return
-        self.recorder.audited += 1
         log.info("profile_audit.revert_org_completed", org_id=org, findings=len(seen))
 
-    def _revert_chunk(self, chunk: list[AuditFinding]) -> None:
+    def _revert_chunk(self, chunk: list[AuditFinding], *, organizations: int) -> None:
         if self.objects is None:
             decisions = [_Decision(f, CONFLICT, "the organization no longer exists") for f in chunk]
         else:
@@ -275,9 +319,9 @@ class _OrganizationRevert:
                 )
             for decision in restored:
                 self._attach_settings(decision, settings.get(decision.restores_profile, {}))
-        self._record(decisions)
+        self._record(decisions, organizations=organizations)
 
-    def _record(self, decisions: list[_Decision]) -> None:
+    def _record(self, decisions: list[_Decision], *, organizations: int) -> None:
         rows = []
         put_back = FindingOutcome.FIXED if self.fix else FindingOutcome.PLANNED
         outcomes = {
@@ -287,12 +331,9 @@ class _OrganizationRevert:
         }
         for d in decisions:
             f = d.original
-            self.recorder.seq += 1
             outcome = outcomes[d.result]
             rows.append(
-                AuditFinding(
-                    run=self.recorder.run,
-                    seq=self.recorder.seq,
+                FindingRow(
                     organization_id=self.organization_id,
                     type=f.type,
                     action=FindingAction.REVERT,
@@ -306,12 +347,9 @@ class _OrganizationRevert:
                     detail=f"{d.detail} (finding {f.seq} of run {self.target.id})",
                 )
             )
-            counts = self.recorder.by_type.setdefault(f.type, {"found": 0, "fixed": 0})
-            counts["found"] += 1
-            counts["fixed"] += outcome == FindingOutcome.FIXED
             self.report.conflicts += d.result == CONFLICT
             self.report.put_back += d.result == PUT_BACK
-        self.recorder.save(rows)
+        record_findings(run_id=self.revert.id, rows=rows, organizations=organizations)
 
     # --- Decisions: read the overlay, change it, never the database -------------------------
 

@@ -46,6 +46,17 @@ class RunLock(Protocol):
     def holder(self) -> str:
         """Who holds the lock, best effort, for the record of a skipped run."""
 
+    @property
+    def token(self) -> str:
+        """This holder's token (after ``acquire``): the run records it so that its shards, in
+        any process, can renew and release the lock it took."""
+
+    def adopt(self, token: str) -> None:
+        """Act for the holder of ``token`` (a shard of the run that took the lock)."""
+
+    def current_token(self) -> str | None:
+        """Whoever's token holds the lock now; None when it is free."""
+
 
 def fixing_run_lock() -> RunLock:
     """The lock every fixing run takes: Redis when ``PROFILE_AUDIT_LOCK_REDIS_URL`` (by default
@@ -83,12 +94,32 @@ class RedisRunLock:
         )
         self.lock = self.client.lock(key, timeout=ttl, blocking=False, thread_local=False)
         self._url = url
+        self._token = ""
+
+    @property
+    def token(self) -> str:
+        return self._token
 
     def acquire(self) -> bool:
+        token = _holder_token()
         try:
-            return bool(self.lock.acquire(token=_holder_token()))
+            acquired = bool(self.lock.acquire(token=token))
         except redis.RedisError as exc:
             raise self._unavailable(exc) from exc
+        if acquired:
+            self._token = token
+        return acquired
+
+    def adopt(self, token: str) -> None:
+        self._token = token
+        self.lock.local.token = token.encode()
+
+    def current_token(self) -> str | None:
+        try:
+            value = self.client.get(self.key)
+        except redis.RedisError as exc:
+            raise self._unavailable(exc) from exc
+        return value.decode(errors="replace") if value is not None else None
 
     def still_held(self) -> bool:
         try:
@@ -140,6 +171,26 @@ class FileRunLock:
         self.path = path
         self.description = f"file lock {path}"
         self._fd: int | None = None
+        self._token = ""
+
+    @property
+    def token(self) -> str:
+        return self._token
+
+    def adopt(self, token: str) -> None:
+        # flock belongs to the process that took it: another process cannot act for it (and,
+        # without a broker, every shard runs in the process that took it).
+        self._token = token
+
+    def current_token(self) -> str | None:
+        probe = FileRunLock(path=self.path)
+        if probe.acquire():
+            probe.release()
+            return None
+        try:
+            return self.path.read_text(errors="replace").strip() or "unknown"
+        except OSError:
+            return "unknown"
 
     def acquire(self) -> bool:
         try:
@@ -154,9 +205,11 @@ class FileRunLock:
         except BlockingIOError:
             os.close(fd)
             return False
+        token = _holder_token()
         os.ftruncate(fd, 0)
-        os.write(fd, _holder_token().encode())
+        os.write(fd, token.encode())
         self._fd = fd
+        self._token = token
         return True
 
     def still_held(self) -> bool:

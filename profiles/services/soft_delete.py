@@ -42,13 +42,17 @@ class ProfileSoftDeleteService:
 
         Returns, per profile, the queue settings brought back: {setting id: its deleted_at}.
         """
-        by_connection: dict[UUID | None, list[UUID]] = {}
-        for profile_id, connection_id in connection_by_profile.items():
-            by_connection.setdefault(connection_id, []).append(profile_id)
-        for connection_id, profile_ids in by_connection.items():
-            SocialProfile.objects.dead().filter(id__in=profile_ids).update(
-                deleted_at=None, connection_id=connection_id
-            )
+        if not connection_by_profile:
+            return {}
+        # One statement for any number of profiles (a chunk of organizations restores many).
+        SocialProfile.objects.bulk_update(
+            [
+                SocialProfile(id=profile_id, connection_id=connection_id, deleted_at=None)
+                for profile_id, connection_id in connection_by_profile.items()
+            ],
+            ["deleted_at", "connection_id"],
+            batch_size=1000,
+        )
         return self.restore_queue_settings(profile_ids=list(connection_by_profile))
 
     def restore_queue_settings(self, *, profile_ids: list[UUID]) -> dict[UUID, dict[str, str]]:

@@ -60,9 +60,7 @@ def sync_profile(*, organization_id: UUID, platform: str, external_id: str) -> S
             created.append(profile.id)
             return planned_change(finding, now=profile.created_at)
 
-        apply_profile_findings(
-            findings, organization_id=organization_id, now=timezone.now(), on_missing=create_profile
-        )
+        apply_profile_findings(findings, now=timezone.now(), on_missing=create_profile)
     # One key has at most one alive profile, so one decision at most changes it.
     finding = findings[0]
     return SyncResult(SYNC_ACTIONS[finding.type], created[0] if created else finding.object_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import getpass
 import json
 import sys
+import time
 import uuid
 
 from django.core.management.base import BaseCommand, CommandError
@@ -12,14 +13,26 @@ from django.core.management.base import BaseCommand, CommandError
 from orgs.models import Organization
 from profiles.models import AuditFinding, AuditStatus, AuditTrigger, FindingOutcome
 from profiles.plan import ALL_TYPES, SCOPES
-from profiles.services.audit import RunReport
-from profiles.services.locked_run import run_locked_audit
+from profiles.services.audit import (
+    AuditRequest,
+    RunReport,
+    run_audit,
+    send_shards,
+    start_run,
+)
 from profiles.services.revert import RevertRejected, RevertReport, revert_run
 from profiles.services.run_lock import RunLockUnavailable
 
 LIST_ORGS_HINT = "list them with `python manage.py list_organizations`"
-# sysexits.h EX_TEMPFAIL: another fixing run holds the lock; nothing was changed, try later.
+# DESIGN "Operating it": 1 --check found issues left; 2 the audit could not run or was cut short;
+# 75 (sysexits.h EX_TEMPFAIL) another fixing run holds the lock, nothing was changed.
+EXIT_CHECK = 1
+EXIT_FAILED = 2
 EXIT_LOCK_HELD = 75
+# --fan-out: how often the command looks at the run's record, and when it says nobody works.
+POLL_SECONDS = 0.5
+IDLE_WARNING_SECONDS = 60
+WORKER_HINT = "start one with: celery -A audit_project worker -Q maintenance,celery"
 
 
 class Command(BaseCommand):
@@ -74,6 +87,13 @@ class Command(BaseCommand):
             "applied; without, a dry run shows what would be put back. Recorded as a run.",
         )
         parser.add_argument(
+            "--fan-out",
+            action="store_true",
+            help="Send the run's shards to the Celery workers on the `maintenance` queue "
+            "instead of working them in this process; wait for them with progress and print "
+            "the same report. Without a broker (no REDIS_URL) the shards run here anyway.",
+        )
+        parser.add_argument(
             "--check",
             action="store_true",
             help="For monitoring: exit with status 1 when issues remain (found by a dry run, "
@@ -81,47 +101,78 @@ class Command(BaseCommand):
         )
 
     def handle(
-        self, *args, fix, org, scopes, output_format, force, check, verbosity, **options
+        self, *args, fix, org, scopes, output_format, force, check, verbosity, fan_out, **options
     ) -> None:
         if options["revert"] is not None:
-            self._reject_with_revert(org=org, scopes=scopes, force=force)
+            self._reject_with_revert(org=org, scopes=scopes, force=force, fan_out=fan_out)
             report = self._revert(options["revert"], fix=fix)
             self._write_revert(report, output_format=output_format, verbosity=verbosity)
             if check and report.run.status != AuditStatus.SUCCEEDED:
                 self.stderr.write("conflicts remain (--check)")
-                sys.exit(1)
+                sys.exit(EXIT_CHECK)
             return
-        org_id = self._organization_id(org)
-        progress = Progress(self.stderr) if org_id is None and _interactive(self.stderr) else None
+        request = AuditRequest(
+            fix=fix,
+            organization_id=self._organization_id(org),
+            scopes=tuple(scopes or ()),
+            force=force,
+            trigger=AuditTrigger.COMMAND,
+            requested_by=_os_user(),
+        )
+        interactive = request.organization_id is None and _interactive(self.stderr)
+        progress = Progress(self.stderr) if interactive else None
         try:
-            report = run_locked_audit(
-                org_id=org_id,
-                fix=fix,
-                scopes=scopes,
-                force=force,
-                trigger=AuditTrigger.COMMAND,
-                progress=progress,
-            )
+            if fan_out:
+                report = self._fan_out(request, progress)
+            else:
+                report = run_audit(request, progress=progress)
         except RunLockUnavailable as exc:
-            raise CommandError(str(exc)) from exc
+            raise CommandError(str(exc), returncode=EXIT_FAILED) from exc
         except Exception as exc:
-            raise CommandError(f"audit failed: {type(exc).__name__}: {exc}") from exc
+            raise CommandError(
+                f"audit failed: {type(exc).__name__}: {exc}", returncode=EXIT_FAILED
+            ) from exc
         if progress:
             progress.done()
 
+        run = report.run
         if output_format == "json":
             self.stdout.write(json.dumps(report.as_json()))
-        if report.run.status == AuditStatus.SKIPPED:
+        if run.status == AuditStatus.SKIPPED:
             self.stderr.write(
-                f"skipped: {report.run.error}; nothing was changed "
-                f"(run {report.run.id} recorded as skipped)"
+                f"skipped: {run.error}; nothing was changed (run {run.id} recorded as skipped)"
             )
             sys.exit(EXIT_LOCK_HELD)
         if output_format != "json" and verbosity > 0:
             self._write_text(report, verbosity=verbosity)
+        if run.status == AuditStatus.FAILED:
+            raise CommandError(f"run {run.id} failed: {run.error}", returncode=EXIT_FAILED)
         if check and _issues_remain(report):
             self.stderr.write("issues remain (--check)")
-            sys.exit(1)
+            sys.exit(EXIT_CHECK)
+
+    def _fan_out(self, request: AuditRequest, progress: Progress | None) -> RunReport:
+        """Start the run, send its shards to the workers, and wait for whoever finishes it."""
+        run = start_run(request)
+        if run.status != AuditStatus.RUNNING:
+            return RunReport(run)
+        send_shards(run)
+        last_done, idle_since, warned = -1, time.monotonic(), False
+        while True:
+            run.refresh_from_db()
+            if run.status != AuditStatus.RUNNING:
+                return RunReport(run)
+            if progress:
+                progress(run.organizations_audited, run.organizations_total or 0)
+            if run.organizations_audited != last_done:
+                last_done, idle_since = run.organizations_audited, time.monotonic()
+            elif not warned and time.monotonic() - idle_since > IDLE_WARNING_SECONDS:
+                warned = True
+                self.stderr.write(
+                    f"no progress for {IDLE_WARNING_SECONDS} s on run {run.id}: is a worker "
+                    f"taking tasks from the maintenance queue? {WORKER_HINT}"
+                )
+            time.sleep(POLL_SECONDS)
 
     def _organization_id(self, value: str | None) -> uuid.UUID | None:
         if value is None:
@@ -130,10 +181,13 @@ class Command(BaseCommand):
             org_id = uuid.UUID(value)
         except ValueError:
             raise CommandError(
-                f"--org {value!r} is not an organization id (a UUID); {LIST_ORGS_HINT}"
+                f"--org {value!r} is not an organization id (a UUID); {LIST_ORGS_HINT}",
+                returncode=EXIT_FAILED,
             ) from None
         if not Organization.objects.filter(id=org_id).exists():
-            raise CommandError(f"no organization with id {org_id}; {LIST_ORGS_HINT}")
+            raise CommandError(
+                f"no organization with id {org_id}; {LIST_ORGS_HINT}", returncode=EXIT_FAILED
+            )
         return org_id
 
     # --- Text report -------------------------------------------------------------------------
@@ -220,25 +274,33 @@ class Command(BaseCommand):
 
     # --- Revert -------------------------------------------------------------------------------
 
-    def _reject_with_revert(self, *, org, scopes, force) -> None:
+    def _reject_with_revert(self, *, org, scopes, force, fan_out) -> None:
         given = [
             flag
-            for flag, value in (("--org", org), ("--type", scopes), ("--force", force))
+            for flag, value in (
+                ("--org", org),
+                ("--type", scopes),
+                ("--force", force),
+                ("--fan-out", fan_out),
+            )
             if value
         ]
         if given:
             raise CommandError(
                 f"--revert puts back a whole run and takes no {', '.join(given)}; drop "
-                f"{'it' if len(given) == 1 else 'them'} (add --fix to apply the revert)"
+                f"{'it' if len(given) == 1 else 'them'} (add --fix to apply the revert)",
+                returncode=EXIT_FAILED,
             )
 
     def _revert(self, run_id: str, *, fix: bool) -> RevertReport:
         try:
             return revert_run(run_id=run_id, fix=fix, source="command", requested_by=_os_user())
         except RevertRejected as exc:
-            raise CommandError(str(exc)) from None
+            raise CommandError(str(exc), returncode=EXIT_FAILED) from None
         except Exception as exc:
-            raise CommandError(f"revert failed: {type(exc).__name__}: {exc}") from exc
+            raise CommandError(
+                f"revert failed: {type(exc).__name__}: {exc}", returncode=EXIT_FAILED
+            ) from exc
 
     def _write_revert(self, report: RevertReport, *, output_format: str, verbosity: int) -> None:
         if output_format == "json":

@@ -1,0 +1,328 @@
+"""The audit of one chunk of organizations (at most 100, consecutive by id, of one shard).
+
+A chunk is read together (five queries), planned organization by organization
+(``profiles.plan``), and then either recorded (a dry run) or fixed, in one transaction that
+holds every organization's lock, re-reads the chunk, applies what still holds with one statement
+per kind of change, writes its findings, and moves the shard's cursor past it (DESIGN rules 4
+and 8). A chunk whose fix fails is redone one organization per transaction, so one
+organization's failure stays its own (rule 6).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from uuid import UUID
+
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+
+from profiles.models import AuditShard, FindingOutcome, FindingType, ShardStatus
+from profiles.plan import (
+    Finding,
+    Guard,
+    OrgPlan,
+    find_cleanup_findings,
+    find_profile_findings,
+    plan_organization,
+)
+from profiles.selectors import load_snapshots
+from profiles.services.changes import (
+    Change,
+    apply_cleanup_findings,
+    apply_profile_findings,
+    planned_change,
+)
+from profiles.services.organization_lock import lock_organizations
+from profiles.services.recording import FindingRow, record_findings
+from profiles.services.soft_delete import ProfileSoftDeleteService
+
+STALE = "no longer held when re-checked under the organization's lock"
+GUARDED = "mass-deletion guard"
+
+SyncSender = Callable[[UUID, str, str, UUID], None]
+"""Sends the profile sync job for (organization, platform, external_id); the last argument is
+the finding that records it, turned into a failure if the job cannot be sent."""
+
+
+class ShardMoved(Exception):
+    """Another delivery of this shard committed past our cursor, or the run was closed: this
+    delivery's chunk is rolled back and it stops (a re-delivery never repeats work)."""
+
+
+@dataclass
+class ShardCursor:
+    """Where a shard stands: chunks commit only if the shard is still where we read it."""
+
+    run_id: UUID
+    shard_id: UUID
+    cursor: UUID | None
+
+    def commit(
+        self, *, last: UUID, organizations: int, rows: Sequence[FindingRow], failed=None
+    ) -> None:
+        """Inside the chunk's transaction: count it on the run, then move the cursor (compare
+        and set). Run row before shard row, the order every writer takes them in."""
+        record_findings(run_id=self.run_id, rows=rows, organizations=organizations)
+        shards = AuditShard.objects.filter(id=self.shard_id, status=ShardStatus.RUNNING)
+        shards = (
+            shards.filter(cursor__isnull=True)
+            if self.cursor is None
+            else shards.filter(cursor=self.cursor)
+        )
+        updated = shards.update(
+            cursor=last,
+            organizations_audited=F("organizations_audited") + organizations,
+            found=F("found") + len(rows),
+            fixed=F("fixed") + sum(1 for r in rows if r.fixed),
+        )
+        if not updated:
+            raise ShardMoved(f"shard {self.shard_id} moved on or was closed")
+        if failed:
+            shard = AuditShard.objects.get(id=self.shard_id)
+            shard.failed_organizations = {**shard.failed_organizations, **failed}
+            shard.save(update_fields=["failed_organizations"])
+
+
+@dataclass
+class OrgOutcome:
+    """What one organization's audit came to, for its log event."""
+
+    plan: OrgPlan
+    found: int = 0
+    fixed: int = 0
+    guarded: bool = False
+    error: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class ChunkOutcome:
+    organizations: list[OrgOutcome] = field(default_factory=list)
+
+
+def plan_chunk(
+    organization_ids: Sequence[UUID], *, types: frozenset[FindingType], guard: Guard
+) -> list[OrgPlan]:
+    """Read the chunk once and plan each organization (with the time its planning took)."""
+    snapshots = load_snapshots(organization_ids)
+    plans = []
+    for org in organization_ids:
+        started = time.monotonic()
+        plan = plan_organization(snapshots[org], types=types, guard=guard)
+        plans.append(replace(plan, planning_seconds=time.monotonic() - started))
+    return plans
+
+
+def finding_row(
+    change: Change, *, organization_id: UUID, outcome: str, detail: str = ""
+) -> FindingRow:
+    finding = change.finding
+    platform, external_id = finding.key or ("", "")
+    return FindingRow(
+        organization_id=organization_id,
+        type=finding.type,
+        action=finding.action,
+        model=finding.model,
+        object_id=finding.object_id,
+        platform=platform,
+        external_id=external_id,
+        before=change.before,
+        after=change.after,
+        outcome=outcome,
+        detail=detail,
+    )
+
+
+# --- Dry run ------------------------------------------------------------------------------------
+
+
+def record_dry_chunk(
+    plans: Sequence[OrgPlan], *, position: ShardCursor, now: datetime
+) -> ChunkOutcome:
+    """Record the plans as they are: what ``--fix`` would do from this state (rule 2)."""
+    started = time.monotonic()
+    # What each restore would bring back with its profile is part of the plan.
+    queue_settings = ProfileSoftDeleteService().queue_settings_to_restore(
+        profile_ids=[
+            f.object_id for p in plans for f in p.profile_findings if f.type == FindingType.RESTORE
+        ]
+    )
+    outcome = ChunkOutcome()
+    rows: list[FindingRow] = []
+    for plan in plans:
+        result = FindingOutcome.GUARDED if plan.guarded else FindingOutcome.PLANNED
+        rows += (
+            finding_row(
+                planned_change(f, now=now, queue_settings=queue_settings.get(f.object_id)),
+                organization_id=plan.organization_id,
+                outcome=result,
+            )
+            for f in plan.findings
+        )
+        outcome.organizations.append(
+            OrgOutcome(plan, found=len(plan.findings), guarded=plan.guarded)
+        )
+    with transaction.atomic():
+        position.commit(last=plans[-1].organization_id, organizations=len(plans), rows=rows)
+    position.cursor = plans[-1].organization_id
+    share = (time.monotonic() - started) / len(plans)
+    for org in outcome.organizations:
+        org.seconds = org.plan.planning_seconds + share
+    return outcome
+
+
+# --- Fix ----------------------------------------------------------------------------------------
+
+
+def fix_chunk(
+    plans: Sequence[OrgPlan],
+    *,
+    position: ShardCursor,
+    types: frozenset[FindingType],
+    guard: Guard,
+    send_sync: SyncSender,
+) -> ChunkOutcome:
+    """Apply the chunk's plans in one transaction; if that fails, one organization at a time,
+    recording an organization that fails on its own as failed and going on (rule 6)."""
+    try:
+        return _fix_in_one_transaction(
+            plans, position=position, types=types, guard=guard, send_sync=send_sync
+        )
+    except ShardMoved:
+        raise
+    except Exception as exc:
+        if len(plans) == 1:
+            return _record_failure(plans[0], position=position, exc=exc)
+    outcome = ChunkOutcome()
+    for plan in plans:
+        try:
+            part = _fix_in_one_transaction(
+                [plan], position=position, types=types, guard=guard, send_sync=send_sync
+            )
+        except ShardMoved:
+            raise
+        except Exception as exc:
+            part = _record_failure(plan, position=position, exc=exc)
+        outcome.organizations += part.organizations
+    return outcome
+
+
+def _fix_in_one_transaction(
+    plans: Sequence[OrgPlan],
+    *,
+    position: ShardCursor,
+    types: frozenset[FindingType],
+    guard: Guard,
+    send_sync: SyncSender,
+) -> ChunkOutcome:
+    started = time.monotonic()
+    now = timezone.now()
+    org_ids = [p.organization_id for p in plans]
+    outcome = ChunkOutcome()
+    with transaction.atomic():
+        lock_organizations(org_ids)
+        fresh = load_snapshots(org_ids)
+        decided: list[tuple[OrgPlan, list[tuple[Finding, str, str]]]] = []
+        decisions: list[Finding] = []
+        cleanup: list[Finding] = []
+        for plan in plans:
+            snapshot = fresh[plan.organization_id]
+            # The guard is judged again on what is there now, under the lock.
+            guarded = plan.guarded or (
+                bool(plan.findings)
+                and plan_organization(snapshot, types=types, guard=guard).guarded
+            )
+            if guarded:
+                decided.append(
+                    (plan, [(f, FindingOutcome.GUARDED, GUARDED) for f in plan.findings])
+                )
+                continue
+            still = set(find_profile_findings(snapshot, types))
+            org_decisions = [f for f in plan.profile_findings if f in still]
+            still_cleanup = set(find_cleanup_findings(snapshot, org_decisions, types))
+            org_cleanup = [f for f in plan.cleanup_findings if f in still_cleanup]
+            decisions += org_decisions
+            cleanup += org_cleanup
+            applied = {id(f) for f in (*org_decisions, *org_cleanup)}
+            decided.append(
+                (
+                    plan,
+                    [
+                        (f, FindingOutcome.FIXED, "")
+                        if id(f) in applied
+                        else (f, FindingOutcome.STALE, STALE)
+                        for f in plan.findings
+                    ],
+                )
+            )
+        changes = apply_profile_findings(
+            decisions,
+            now=now,
+            # The sync job is sent once this transaction commits.
+            on_missing=lambda f: planned_change(f, now=now),
+        )
+        changes += apply_cleanup_findings(cleanup, now=now)
+        change_of = {id(c.finding): c for c in changes}
+
+        rows: list[FindingRow] = []
+        for plan, entries in decided:
+            org_rows = [
+                finding_row(
+                    change_of.get(id(f)) or planned_change(f, now=now),
+                    organization_id=plan.organization_id,
+                    outcome=result,
+                    detail=detail,
+                )
+                for f, result, detail in entries
+            ]
+            rows += org_rows
+            outcome.organizations.append(
+                OrgOutcome(
+                    plan,
+                    found=len(org_rows),
+                    fixed=sum(1 for r in org_rows if r.fixed),
+                    guarded=any(r.outcome == FindingOutcome.GUARDED for r in org_rows),
+                )
+            )
+        position.commit(last=org_ids[-1], organizations=len(plans), rows=rows)
+        missing = [r for r in rows if r.type == FindingType.MISSING and r.fixed]
+        if missing:
+            transaction.on_commit(lambda: _send_syncs(missing, send_sync))
+    position.cursor = org_ids[-1]
+    share = (time.monotonic() - started) / len(plans)
+    for org in outcome.organizations:
+        org.seconds = org.plan.planning_seconds + share
+    return outcome
+
+
+def _send_syncs(rows: Sequence[FindingRow], send_sync: SyncSender) -> None:
+    for row in rows:
+        send_sync(row.organization_id, row.platform, row.external_id, row.id)
+
+
+def _record_failure(plan: OrgPlan, *, position: ShardCursor, exc: Exception) -> ChunkOutcome:
+    """The organization's fix rolled back: record what was intended, as failed, and move on."""
+    error = f"{type(exc).__name__}: {exc}"
+    now = timezone.now()
+    rows = [
+        finding_row(
+            planned_change(f, now=now),
+            organization_id=plan.organization_id,
+            outcome=FindingOutcome.FAILED,
+            detail=error,
+        )
+        for f in plan.findings
+    ]
+    with transaction.atomic():
+        position.commit(
+            last=plan.organization_id,
+            organizations=1,
+            rows=rows,
+            failed={str(plan.organization_id): error},
+        )
+    position.cursor = plan.organization_id
+    return ChunkOutcome([OrgOutcome(plan, found=len(rows), error=error)])

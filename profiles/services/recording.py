@@ -1,0 +1,276 @@
+"""Run records, shared by the audit and by revert: findings and counts are written in the same
+transaction as the work they describe, so a run's record never lags behind what it changed, and
+a run is closed by recounting its findings — also a run whose process died (``interrupted``).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+from uuid import UUID
+
+from django.db import connection, transaction
+from django.db.models import Count, F
+from django.utils import timezone
+
+from profiles.models import (
+    OPEN_SHARD_STATUSES,
+    AuditFinding,
+    AuditRun,
+    AuditShard,
+    AuditStatus,
+    AuditTrigger,
+    FindingOutcome,
+    ShardStatus,
+)
+from profiles.plan import ALL_TYPES
+
+# A run that has not progressed for this long has lost its process (the fixing-run lock
+# expires after as long): dry runs and reverts, which hold no lock, are judged dead by it.
+ABANDONED_AFTER = timedelta(minutes=60)
+
+
+def empty_counts() -> dict[str, dict[str, int]]:
+    """{type: {"found": 0, "fixed": 0}} for every finding type: the shape of ``by_type``."""
+    return {t.value: {"found": 0, "fixed": 0} for t in ALL_TYPES}
+
+
+@dataclass(frozen=True, slots=True)
+class FindingRow:
+    """One finding as recorded, before it has its place (``seq``) in the run."""
+
+    organization_id: UUID | None
+    type: str
+    action: str
+    model: str
+    object_id: UUID | None
+    platform: str
+    external_id: str
+    before: Any
+    after: Any
+    outcome: str
+    detail: str = ""
+    id: UUID = field(default_factory=uuid.uuid4)
+
+    @property
+    def fixed(self) -> bool:
+        return self.outcome == FindingOutcome.FIXED
+
+
+FINDING_COLUMNS = (
+    "id",
+    "run_id",
+    "seq",
+    "organization_id",
+    "type",
+    "action",
+    "model",
+    "object_id",
+    "platform",
+    "external_id",
+    "before",
+    "after",
+    "outcome",
+    "detail",
+)
+
+
+def record_findings(*, run_id: UUID, rows: Sequence[FindingRow], organizations: int) -> None:
+    """Add ``rows`` to the run, numbered after its findings so far, and add them (and
+    ``organizations`` audited) to its counts. Call it inside the transaction of the work the
+    rows describe: the run's row stays locked until that commits, so concurrent shards number
+    their findings without gaps or overlaps."""
+    found = len(rows)
+    fixed = sum(1 for r in rows if r.fixed)
+    AuditRun.objects.filter(id=run_id).update(
+        found=F("found") + found,
+        fixed=F("fixed") + fixed,
+        organizations_audited=F("organizations_audited") + organizations,
+        findings_recorded=F("findings_recorded") + found,
+        last_progress_at=timezone.now(),
+    )
+    if not rows:
+        return
+    last = AuditRun.objects.filter(id=run_id).values_list("findings_recorded", flat=True).get()
+    _insert(run_id, rows, first_seq=last - found + 1)
+
+
+def _insert(run_id: UUID, rows: Sequence[FindingRow], *, first_seq: int) -> None:
+    if connection.vendor == "postgresql":
+        from psycopg.types.json import Jsonb
+
+        table = AuditFinding._meta.db_table
+        with (
+            connection.cursor() as cursor,
+            cursor.cursor.copy(f"COPY {table} ({', '.join(FINDING_COLUMNS)}) FROM STDIN") as copy,
+        ):
+            for seq, r in enumerate(rows, start=first_seq):
+                copy.write_row(
+                    (
+                        r.id,
+                        run_id,
+                        seq,
+                        r.organization_id,
+                        r.type,
+                        r.action,
+                        r.model,
+                        r.object_id,
+                        r.platform,
+                        r.external_id,
+                        None if r.before is None else Jsonb(r.before),
+                        None if r.after is None else Jsonb(r.after),
+                        r.outcome,
+                        r.detail,
+                    )
+                )
+        return
+    AuditFinding.objects.bulk_create(
+        [
+            AuditFinding(
+                id=r.id,
+                run_id=run_id,
+                seq=seq,
+                organization_id=r.organization_id,
+                type=r.type,
+                action=r.action,
+                model=r.model,
+                object_id=r.object_id,
+                platform=r.platform,
+                external_id=r.external_id,
+                before=r.before,
+                after=r.after,
+                outcome=r.outcome,
+                detail=r.detail,
+            )
+            for seq, r in enumerate(rows, start=first_seq)
+        ],
+        batch_size=1000,
+    )
+
+
+def mark_finding_failed(*, finding_id: UUID, run_id: UUID, error: str) -> None:
+    """A fixed finding turned out not fixed after its commit (its sync job was refused)."""
+    with transaction.atomic():
+        if AuditFinding.objects.filter(id=finding_id, outcome=FindingOutcome.FIXED).update(
+            outcome=FindingOutcome.FAILED, detail=error
+        ):
+            AuditRun.objects.filter(id=run_id).update(fixed=F("fixed") - 1)
+
+
+# --- Closing a run ------------------------------------------------------------------------------
+
+
+def counts_from_findings(run_id: UUID) -> dict[str, dict[str, int]]:
+    """The run's ``by_type`` recounted from its findings: what it really did."""
+    counts = empty_counts()
+    for type_, outcome, n in (
+        AuditFinding.objects.filter(run_id=run_id)
+        .order_by()
+        .values_list("type", "outcome")
+        .annotate(n=Count("id"))
+    ):
+        entry = counts.setdefault(type_, {"found": 0, "fixed": 0})
+        entry["found"] += n
+        if outcome == FindingOutcome.FIXED:
+            entry["fixed"] += n
+    return counts
+
+
+def guarded_organizations(run_id: UUID) -> list[str]:
+    return sorted(
+        str(org)
+        for org in AuditFinding.objects.filter(run_id=run_id, outcome=FindingOutcome.GUARDED)
+        .order_by()
+        .values_list("organization_id", flat=True)
+        .distinct()
+        if org
+    )
+
+
+def shard_failures(run_id: UUID) -> tuple[dict[str, str], list[str]]:
+    """({organization id: error} over the run's shards, ["shard N: why"] for shards that did
+    not finish)."""
+    failed: dict[str, str] = {}
+    unfinished = []
+    for index, status, error, orgs in AuditShard.objects.filter(run_id=run_id).values_list(
+        "index", "status", "error", "failed_organizations"
+    ):
+        failed.update(orgs or {})
+        if status != ShardStatus.DONE:
+            unfinished.append(f"shard {index} {status}" + (f": {error}" if error else ""))
+    return failed, unfinished
+
+
+def close_run(
+    run: AuditRun,
+    *,
+    status: str,
+    error: str = "",
+    failed_organizations: dict[str, str] | None = None,
+) -> bool:
+    """Close a running run with counts recounted from its findings. False when somebody else
+    closed it first (two shards finishing at once, or an interrupted run's late shard)."""
+    now = timezone.now()
+    with transaction.atomic():
+        locked = AuditRun.objects.select_for_update().filter(id=run.id).first()
+        if locked is None or locked.status != AuditStatus.RUNNING:
+            return False
+        by_type = counts_from_findings(run.id)
+        run.status = status
+        run.error = error
+        run.by_type = by_type
+        run.found = sum(c["found"] for c in by_type.values())
+        run.fixed = sum(c["fixed"] for c in by_type.values())
+        run.organizations_audited = locked.organizations_audited
+        run.findings_recorded = locked.findings_recorded
+        run.failed_organizations = failed_organizations or {}
+        run.guarded_organizations = guarded_organizations(run.id)
+        run.finished_at = now
+        run.duration_seconds = round((now - run.started_at).total_seconds(), 3)
+        run.lock_token = ""
+        run.save()
+        AuditShard.objects.filter(run_id=run.id, status__in=OPEN_SHARD_STATUSES).update(
+            status=ShardStatus.SKIPPED, finished_at=now, error=f"the run was closed {status}"
+        )
+    return True
+
+
+def interrupted_runs(*, live_lock_token: str | None, now=None) -> Iterable[AuditRun]:
+    """Runs still ``running`` whose process is gone: fixing runs that do not hold the fixing-run
+    lock (``live_lock_token`` is whoever holds it now, None when nobody does), and dry runs and
+    reverts that have not progressed for ``ABANDONED_AFTER``."""
+    now = now or timezone.now()
+    stale_before = now - ABANDONED_AFTER
+    for run in AuditRun.objects.filter(status=AuditStatus.RUNNING):
+        holds_lock = bool(run.lock_token) and run.lock_token == live_lock_token
+        if run.fix and run.trigger != AuditTrigger.REVERT:
+            dead = not holds_lock
+        else:
+            dead = (run.last_progress_at or run.started_at) < stale_before
+        if dead:
+            yield run
+
+
+def close_interrupted_runs(*, live_lock_token: str | None, log) -> list[AuditRun]:
+    """Close every run whose process died as ``interrupted``, with the counts of its findings,
+    so it can be inspected and reverted (DESIGN "Every run can be undone")."""
+    closed = []
+    for run in interrupted_runs(live_lock_token=live_lock_token):
+        failed, unfinished = shard_failures(run.id)
+        error = "its process died before it finished (closed as interrupted)"
+        if unfinished:
+            error += "; " + "; ".join(unfinished)
+        if close_run(run, status=AuditStatus.INTERRUPTED, error=error, failed_organizations=failed):
+            log.warning(
+                "profile_audit.run_interrupted",
+                interrupted_run_id=str(run.id),
+                fix_mode=run.fix,
+                trigger=run.trigger,
+                total_issues_found=run.found,
+                total_issues_fixed=run.fixed,
+            )
+            closed.append(run)
+    return closed
