@@ -6,16 +6,16 @@ organizations at once, with no per-organization loop and no Python-side row proc
 floor ``audit_bench.py`` compares the application against. Semantics are ``profiles.plan``'s
 (DESIGN "Audit semantics, per organization O", rules 1 and 2), checked against it by ``--check``.
 
-API (``connection``: a psycopg 3 ``Connection``, or Django's ``django.db.connection``, whose
-underlying psycopg 3 connection is used; autocommit or not)::
+API (``connection``: a psycopg 3 ``Connection``, autocommit or not, or Django's
+``django.db.connection``, used through its own cursor and ``transaction.atomic``)::
 
     count_findings(connection) -> dict[str, int]
     fix_setbased(connection, *, run_id, guard_min=5, guard_ratio=0.5, force=False)
         -> dict[str, int]
 
 ``count_findings`` is one read-only statement. ``fix_setbased`` does what ``--fix`` does in one
-transaction (``connection.transaction()``: its own, or a savepoint in the caller's) and returns
-the findings fixed per type. Command line::
+transaction (its own, or a savepoint in the caller's) and returns the findings fixed per type.
+Command line::
 
     python bench/setbased.py --check --orgs 300   # agreement with the app, builder + nasty data
     python bench/setbased.py --time --orgs 5000 --profiles 20   # median of 3, fresh copy each
@@ -47,6 +47,8 @@ import sys
 import time
 import unicodedata
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -169,8 +171,9 @@ def _iso_sql(value: str) -> str:
 #           profile on another organization's connection never finds its connection live)
 # sel       selected assets of a known type on a live connection, with their key
 # sel_conn  (key, connection) pairs of ``sel``: does a profile's own connection select its key
-# keys      selected keys: backing connection (earliest created_at, then smallest id) and the
-#           name of the backing asset (earliest created_at, then smallest id, on that connection)
+# keys      selected keys and their backing connection (earliest created_at, then smallest id);
+#           a missing profile is named after the backing asset (the selected asset of the key
+#           on that connection created first, then smallest id), looked up for those keys only
 # pdec      every profile with its decision (orphaned, deselected, relink, restore or none) and
 #           whether it is alive once the decisions are applied (rule 2)
 # missing   selected keys with no profile at all
@@ -189,7 +192,7 @@ live AS (
 ),
 sel AS (
     SELECT l.organization_id AS org, m.platform, a.external_id, a.connection_id,
-           l.created_at AS connection_created_at, a.name, a.created_at, a.id
+           l.created_at AS connection_created_at
     FROM connections_connectionasset a
     JOIN live l ON l.id = a.connection_id
     JOIN amap m ON m.asset_type = a.asset_type
@@ -200,9 +203,9 @@ sel_conn AS (
 ),
 keys AS (
     SELECT DISTINCT ON (org, platform, external_id)
-           org, platform, external_id, connection_id AS backing_id, name
+           org, platform, external_id, connection_id AS backing_id
     FROM sel
-    ORDER BY org, platform, external_id, connection_created_at, connection_id, created_at, id
+    ORDER BY org, platform, external_id, connection_created_at, connection_id
 ),
 prof AS (
     SELECT p.id, p.organization_id AS org, p.platform, p.external_id, p.connection_id,
@@ -300,7 +303,12 @@ SELECT org,
        NULL::jsonb AS profile_ids, NULL::jsonb AS kept, false AS guarded
 FROM pdec WHERE decision IS NOT NULL
 UNION ALL
-SELECT org, 5, 'missing', NULL, platform, external_id, NULL, backing_id, NULL, name,
+SELECT org, 5, 'missing', NULL, platform, external_id, NULL, backing_id, NULL,
+       (SELECT a.name FROM connections_connectionasset a
+        JOIN amap m ON m.asset_type = a.asset_type
+        WHERE a.connection_id = missing.backing_id AND m.platform = missing.platform
+          AND a.external_id = missing.external_id AND a.is_selected
+        ORDER BY a.created_at, a.id LIMIT 1),
        NULL, NULL, false
 FROM missing
 UNION ALL
@@ -444,19 +452,25 @@ WHERE id = %(run_id)s
 # --- The API ------------------------------------------------------------------------------------
 
 
-def _psycopg(connection: Any) -> Any:
-    """The psycopg 3 connection behind ``connection`` (itself, or Django's wrapper's)."""
+@contextmanager
+def _transaction_cursor(connection: Any) -> Iterator[Any]:
+    """A cursor in a transaction: ``transaction.atomic`` and Django's cursor for Django's
+    connection (its execute wrappers see every statement), ``connection.transaction()`` for a
+    psycopg 3 connection. Either is a savepoint when the caller already has a transaction."""
     if hasattr(connection, "ensure_connection"):  # django.db.connection
-        connection.ensure_connection()
-        return connection.connection
-    return connection
+        from django.db import transaction
+
+        with transaction.atomic(using=connection.alias), connection.cursor() as cursor:
+            yield cursor
+    else:
+        with connection.transaction(), connection.cursor() as cursor:
+            yield cursor
 
 
 def count_findings(connection: Any) -> dict[str, int]:
     """Findings of each type over all organizations, as ``plan_organization`` counts them with
     all types (what a dry run's ``by_type[t]["found"]`` holds): one statement, read only."""
-    conn = _psycopg(connection)
-    with conn.transaction(), conn.cursor() as cursor:
+    with _transaction_cursor(connection) as cursor:
         cursor.execute(COUNT_SQL, _params())
         row = cursor.fetchone()
     return dict(zip(TYPES, (int(n) for n in row), strict=True))
@@ -476,7 +490,6 @@ def fix_setbased(
     Organizations the mass-deletion guard holds (more than ``max(guard_min, guard_ratio x alive
     profiles)`` deletions, unless ``force``) are recorded ``guarded`` and left alone, as the app
     does. Returns the findings fixed per type."""
-    conn = _psycopg(connection)
     params = _params(
         run_id=str(run_id),
         guard_min=guard_min,
@@ -487,7 +500,7 @@ def fix_setbased(
         actions=[ACTIONS[t] for t in TYPES],
         models=[MODELS[t] for t in TYPES],
     )
-    with conn.transaction(), conn.cursor() as cursor:
+    with _transaction_cursor(connection) as cursor:
         cursor.execute(PLAN_TABLE_SQL, params)
         cursor.execute(GUARD_SQL, params)
         cursor.execute(QUEUE_RESTORE_SQL, params)
@@ -886,6 +899,10 @@ def reference(mode: str) -> dict:
     if mode == "newrun":
         run = AuditRun.objects.create(trigger="command", fix=True, types=sorted(TYPES))
         return {"run_id": str(run.id)}
+    if mode == "djangofix":  # the floor, through Django's connection
+        run = AuditRun.objects.create(trigger="command", fix=True, types=sorted(TYPES))
+        fix_setbased(connection, run_id=run.id)
+        return _dump(connection)
     if mode in ("appfix", "dump"):
         if mode == "appfix":
             from profiles.services.audit import ProfileConnectionAuditService
@@ -943,7 +960,12 @@ def reference(mode: str) -> dict:
         service = {t: report.run.by_type[t]["found"] for t in TYPES}
     except Exception as exc:  # the service is being rewritten: report, fall back to plans
         service = f"{type(exc).__name__}: {exc}"
-    return {"plan_counts": counts, "service_counts": service, "expected_findings": expected}
+    return {
+        "plan_counts": counts,
+        "service_counts": service,
+        "django_connection_counts": count_findings(connection),
+        "expected_findings": expected,
+    }
 
 
 def _dump(connection: Any) -> dict:
@@ -1065,6 +1087,8 @@ def check_dataset(scratch: Scratch, label: str, *, app_fix: bool) -> list[str]:
             problems.append(f"{label}: count of {t} disagrees")
     if not isinstance(service, dict):
         print(f"  (service dry run unavailable, plan-based counts used: {service})")
+    if ref["django_connection_counts"] != floor:
+        problems.append(f"{label}: count_findings through Django's connection differs")
 
     url = scratch.create("b", template="tpl")
     run_id = _run_child(url, "_reference", "--mode=newrun")["run_id"]
@@ -1119,16 +1143,25 @@ def check_dataset(scratch: Scratch, label: str, *, app_fix: bool) -> list[str]:
         again = count_findings(conn)
     if again != after["plan_counts"]:
         problems.append(f"{label}: count_findings after the fix {again} != plan {left}")
+    second_run = _run_child(url, "_reference", "--mode=newrun")["run_id"]
+    with _connect(url) as conn:
+        second = fix_setbased(conn, run_id=second_run)
+    print(f"  a second fix_setbased fixes {sum(second.values())}")
+    if any(second.values()):
+        problems.append(f"{label}: fixing twice changed something the second time: {second}")
 
+    url_d = scratch.create("d", template="tpl")
+    dump_django = _run_child(url_d, "_reference", "--mode=djangofix")
+    problems += _compare_fixes(label, dump_floor, dump_django, "fix_setbased through Django")
     if app_fix:
         url_c = scratch.create("c", template="tpl")
         dump_app = _run_child(url_c, "_reference", "--mode=appfix")
-        problems += _compare_fixes(label, dump_floor, dump_app)
+        problems += _compare_fixes(label, dump_floor, dump_app, "the service's own --fix")
     return problems
 
 
-def _compare_fixes(label: str, floor: dict, app: dict) -> list[str]:
-    """The floor's fix against the service's own: recorded findings and resulting tables."""
+def _compare_fixes(label: str, floor: dict, app: dict, other: str) -> list[str]:
+    """The floor's fix against another (on another copy): recorded findings and tables."""
     problems = []
 
     def findings(dump: dict) -> list[str]:
@@ -1154,16 +1187,16 @@ def _compare_fixes(label: str, floor: dict, app: dict) -> list[str]:
         "boost rules": floor["boost_rules"] == app["boost_rules"],
     }
     print(
-        "  against the service's own --fix on another copy: "
+        f"  against {other} on another copy: "
         + ", ".join(f"{k} {'same' if v else 'DIFFER'}" for k, v in same.items())
     )
     for what, ok in same.items():
         if not ok:
-            problems.append(f"{label}: {what} after the fix differ from the service's fix")
+            problems.append(f"{label}: {what} after the fix differ from {other}")
     if not same["findings"]:
         for i, (a, b) in enumerate(zip(findings(floor), findings(app), strict=False)):
             if a != b:
-                print(f"    #{i + 1}\n      floor   {a}\n      service {b}")
+                print(f"    #{i + 1}\n      floor {a}\n      other {b}")
                 break
     return problems
 
@@ -1183,7 +1216,7 @@ def check(args: argparse.Namespace) -> int:
             ),
             (
                 f"nasty, {args.orgs} orgs",
-                lambda url: _run_child(url, "_nasty", f"--orgs={args.orgs}", "--seed=11"),
+                lambda url: _run_child(url, "_nasty", f"--orgs={args.orgs}", f"--seed={args.seed}"),
             ),
         ):
             built = make(scratch.create("tpl"))
@@ -1257,7 +1290,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the scratch databases")
     parser.add_argument("--no-app-fix", action="store_true", help="skip the service's own --fix")
     parser.add_argument("--mode", help=argparse.SUPPRESS)
-    parser.add_argument("--seed", type=int, default=11, help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=11, help="seed of the nasty data set")
     args = parser.parse_args()
     if args.command == "_nasty":
         print(json.dumps(build_nasty(args.orgs, args.seed)))

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from datetime import timedelta
 from typing import Any
@@ -162,7 +163,7 @@ def audit_shard_task(self: ShardTask, shard_id: str) -> dict[str, str]:
     """Work one shard for at most PROFILE_AUDIT_SHARD_BUDGET seconds, then send its own
     continuation from the cursor. The soft time limit is a backstop that does the same."""
     budget = Budget(seconds=settings.PROFILE_AUDIT_SHARD_BUDGET)
-    worker = f"{self.request.hostname or socket.gethostname()}:{self.request.id}"
+    worker = f"{self.request.hostname or socket.gethostname()}:{os.getpid()}:{self.request.id}"
     with structlog.contextvars.bound_contextvars(task_id=self.request.id):
         try:
             outcome = work_shard(shard_id=UUID(shard_id), budget=budget, worker=worker)

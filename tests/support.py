@@ -114,8 +114,9 @@ class CeleryWorker:
     test Redis database. Prefork with one child: soft time limits are signalled as in
     production, and tasks run one at a time in the order they were queued."""
 
-    def __init__(self, log_dir: Path, **env: str) -> None:
+    def __init__(self, log_dir: Path, *, concurrency: int = 1, **env: str) -> None:
         self.log_dir = log_dir
+        self.concurrency = concurrency
         self.nodename = f"psa-test-{uuid.uuid4().hex[:8]}@localhost"
         self.output = log_dir / "worker-output.log"
         self.env = process_env(log_dir, **env)
@@ -137,7 +138,7 @@ class CeleryWorker:
                     "--pool",
                     "prefork",
                     "--concurrency",
-                    "1",
+                    str(self.concurrency),
                     "-n",
                     self.nodename,
                     "--without-gossip",
@@ -189,12 +190,12 @@ class CeleryWorker:
         purge_broker()
 
 
-def start_command(log_dir: Path, *args: str) -> subprocess.Popen:
+def start_command(log_dir: Path, *args: str, **env: str) -> subprocess.Popen:
     """``manage.py profiles_audit_sync ARGS`` as another process (another server, in effect)."""
     return subprocess.Popen(
         [sys.executable, "manage.py", "profiles_audit_sync", *args],
         cwd=BASE_DIR,
-        env=process_env(log_dir),
+        env=process_env(log_dir, **env),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -265,3 +266,39 @@ def break_commits_of(org_id: uuid.UUID) -> Iterator[None]:
                 cursor.execute("DROP FUNCTION psa_test_break_commit()")
             else:
                 cursor.execute("DROP TRIGGER psa_test_break_commit")
+
+
+def pool_children(pid: int) -> list[int]:
+    """The processes a worker's main process started (its pool)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in children.read_text().split()] if children.exists() else []
+
+
+@contextmanager
+def stopped_midway(org_id: uuid.UUID, *, progressed: Callable[[], object]) -> Iterator[None]:
+    """Stop a run that is under way, after some organizations have committed.
+
+    PostgreSQL: hold ``org_id`` (enter this before the run starts; it waits exactly there).
+    SQLite has one write lock for the whole database: wait until ``progressed()``, then take
+    it, and the run waits wherever it then is (give it enough organizations to still be going).
+    """
+    if connection.vendor != "postgresql":
+        wait_for(progressed, what="the run to make progress")
+    with hold_organization(org_id):
+        yield
+
+
+def orphaned_organizations(count: int) -> list[uuid.UUID]:
+    """``count`` organizations (ids 1..count, in order), each with one orphaned profile, built in
+    bulk. Returns the profile ids."""
+    from orgs.models import Organization
+    from profiles.models import SocialProfile
+
+    orgs = Organization.objects.bulk_create(
+        Organization(id=uuid.UUID(int=n), name=f"org {n}") for n in range(1, count + 1)
+    )
+    profiles = SocialProfile.objects.bulk_create(
+        SocialProfile(organization=org, platform="facebook", external_id=f"gone-{n}")
+        for n, org in enumerate(orgs)
+    )
+    return [p.id for p in profiles]

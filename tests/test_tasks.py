@@ -5,7 +5,7 @@ import json
 from datetime import timedelta
 
 import pytest
-from celery.exceptions import Retry, SoftTimeLimitExceeded
+from celery.exceptions import Retry, SoftTimeLimitExceeded, TimeLimitExceeded
 from django.conf import settings
 from django.db import OperationalError
 from django_celery_beat.models import PeriodicTask
@@ -254,6 +254,39 @@ def test_a_shard_delivered_twice_changes_nothing_twice(settings):
 
 def a_guard():
     return Guard(minimum=5, ratio=0.5)
+
+
+@pytest.mark.django_db
+def test_a_shard_killed_at_the_hard_time_limit_is_continued_from_its_cursor(settings):
+    """At the hard limit the pool kills the child and calls the task's on_failure in the
+    worker's main process (celery.worker.request.Request.on_timeout), which sends the shard
+    again: it resumes where the cursor is. (A real kill cannot be timed here: billiard arms the
+    hard timer only once the soft limit has fired, and the shard answers that one itself.)"""
+    settings.PROFILE_AUDIT_CHUNK_SIZE = 1
+    orphans = [ProfileFactory() for _ in range(2)]
+    run = start_run(AuditRequest(fix=True, trigger="schedule"))
+    shard = run.shards.get()
+    assert work_shard(shard_id=shard.id, budget=Budget(check=lambda: "killed")) == CONTINUE
+
+    audit_shard_task.on_failure(TimeLimitExceeded(600), "task-id", (str(shard.id),), {}, None)
+
+    run.refresh_from_db()
+    assert (run.status, run.fixed) == (AuditStatus.SUCCEEDED, 2)
+    assert all(SocialProfile.objects.get(id=p.id).deleted_at for p in orphans)
+
+
+@pytest.mark.django_db
+def test_a_shard_that_fails_for_good_closes_and_finishes_its_run(settings):
+    ProfileFactory()
+    run = start_run(AuditRequest(fix=True, trigger="schedule"))
+    shard = run.shards.get()
+
+    audit_shard_task.on_failure(RuntimeError("boom"), "task-id", (str(shard.id),), {}, None)
+
+    run.refresh_from_db()
+    assert run.status == AuditStatus.FAILED
+    assert "shard 0 failed: RuntimeError: boom" in run.error
+    assert not redis_client().exists(settings.PROFILE_AUDIT_LOCK_KEY)
 
 
 @pytest.mark.django_db

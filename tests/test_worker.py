@@ -1,17 +1,17 @@
 """The scheduled audit through the real broker (Redis) to a real worker process consuming
-``maintenance`` and ``celery``, on the test database: what beat sends, two runs at once, the soft
-time limit, and sync jobs sent only after an organization's fix commits."""
+``maintenance`` and ``celery``, on the test database: what beat sends, two runs at once, the
+time limits as a backstop (the shard goes on from its cursor), and sync jobs sent only after an
+organization's fix commits."""
 
 import json
 import uuid
 
 import pytest
 from django.conf import settings
-from django.db import connection
-from profiles.services.locked_run import run_locked_audit
 
-from profiles.models import AuditRun, AuditStatus, AuditTrigger, SocialProfile
-from profiles.tasks import audit_sync_task, sync_profile_task
+from profiles.models import AuditFinding, AuditRun, AuditStatus, AuditTrigger, SocialProfile
+from profiles.services.audit import AuditRequest, run_audit, start_run
+from profiles.tasks import audit_shard_task, audit_sync_task, sync_profile_task
 from tests.factories import AssetFactory, OrganizationFactory, ProfileFactory
 from tests.support import (
     BEAT_ENTRY,
@@ -31,7 +31,8 @@ pytestmark = [pytest.mark.real_worker, pytest.mark.django_db(transaction=True)]
 
 @pytest.fixture(scope="module")
 def worker(django_db_setup, tmp_path_factory):
-    worker = CeleryWorker(tmp_path_factory.mktemp("worker")).start()
+    # Chunks of one organization: tests hold one organization and see the others go by.
+    worker = CeleryWorker(tmp_path_factory.mktemp("worker"), PROFILE_AUDIT_CHUNK_SIZE="1").start()
     yield worker
     worker.stop()
 
@@ -77,15 +78,22 @@ def test_what_beat_sends_is_run_from_maintenance_and_fixes(worker):
         what="the task's completion event",
     )
     assert completed["queue"] == "maintenance"
-    assert completed["summary"] == "Profile-connection sync audit completed"
     assert completed["run_id"] == str(run.id)
+    assert run.task_id == sent.id
+    # The run's completion event, from whichever shard finished it.
+    finished = wait_for(
+        lambda: find_event(worker.log_dir, "profile_audit.completed", run_id=str(run.id)),
+        what="the run's completion event",
+    )
+    assert (finished["total_issues_found"], finished["total_issues_fixed"]) == (2, 2)
+    assert finished["fix_mode"] is True
     wait_for(lock_is_free, what="the lock to be released")
 
 
 def test_two_runs_at_once_one_fixes_and_the_other_is_skipped(worker, tmp_path):
     profile = orphaned_profile()
     with hold_organization(profile.organization_id):
-        audit_sync_task.delay()
+        audit_sync_task.delay(trigger="schedule")
         wait_for(lambda: not lock_is_free(), what="the task to take the lock")
         command = start_command(tmp_path, "--fix", "--format", "json")
         wait_for(
@@ -108,67 +116,28 @@ def test_two_runs_at_once_one_fixes_and_the_other_is_skipped(worker, tmp_path):
     wait_for(lock_is_free, what="the lock to be released")
 
 
-def test_soft_time_limit_stops_after_the_organization_in_progress(worker):
-    fixed_first, in_progress, never_reached = (
-        orphaned_profile(uuid.UUID(int=n)) for n in (1, 2, 3)
-    )
-    with hold_organization(in_progress.organization_id):
-        sent = audit_sync_task.apply_async(soft_time_limit=2, time_limit=60)
+def scheduled_run_with_one_shard():
+    run = start_run(AuditRequest(fix=True, trigger=AuditTrigger.SCHEDULE))
+    return run, run.shards.get()
+
+
+def test_the_soft_time_limit_is_a_backstop_the_shard_goes_on_from_its_cursor(worker):
+    fixed_first, held, after = (orphaned_profile(uuid.UUID(int=n)) for n in (1, 2, 3))
+    run, shard = scheduled_run_with_one_shard()
+    with hold_organization(held.organization_id):
+        sent = audit_shard_task.apply_async(args=[str(shard.id)], soft_time_limit=2, time_limit=60)
         wait_for(
-            lambda: f"exceeded for profiles.audit_sync[{sent.id}]" in worker.text(),
+            lambda: f"exceeded for profiles.audit_shard[{sent.id}]" in worker.text(),
             what="the worker to reach the soft time limit",
         )
-    run = wait_for(finished_scheduled_run, what="the scheduled run to finish")
-    assert run.status == AuditStatus.PARTIAL
-    assert run.error == "stopped early: soft time limit reached (2 s)"
-    if connection.vendor == "postgresql":
-        # Held inside the second organization's fix: that one completes and commits, the first
-        # stays committed, the third is never started.
-        assert [alive(p) for p in (fixed_first, in_progress, never_reached)] == [
-            False,
-            False,
-            True,
-        ]
-    else:
-        # SQLite has one write lock for the whole database: the run was held before its first
-        # write, so it stops before its first organization.
-        assert [alive(p) for p in (fixed_first, in_progress, never_reached)] == [True] * 3
+    run = wait_for(finished_scheduled_run, what="the run to finish")
+    # The chunk in flight rolled back and its continuation did it: each organization once.
+    assert (run.status, run.found, run.fixed) == (AuditStatus.SUCCEEDED, 3, 3)
+    assert AuditFinding.objects.filter(run=run).count() == 3
+    assert not any(alive(p) for p in (fixed_first, held, after))
+    shard.refresh_from_db()
+    assert shard.attempts == 2
     wait_for(lock_is_free, what="the lock to be released")
-    completed = wait_for(
-        lambda: find_event(worker.log_dir, "profile_audit.task_completed", task_id=sent.id),
-        what="the task's completion event",
-    )
-    assert completed["status"] == AuditStatus.PARTIAL
-    assert worker.scheduled() == []  # not retried
-    assert AuditRun.objects.count() == 1
-
-
-def test_hard_time_limit_kills_the_run_and_records_it_failed(worker):
-    profile = orphaned_profile()
-    with hold_organization(profile.organization_id):
-        sent = audit_sync_task.apply_async(soft_time_limit=1, time_limit=2)
-        wait_for(
-            lambda: (
-                f"Hard time limit (2s) exceeded for profiles.audit_sync[{sent.id}]" in worker.text()
-            ),
-            what="the worker to kill the task",
-        )
-    failed = wait_for(
-        lambda: find_event(worker.log_dir, "profile_audit.task_failed", task_id=sent.id),
-        what="the failure to be logged",
-    )
-    assert failed["summary"] == "Profile-connection sync audit failed"
-    assert failed["error"].startswith("TimeLimitExceeded")
-    assert alive(profile)
-    if connection.vendor == "postgresql":
-        # Killed inside the organization's fix: its record is closed by the worker.
-        run = AuditRun.objects.get()
-        assert run.status == AuditStatus.FAILED
-        assert run.error.startswith("killed at the hard time limit")
-        assert failed["runs_closed"] == 1
-    # On SQLite the process was killed while waiting for the database's single write lock to
-    # create its record, a race with the worker's clean-up that the test does not judge.
-    assert worker.ping()  # the pool replaced the killed process
 
 
 def test_sync_jobs_are_sent_only_when_the_organizations_fix_commits(worker):
@@ -178,7 +147,7 @@ def test_sync_jobs_are_sent_only_when_the_organizations_fix_commits(worker):
     healthy = OrganizationFactory(id=uuid.UUID(int=2))
     healthy_asset = AssetFactory(connection__organization=healthy)
     with break_commits_of(broken.id):
-        report = run_locked_audit(org_id=None, fix=True, scopes=None, trigger="command")
+        report = run_audit(AuditRequest(fix=True))
     assert report.run.status == AuditStatus.PARTIAL
     assert list(report.run.failed_organizations) == [str(broken.id)]
     # The healthy organization's job was sent after any job of the broken one; the worker runs

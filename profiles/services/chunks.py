@@ -16,7 +16,8 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from uuid import UUID
 
-from django.db import transaction
+from celery.exceptions import SoftTimeLimitExceeded
+from django.db import InterfaceError, OperationalError, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -51,6 +52,12 @@ the finding that records it, turned into a failure if the job cannot be sent."""
 class ShardMoved(Exception):
     """Another delivery of this shard committed past our cursor, or the run was closed: this
     delivery's chunk is rolled back and it stops (a re-delivery never repeats work)."""
+
+
+# Not an organization's failure, so never recorded as one (rule 6 contains the rest): the
+# shard stops and is resumed from its cursor — by its continuation (the soft time limit) or by
+# the task's retry (the database went away).
+NOT_CONTAINED = (ShardMoved, SoftTimeLimitExceeded, OperationalError, InterfaceError)
 
 
 @dataclass
@@ -192,7 +199,7 @@ def fix_chunk(
         return _fix_in_one_transaction(
             plans, position=position, types=types, guard=guard, send_sync=send_sync
         )
-    except ShardMoved:
+    except NOT_CONTAINED:
         raise
     except Exception as exc:
         if len(plans) == 1:
@@ -203,7 +210,7 @@ def fix_chunk(
             part = _fix_in_one_transaction(
                 [plan], position=position, types=types, guard=guard, send_sync=send_sync
             )
-        except ShardMoved:
+        except NOT_CONTAINED:
             raise
         except Exception as exc:
             part = _record_failure(plan, position=position, exc=exc)
