@@ -1,17 +1,22 @@
 #!/usr/bin/env python
 """Audit benchmark: builds N organizations x M profiles with a given rate of each kind of
-inconsistency, then measures a dry run and a fix over all organizations.
+inconsistency, then measures a dry run and a fix over all organizations: in this process, and
+fanned out over Celery workers with 1 and 2 processes; and, on PostgreSQL, the set-based SQL
+floor doing the same work (``bench/setbased.py``), with the ratio of each to it.
 
-Prints, per phase, the median wall time over --repeat runs, the number of queries, and the
-peak RSS of the process that ran it (each measured run is its own process, on a fresh copy of
-the data set, so one run's memory or changes never leak into the next).
+Prints, per phase, the median wall time over --repeat runs, the number of queries (in-process
+only; COPY is not counted), and the peak RSS of the process that did the work (the largest worker
+process when fanned out). Each measured run is its own process on a fresh copy of the data set.
 
     python bench/audit_bench.py --orgs 1000 --profiles 20            # DATABASE_URL or SQLite
-    DATABASE_URL=postgres://postgres@127.0.0.1:5432/psa python bench/audit_bench.py ...
+    DATABASE_URL=postgres://postgres@127.0.0.1:5432/psa python bench/audit_bench.py \
+        --orgs 5000 --workers 0,1,2
 
 On PostgreSQL it creates databases ``<name>_bench_template`` and ``<name>_bench`` on the
-server of DATABASE_URL (and drops them at the end unless --keep). Tasks run eagerly (REDIS_URL
-is ignored), so a fix includes creating the missing profiles.
+server of DATABASE_URL (and drops them at the end unless --keep). Fanned-out runs need Redis
+(BENCH_REDIS_URL, default redis://127.0.0.1:6379/14, flushed before each run). The sync jobs a
+fix sends for missing profiles are sent, not run, while it is timed (other workers run them in
+production); they are run afterwards, before the check that a dry run then finds nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -27,6 +33,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+BENCH_REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
 
 
 # --- Orchestration (no Django here) ------------------------------------------------------------
@@ -44,13 +51,26 @@ def main() -> None:
     )
     parser.add_argument("--repeat", type=int, default=3, help="runs per phase (median shown)")
     parser.add_argument("--keep", action="store_true", help="keep the benchmark databases")
+    parser.add_argument(
+        "--workers",
+        default="0",
+        help="comma-separated: 0 = in this process, N = fanned out over a worker with N "
+        "processes (needs Redis; default 0)",
+    )
+    parser.add_argument(
+        "--shard-size",
+        type=int,
+        default=0,
+        help="organizations per shard when fanned out (default: enough shards to keep two "
+        "processes busy, at least 100)",
+    )
     parser.add_argument("command", nargs="?", default="run", choices=["run", "_build", "_measure"])
-    parser.add_argument("--mode", choices=["dry", "fix"], help=argparse.SUPPRESS)
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.command == "_build":
         build(args.orgs, args.profiles, args.rate)
     elif args.command == "_measure":
-        measure(args.mode)
+        measure(args.mode, workers=int(args.workers), shard_size=args.shard_size)
     else:
         orchestrate(args)
 
@@ -121,9 +141,12 @@ class Databases:
 def orchestrate(args: argparse.Namespace) -> None:
     dbs = Databases(os.environ.get("DATABASE_URL"))
     backend = "PostgreSQL" if dbs.url else "SQLite"
+    workers = [int(w) for w in args.workers.split(",")]
+    shard_size = args.shard_size or max(100, args.orgs // 8)
     print(
         f"audit benchmark: {args.orgs} organizations x {args.profiles} profiles, "
         f"rate {args.rate:g} per kind, {backend}, median of {args.repeat}"
+        + (f", shards of {shard_size} when fanned out" if any(workers) else "")
     )
     dbs.fresh_template()
     started = time.perf_counter()
@@ -134,30 +157,57 @@ def orchestrate(args: argparse.Namespace) -> None:
     )
     print()
     print(
-        f"{'phase':<6}{'wall s (median)':>17}{'min':>8}{'max':>8}{'queries':>9}"
-        f"{'peak RSS MB':>13}{'found':>8}{'fixed':>8}"
+        f"{'phase':<6}{'where':<14}{'wall s (median)':>16}{'min':>7}{'max':>7}{'queries':>9}"
+        f"{'peak RSS MB':>12}{'found':>8}{'fixed':>8}{'x floor':>9}"
     )
+    floor: dict[str, float] = {}
     try:
+        if dbs.url:
+            for mode in ("dry", "fix"):
+                walls = []
+                for _ in range(args.repeat):
+                    dbs.copy_for_run()
+                    result = _child(dbs.env(template=False), "_measure", args, mode=f"floor-{mode}")
+                    walls.append(result["wall_seconds"])
+                floor[mode] = statistics.median(walls)
+                print(
+                    f"{mode:<6}{'set-based SQL':<14}{floor[mode]:>16.2f}{min(walls):>7.2f}"
+                    f"{max(walls):>7.2f}{'':>9}{'':>12}{result['found']:>8}{result['fixed']:>8}"
+                    f"{1:>9.1f}"
+                )
         for mode in ("dry", "fix"):
-            results = []
-            for _ in range(args.repeat):
-                dbs.copy_for_run()
-                results.append(_child(dbs.env(template=False), "_measure", args, mode=mode))
-            walls = [r["wall_seconds"] for r in results]
-            last = results[-1]
-            print(
-                f"{mode:<6}{statistics.median(walls):>17.2f}{min(walls):>8.2f}{max(walls):>8.2f}"
-                f"{last['queries']:>9}{statistics.median(r['peak_rss_mb'] for r in results):>13.0f}"
-                f"{last['found']:>8}{last['fixed']:>8}"
-            )
-            if mode == "fix":
-                print(f"after the fix, a dry run finds {last['found_after_fix']}")
+            for n in workers:
+                results = []
+                for _ in range(args.repeat):
+                    dbs.copy_for_run()
+                    env = dbs.env(template=False)
+                    extra = ["--workers", str(n), "--shard-size", str(shard_size)]
+                    results.append(_child(env, "_measure", args, mode=mode, extra=extra))
+                walls = [r["wall_seconds"] for r in results]
+                last = results[-1]
+                where = "in-process" if n == 0 else f"{n} worker proc"
+                ratio = f"{statistics.median(walls) / floor[mode]:>9.1f}" if mode in floor else ""
+                queries = str(last["queries"]) if n == 0 else "-"
+                print(
+                    f"{mode:<6}{where:<14}{statistics.median(walls):>16.2f}{min(walls):>7.2f}"
+                    f"{max(walls):>7.2f}{queries:>9}"
+                    f"{statistics.median(r['peak_rss_mb'] for r in results):>12.0f}"
+                    f"{last['found']:>8}{last['fixed']:>8}{ratio}"
+                )
+                if mode == "fix":
+                    print(f"  after that fix, a dry run finds {last['found_after_fix']}")
     finally:
         if not args.keep:
             dbs.drop()
 
 
-def _child(env: dict[str, str], command: str, args: argparse.Namespace, mode: str = "") -> dict:
+def _child(
+    env: dict[str, str],
+    command: str,
+    args: argparse.Namespace,
+    mode: str = "",
+    extra: list[str] | None = None,
+) -> dict:
     cmd = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -165,6 +215,7 @@ def _child(env: dict[str, str], command: str, args: argparse.Namespace, mode: st
         f"--orgs={args.orgs}",
         f"--profiles={args.profiles}",
         f"--rate={args.rate}",
+        *(extra or []),
     ]
     if mode:
         cmd.append(f"--mode={mode}")
@@ -318,13 +369,26 @@ def build(orgs: int, profiles: int, rate: float) -> None:
     )
 
 
-def measure(mode: str) -> None:
+def measure(mode: str, *, workers: int, shard_size: int) -> None:
+    """One measured run, in a process of its own: ``dry``/``fix`` in-process (workers 0) or
+    fanned out over a worker with ``workers`` processes, or the set-based floor."""
+    if workers:
+        os.environ["REDIS_URL"] = BENCH_REDIS_URL
+        os.environ["PROFILE_AUDIT_SHARD_SIZE"] = str(shard_size)
     _setup_django()
     import resource
 
     from django.db import connection
 
-    from profiles.services.audit import ProfileConnectionAuditService
+    from audit_project.celery import app
+
+    if mode.startswith("floor-"):
+        _measure_floor(mode.removeprefix("floor-"))
+        return
+    # Sync jobs for missing profiles are sent (to the in-memory broker, or to Redis where no
+    # worker takes the `celery` queue), not run: other workers run them in production.
+    app.conf.task_always_eager = False
+    from profiles.services.audit import AuditRequest, run_audit, send_shards, start_run
 
     queries = 0
 
@@ -333,22 +397,124 @@ def measure(mode: str) -> None:
         queries += 1
         return execute(sql, params, many, context)
 
-    service = ProfileConnectionAuditService()
-    with connection.execute_wrapper(count):
-        started = time.perf_counter()
-        report = service.run_audit_for_all_orgs(fix=mode == "fix", force=False)
-        wall = time.perf_counter() - started
+    request = AuditRequest(fix=mode == "fix")
+    if workers:
+        _flush_bench_redis()
+        worker = _start_worker(workers)
+        try:
+            started = time.perf_counter()
+            run = start_run(request)
+            send_shards(run)
+            while run.status == "running":
+                time.sleep(0.05)
+                run.refresh_from_db()
+            wall = time.perf_counter() - started
+        finally:
+            _stop_worker(worker)
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    else:
+        with connection.execute_wrapper(count):
+            started = time.perf_counter()
+            run = run_audit(request).run
+            wall = time.perf_counter() - started
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result = {
         "wall_seconds": wall,
         "queries": queries,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "found": report.run.found,
-        "fixed": report.run.fixed,
-        "status": report.run.status,
+        "peak_rss_mb": peak,
+        "found": run.found,
+        "fixed": run.fixed,
+        "status": run.status,
     }
     if mode == "fix":
-        result["found_after_fix"] = service.run_audit_for_all_orgs().run.found
+        _run_sync_jobs(run)
+        os.environ.pop("REDIS_URL", None)
+        result["found_after_fix"] = run_audit(AuditRequest()).run.found
     print(json.dumps(result))
+
+
+def _measure_floor(mode: str) -> None:
+    from django.db import connection
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from setbased import count_findings, fix_setbased
+
+    from profiles.models import AuditRun
+
+    started = time.perf_counter()
+    if mode == "dry":
+        counts = count_findings(connection)
+        found, fixed = sum(counts.values()), 0
+    else:
+        run = AuditRun.objects.create(trigger="command", fix=True)
+        started = time.perf_counter()
+        counts = fix_setbased(connection, run_id=run.id)
+        found = fixed = sum(counts.values())
+    wall = time.perf_counter() - started
+    print(json.dumps({"wall_seconds": wall, "found": found, "fixed": fixed}))
+
+
+def _run_sync_jobs(run) -> None:
+    """What the sync workers would do after the fix: create the missing profiles."""
+    from profiles.models import AuditFinding
+    from profiles.services.sync import sync_profile
+
+    for org, platform, external_id in AuditFinding.objects.filter(
+        run=run, type="missing", outcome="fixed"
+    ).values_list("organization_id", "platform", "external_id"):
+        sync_profile(organization_id=org, platform=platform, external_id=external_id)
+
+
+def _flush_bench_redis() -> None:
+    import redis
+
+    client = redis.Redis.from_url(BENCH_REDIS_URL)
+    client.flushdb()
+    client.close()
+
+
+def _start_worker(processes: int) -> subprocess.Popen:
+    """A prefork worker on `maintenance` only (sync jobs wait in `celery`, as in measure())."""
+    from audit_project.celery import app
+
+    node = f"bench-{os.getpid()}@localhost"
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "audit_project",
+            "worker",
+            "-Q",
+            "maintenance",
+            "--pool",
+            "prefork",
+            "--concurrency",
+            str(processes),
+            "-n",
+            node,
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            "-l",
+            "warning",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "audit_project.settings"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while not app.control.ping(destination=[node], timeout=0.5):
+        if worker.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit("the benchmark's worker did not start")
+    return worker
+
+
+def _stop_worker(worker: subprocess.Popen) -> None:
+    worker.send_signal(signal.SIGTERM)
+    worker.wait(timeout=60)
 
 
 if __name__ == "__main__":

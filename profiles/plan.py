@@ -13,7 +13,8 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from functools import cached_property
+from typing import Any, NamedTuple
 from uuid import UUID
 
 from connections.models import ConnectionStatus
@@ -58,8 +59,7 @@ def types_for_scopes(scopes: Iterable[str] | None) -> frozenset[FindingType]:
 # --- The snapshot -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class ConnectionRow:
+class ConnectionRow(NamedTuple):
     id: UUID
     status: str
     deleted_at: datetime | None
@@ -71,8 +71,7 @@ class ConnectionRow:
         return self.deleted_at is None and self.status == ConnectionStatus.ACTIVE
 
 
-@dataclass(frozen=True, slots=True)
-class AssetRow:
+class AssetRow(NamedTuple):
     """A *selected* asset on one of O's connections (unselected ones never matter)."""
 
     id: UUID
@@ -87,8 +86,7 @@ class AssetRow:
         return ASSET_TYPE_PLATFORM.get(self.asset_type)
 
 
-@dataclass(frozen=True, slots=True)
-class ProfileRow:
+class ProfileRow(NamedTuple):
     id: UUID
     connection_id: UUID | None
     platform: str
@@ -104,16 +102,14 @@ class ProfileRow:
         return self.deleted_at is None
 
 
-@dataclass(frozen=True, slots=True)
-class QueueSettingRow:
+class QueueSettingRow(NamedTuple):
     """An *alive* queue setting of O."""
 
     id: UUID
     profile_id: UUID
 
 
-@dataclass(frozen=True, slots=True)
-class BoostRuleRow:
+class BoostRuleRow(NamedTuple):
     """An *alive* boost rule of O; ``profile_ids`` is whatever JSON the row holds."""
 
     id: UUID
@@ -132,8 +128,17 @@ class OrgSnapshot:
     boost_rules: Sequence[BoostRuleRow] = ()
 
     def is_live(self, connection_id: UUID | None) -> bool:
-        connection = self.connections.get(connection_id) if connection_id else None
-        return connection is not None and connection.live
+        return connection_id in self.live_connection_ids
+
+    @cached_property
+    def live_connection_ids(self) -> frozenset[UUID]:
+        """O's live connections (asked about for every asset and profile: computed once)."""
+        return frozenset(id_ for id_, c in self.connections.items() if c.live)
+
+    @cached_property
+    def alive_profiles(self) -> list[ProfileRow]:
+        """O's alive profiles by id (read by several finders: sorted once)."""
+        return sorted((p for p in self.profiles if p.deleted_at is None), key=lambda p: p.id)
 
 
 # --- Selection ----------------------------------------------------------------------------------
@@ -154,21 +159,27 @@ def selected_keys(snapshot: OrgSnapshot) -> dict[Key, SelectedKey]:
     The backing connection is the live selecting connection created first (ties: smallest id).
     """
     by_key: dict[Key, list[tuple[datetime, UUID, AssetRow]]] = {}
+    live = snapshot.live_connection_ids
+    connections = snapshot.connections
     for asset in snapshot.selected_assets:
-        platform = asset.platform
-        if platform is None or not snapshot.is_live(asset.connection_id):
+        platform = ASSET_TYPE_PLATFORM.get(asset.asset_type)
+        if platform is None or asset.connection_id not in live:
             continue
-        connection = snapshot.connections[asset.connection_id]
+        connection = connections[asset.connection_id]
         by_key.setdefault((platform, asset.external_id), []).append(
             (connection.created_at, connection.id, asset)
         )
     selection = {}
     for key, candidates in by_key.items():
-        _, backing_id, _ = min(candidates, key=lambda c: (c[0], c[1]))
-        # Two rows of the same asset on one connection: the older one names the profile.
-        backing_asset = min(
-            (c[2] for c in candidates if c[1] == backing_id), key=lambda a: (a.created_at, a.id)
-        )
+        if len(candidates) == 1:  # the common case: one selecting asset
+            _, backing_id, backing_asset = candidates[0]
+        else:
+            _, backing_id, _ = min(candidates, key=lambda c: (c[0], c[1]))
+            # Two rows of the same asset on one connection: the older one names the profile.
+            backing_asset = min(
+                (c[2] for c in candidates if c[1] == backing_id),
+                key=lambda a: (a.created_at, a.id),
+            )
         selection[key] = SelectedKey(
             key=key,
             backing_connection_id=backing_id,
@@ -244,7 +255,7 @@ MODELS: dict[FindingType, str] = {
 
 
 def _alive_profiles(snapshot: OrgSnapshot) -> list[ProfileRow]:
-    return sorted((p for p in snapshot.profiles if p.alive), key=lambda p: p.id)
+    return snapshot.alive_profiles
 
 
 def find_orphaned_profiles(

@@ -15,6 +15,7 @@ from typing import Any
 from boosts.models import BoostRule
 from profiles.models import FindingType, SocialProfile
 from profiles.plan import Finding
+from profiles.services.bulk import update_rows
 from profiles.services.soft_delete import ProfileSoftDeleteService, to_json
 from queues.models import QueueSetting
 
@@ -95,12 +96,11 @@ def apply_profile_findings(
     deletions = [f for f in findings if f.soft_deletes_profile]
     soft_deleter.soft_delete_profiles(profile_ids=[f.object_id for f in deletions], now=now)
 
-    relinks = [
-        SocialProfile(id=f.object_id, connection_id=f.target_connection_id)
-        for f in findings
-        if f.type == FindingType.RELINK
-    ]
-    SocialProfile.objects.bulk_update(relinks, ["connection_id"], batch_size=1000)
+    update_rows(
+        SocialProfile,
+        ["connection_id"],
+        [(f.object_id, f.target_connection_id) for f in findings if f.type == FindingType.RELINK],
+    )
 
     restores = [f for f in findings if f.type == FindingType.RESTORE]
     restored_settings = soft_deleter.restore_profiles(
@@ -122,10 +122,13 @@ def apply_cleanup_findings(findings: Sequence[Finding], *, now: datetime) -> lis
     QueueSetting.objects.alive().filter(
         id__in=[f.object_id for f in findings if f.type == FindingType.STALE_QUEUE_SETTING]
     ).update(deleted_at=now)
-    rules = [
-        BoostRule(id=f.object_id, profile_ids=list(f.kept_profile_ids))
-        for f in findings
-        if f.type == FindingType.INVALID_BOOST_REF
-    ]
-    BoostRule.objects.bulk_update(rules, ["profile_ids"], batch_size=500)
+    update_rows(
+        BoostRule,
+        ["profile_ids"],
+        [
+            (f.object_id, list(f.kept_profile_ids))
+            for f in findings
+            if f.type == FindingType.INVALID_BOOST_REF
+        ],
+    )
     return [planned_change(f, now=now) for f in findings]

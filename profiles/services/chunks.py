@@ -27,7 +27,6 @@ from profiles.plan import (
     Guard,
     OrgPlan,
     find_cleanup_findings,
-    find_profile_findings,
     plan_organization,
 )
 from profiles.selectors import load_snapshots
@@ -237,18 +236,18 @@ def _fix_in_one_transaction(
         decisions: list[Finding] = []
         cleanup: list[Finding] = []
         for plan in plans:
+            if not plan.findings:
+                decided.append((plan, []))
+                continue
             snapshot = fresh[plan.organization_id]
-            # The guard is judged again on what is there now, under the lock.
-            guarded = plan.guarded or (
-                bool(plan.findings)
-                and plan_organization(snapshot, types=types, guard=guard).guarded
-            )
-            if guarded:
+            # What holds now, under the lock; the guard is judged again on it.
+            now_plan = plan_organization(snapshot, types=types, guard=guard)
+            if plan.guarded or now_plan.guarded:
                 decided.append(
                     (plan, [(f, FindingOutcome.GUARDED, GUARDED) for f in plan.findings])
                 )
                 continue
-            still = set(find_profile_findings(snapshot, types))
+            still = set(now_plan.profile_findings)
             org_decisions = [f for f in plan.profile_findings if f in still]
             still_cleanup = set(find_cleanup_findings(snapshot, org_decisions, types))
             org_cleanup = [f for f in plan.cleanup_findings if f in still_cleanup]

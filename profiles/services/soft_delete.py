@@ -9,6 +9,7 @@ from uuid import UUID
 from profiles.models import AuditFinding, FindingAction, FindingOutcome, FindingType, SocialProfile
 from profiles.plan import selected_keys
 from profiles.selectors import load_key_snapshot
+from profiles.services.bulk import update_rows
 from queues.models import QueueSetting
 
 
@@ -45,13 +46,13 @@ class ProfileSoftDeleteService:
         if not connection_by_profile:
             return {}
         # One statement for any number of profiles (a chunk of organizations restores many).
-        SocialProfile.objects.bulk_update(
-            [
-                SocialProfile(id=profile_id, connection_id=connection_id, deleted_at=None)
-                for profile_id, connection_id in connection_by_profile.items()
-            ],
+        update_rows(
+            SocialProfile,
             ["deleted_at", "connection_id"],
-            batch_size=1000,
+            [
+                (profile_id, None, connection)
+                for profile_id, connection in connection_by_profile.items()
+            ],
         )
         return self.restore_queue_settings(profile_ids=list(connection_by_profile))
 
