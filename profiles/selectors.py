@@ -238,16 +238,18 @@ def boost_rule_states(
     }
 
 
-def existing_connection_ids(
-    *, organization_id: UUID, connection_ids: Collection[UUID]
-) -> set[UUID]:
-    """Which of these ids are connections of the organization (alive or soft-deleted)."""
+def connection_organizations(*, connection_ids: Collection[UUID]) -> dict[UUID, UUID]:
+    """{connection id: its organization} for those of these connections that still exist.
+
+    A revert asks about the connections its findings name; another organization's is never
+    written back (rule 5), and its owner is read only to say so instead of calling it gone.
+    """
     if not connection_ids:
-        return set()
-    return set(
-        PlatformConnection.objects.filter(
-            organization_id=organization_id, id__in=list(connection_ids)
-        ).values_list("id", flat=True)
+        return {}
+    return dict(
+        PlatformConnection.objects.filter(id__in=list(connection_ids)).values_list(
+            "id", "organization_id"
+        )
     )
 
 
