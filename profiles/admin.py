@@ -96,10 +96,7 @@ class RunFilter(InputFilter):
     parameter_name = "run"
     placeholder = "run id"
 
-    def queryset(self, request, queryset):
-        value = (self.value() or "").strip()
-        if not value:
-            return queryset
+    def filter_typed(self, queryset, value):
         try:
             return queryset.filter(run_id=uuid.UUID(value))
         except ValueError:

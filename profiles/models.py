@@ -251,3 +251,33 @@ class AuditFinding(models.Model):
     @property
     def fixed(self) -> bool:
         return self.outcome == FindingOutcome.FIXED
+
+
+class StaleQueueSettingDeletion(models.Model):
+    """A queue setting an audit soft-deleted because its profile was dead, kept apart from the
+    ``stale_queue_setting`` finding that recorded it when retention prunes that finding's run.
+
+    Restoring the profile (the audit's ``restore``, the sync unit, a revert) brings such a
+    setting back however long ago it was deleted (DESIGN "Nothing is lost"); it recognises one
+    by this record or by the finding, and only while the setting's ``deleted_at`` is still the
+    one the audit left (anything else means someone touched it since).
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    # Looked up by setting: the unique constraint's index leads with it.
+    queue_setting = models.ForeignKey(
+        "queues.QueueSetting", on_delete=models.CASCADE, related_name="+", db_index=False
+    )
+    deleted_at = models.DateTimeField(help_text="The setting's deleted_at as the audit left it.")
+    run_id = models.UUIDField(help_text="The run that deleted it (its record has been pruned).")
+    recorded_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["queue_setting", "deleted_at"], name="one_record_per_setting_deletion"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"Queue setting {self.queue_setting_id} deleted at {self.deleted_at} by run {self.run_id}"

@@ -15,7 +15,14 @@ from boosts.models import BoostRule
 from connections.models import ConnectionAsset, PlatformConnection
 from connections.platforms import PLATFORM_ASSET_TYPE
 from orgs.models import Organization
-from profiles.models import AuditFinding, AuditRun, FindingOutcome, SocialProfile
+from profiles.models import (
+    AuditFinding,
+    AuditRun,
+    FindingAction,
+    FindingOutcome,
+    FindingType,
+    SocialProfile,
+)
 from profiles.plan import (
     AssetRow,
     BoostRuleRow,
@@ -337,16 +344,18 @@ def boost_rule_states(
     }
 
 
-def existing_connection_ids(
-    *, organization_id: UUID, connection_ids: Collection[UUID]
-) -> set[UUID]:
-    """Which of these ids are connections of the organization (alive or soft-deleted)."""
+def connection_organizations(*, connection_ids: Collection[UUID]) -> dict[UUID, UUID]:
+    """{connection id: its organization} for those of these connections that still exist.
+
+    A revert asks about the connections its findings name; another organization's is never
+    written back (rule 5), and its owner is read only to say so instead of calling it gone.
+    """
     if not connection_ids:
-        return set()
-    return set(
-        PlatformConnection.objects.filter(
-            organization_id=organization_id, id__in=list(connection_ids)
-        ).values_list("id", flat=True)
+        return {}
+    return dict(
+        PlatformConnection.objects.filter(id__in=list(connection_ids)).values_list(
+            "id", "organization_id"
+        )
     )
 
 
@@ -388,3 +397,20 @@ def prunable_runs(*, cutoff: datetime) -> QuerySet[AuditRun]:
             | Q(organization__isnull=True, later_all=True)
         )
     )
+
+
+def stale_queue_setting_deletions(
+    *, run_ids: Collection[UUID], after_finding: UUID | None, limit: int
+) -> list[tuple[UUID, UUID, object, UUID]]:
+    """What these runs' fixed ``stale_queue_setting`` findings soft-deleted, one page of at
+    most ``limit`` (keyset on the finding id): (finding id, queue setting id, the finding's
+    ``after``, run id), for settings that still exist."""
+    findings = AuditFinding.objects.filter(
+        run_id__in=list(run_ids),
+        type=FindingType.STALE_QUEUE_SETTING,
+        action=FindingAction.SOFT_DELETE,
+        outcome=FindingOutcome.FIXED,
+    ).filter(Exists(QueueSetting.objects.filter(id=OuterRef("object_id"))))
+    if after_finding is not None:
+        findings = findings.filter(id__gt=after_finding)
+    return list(findings.order_by("id").values_list("id", "object_id", "after", "run_id")[:limit])

@@ -1,5 +1,5 @@
 """Retention: old runs and their findings are pruned in batches, never the latest run of an
-organization (nor the latest all-organization run)."""
+organization (nor the latest all-organization run), and never what a restore still needs."""
 
 import json
 from datetime import timedelta
@@ -10,12 +10,33 @@ from celery.schedules import crontab
 from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import CommandError
+from django.db import DatabaseError
+from django.db.models import QuerySet
 from django.utils import timezone
 
-from profiles.models import AuditFinding, AuditRun, AuditTrigger, FindingOutcome
+from connections.models import ConnectionAsset
+from connections.services import set_asset_selection
+from profiles.models import (
+    AuditFinding,
+    AuditRun,
+    AuditTrigger,
+    FindingOutcome,
+    FindingType,
+    SocialProfile,
+    StaleQueueSettingDeletion,
+)
+from profiles.services.audit import ProfileConnectionAuditService
 from profiles.services.retention import prune_audit_runs
+from profiles.services.revert import revert_run
 from profiles.tasks import prune_audit_runs_task
-from tests.factories import OrganizationFactory
+from queues.models import QueueSetting
+from tests.factories import (
+    AssetFactory,
+    OrganizationFactory,
+    ProfileFactory,
+    QueueSettingFactory,
+    profile_for,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -124,3 +145,127 @@ def test_the_command_prunes_and_reports():
     assert remaining() == {latest.id}
     with pytest.raises(CommandError, match="at least 1"):
         call_command("prune_audit_runs", "--days", "0", stdout=StringIO())
+
+
+# --- What a restore needs outlives the run that recorded it --------------------------------
+
+
+def scheduled_fix(*, days_ago: float) -> AuditRun:
+    """An all-organization fixing run, as beat sends it, started ``days_ago``."""
+    run = (
+        ProfileConnectionAuditService()
+        .run_audit_for_all_orgs(fix=True, trigger=AuditTrigger.SCHEDULE)
+        .run
+    )
+    AuditRun.objects.filter(id=run.id).update(started_at=timezone.now() - timedelta(days=days_ago))
+    return run
+
+
+def alive_settings(org) -> set:
+    return set(QueueSetting.objects.filter(organization=org).alive().values_list("id", flat=True))
+
+
+@pytest.fixture
+def pruned_deletion():
+    """Only scheduled runs touch this organization. An old one soft-deleted its deselected
+    profile and, as stale, two of the profile's queue settings; a later scheduled run exists,
+    so retention prunes the old one. Two settings must stay dead whatever happens: one a user
+    deleted, one the audit deleted and a user touched since."""
+    asset = AssetFactory(is_selected=False)
+    org = asset.connection.organization
+    profile = profile_for(asset)
+    by_audit = [QueueSettingFactory(profile=profile, name=f"by audit {n}") for n in range(2)]
+    touched = QueueSettingFactory(profile=profile, name="touched since")
+    by_user = QueueSettingFactory(
+        profile=profile, name="by user", deleted_at=timezone.now() - timedelta(days=300)
+    )
+    deleting = scheduled_fix(days_ago=200)
+    assert deleting.by_type[FindingType.STALE_QUEUE_SETTING]["fixed"] == 3
+    QueueSetting.objects.filter(id=touched.id).update(deleted_at=timezone.now())
+    scheduled_fix(days_ago=100)
+
+    report = prune_audit_runs(older_than_days=90, batch_size=1)
+
+    assert deleting.id not in remaining()
+    assert not AuditFinding.objects.filter(run_id=deleting.id).exists()
+    assert report.queue_setting_deletions_kept == 3
+    return {
+        "asset": asset,
+        "org": org,
+        "profile": profile,
+        "by_audit": {s.id for s in by_audit},
+        "stay_dead": {touched.id, by_user.id},
+    }
+
+
+def test_reconnecting_after_retention_pruned_the_deleting_run_brings_the_queue_settings_back(
+    pruned_deletion,
+):
+    state = pruned_deletion
+    asset = state["asset"]
+
+    result = set_asset_selection(connection=asset.connection, asset_ids=[asset.id], selected=True)
+
+    assert result[("facebook", asset.external_id)].action == "restored"
+    assert alive_settings(state["org"]) == state["by_audit"]
+
+
+def test_the_audit_restore_after_retention_pruned_the_deleting_run_brings_the_settings_back(
+    pruned_deletion,
+):
+    state = pruned_deletion
+    ConnectionAsset.objects.filter(id=state["asset"].id).update(is_selected=True)
+    dry = ProfileConnectionAuditService().run_full_audit(org_id=state["org"].id).run
+    planned = dry.findings.get(type=FindingType.RESTORE)
+
+    run = ProfileConnectionAuditService().run_full_audit(org_id=state["org"].id, fix=True).run
+
+    assert alive_settings(state["org"]) == state["by_audit"]
+    restore = run.findings.get(type=FindingType.RESTORE)
+    assert set(restore.before["queue_settings"]) == {str(i) for i in state["by_audit"]}
+    assert planned.before == restore.before  # the dry run planned the same
+
+
+def test_a_revert_after_retention_pruned_the_deleting_run_brings_the_settings_back():
+    """An old scheduled run deleted a dead profile's setting as stale; someone brought the
+    profile back by hand; a later run deleted it as orphaned. Retention prunes the first run;
+    reverting the last restores the profile and, still, the setting the first one deleted."""
+    profile = ProfileFactory(deleted_at=timezone.now() - timedelta(days=300))
+    org = profile.organization
+    setting = QueueSettingFactory(profile=profile)
+    by_user = QueueSettingFactory(profile=profile, deleted_at=timezone.now() - timedelta(days=9))
+    deleting = scheduled_fix(days_ago=200)
+    SocialProfile.objects.filter(id=profile.id).update(deleted_at=None)
+    orphaning = ProfileConnectionAuditService().run_full_audit(org_id=org.id, fix=True).run
+    assert orphaning.by_type[FindingType.ORPHANED]["fixed"] == 1
+    scheduled_fix(days_ago=100)
+    prune_audit_runs(older_than_days=90)
+    assert deleting.id not in remaining()
+
+    revert_run(run_id=orphaning.id, fix=True)
+
+    profile.refresh_from_db()
+    assert profile.deleted_at is None
+    assert alive_settings(org) == {setting.id}
+    assert by_user.id not in alive_settings(org)
+
+
+def test_a_prune_cut_short_finishes_when_run_again_and_keeps_each_deletion_once(monkeypatch):
+    asset = AssetFactory(is_selected=False)
+    setting = QueueSettingFactory(profile=profile_for(asset))
+    scheduled_fix(days_ago=200)
+    scheduled_fix(days_ago=100)
+
+    def connection_lost(queryset):
+        raise DatabaseError("server closed the connection unexpectedly")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(QuerySet, "delete", connection_lost)
+        with pytest.raises(DatabaseError):
+            prune_audit_runs(older_than_days=90)
+    report = prune_audit_runs(older_than_days=90)
+
+    assert report.runs_deleted == 1
+    assert StaleQueueSettingDeletion.objects.filter(queue_setting=setting).count() == 1
+    set_asset_selection(connection=asset.connection, asset_ids=[asset.id], selected=True)
+    assert alive_settings(asset.connection.organization) == {setting.id}

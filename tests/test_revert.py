@@ -332,6 +332,88 @@ def test_a_revert_only_touches_the_reverted_runs_organization(fix):
     ]
 
 
+# --- Connections a revert may not point at ------------------------------------------------
+
+
+def test_reverting_a_restore_from_another_organizations_connection_puts_back_the_rest(fix):
+    """The profile dies again as the run found it, its queue setting with it; its connection
+    stays inside the organization, and the revert says why; reverting the revert is exact."""
+    asset = AssetFactory(is_selected=False)
+    org = asset.connection.organization
+    foreign = ConnectionFactory()  # another organization's
+    profile = profile_for(asset, connection=foreign, deleted_at=timezone.now())
+    setting = QueueSettingFactory(profile=profile)
+    fix(org)  # the setting of the dead profile goes as stale
+    before_restore = domain_state()
+    asset.is_selected = True
+    asset.save()
+    run = fix(org).run
+    assert run.by_type[FindingType.RESTORE]["fixed"] == 1
+    after_fix = domain_state()
+    assert setting.id in QueueSetting.objects.alive().values_list("id", flat=True)
+
+    report = revert(run)
+
+    assert report.put_back == 1 and report.conflicts == 0
+    row = report.run.findings.get()
+    assert row.outcome == FindingOutcome.FIXED
+    assert "belongs to another organization" in row.detail
+    assert f"stays on connection {asset.connection_id}" in row.detail
+    assert "connection_id" not in row.before and "connection_id" not in row.after
+    was = before_restore["profiles"][profile.id][-1]  # its deleted_at
+    expected = dict(before_restore)
+    expected["profiles"] = {
+        **before_restore["profiles"],
+        profile.id: (org.id, asset.connection_id, "facebook", asset.external_id, was),
+    }
+    assert domain_state() == expected
+
+    redo = revert(report.run)
+
+    assert redo.put_back == 1 and redo.conflicts == 0
+    assert domain_state() == after_fix
+
+
+def test_reverting_a_relink_from_another_organizations_connection_says_why_it_stays(fix):
+    asset = AssetFactory()
+    org = asset.connection.organization
+    foreign = ConnectionFactory()
+    profile = profile_for(asset, connection=foreign)
+    run = fix(org).run
+    assert run.by_type[FindingType.RELINK]["fixed"] == 1
+    after_fix = domain_state()
+
+    report = revert(run)
+
+    row = report.run.findings.get()
+    assert row.outcome == FindingOutcome.CONFLICT
+    assert f"connection {foreign.id} belongs to another organization" in row.detail
+    assert "no longer exists" not in row.detail
+    profile.refresh_from_db()
+    assert profile.connection_id == asset.connection_id
+    assert domain_state() == after_fix
+
+
+def test_reverting_a_restore_whose_old_connection_is_gone_puts_back_the_rest(fix):
+    asset = AssetFactory()
+    org = asset.connection.organization
+    old = ConnectionFactory(organization=org, status=ConnectionStatus.REVOKED)
+    deleted_at = timezone.now() - timedelta(days=2)
+    profile = profile_for(asset, connection=old, deleted_at=deleted_at)
+    run = fix(org).run
+    assert run.by_type[FindingType.RESTORE]["fixed"] == 1
+    old_id = old.id
+    old.delete()  # a hard delete, after the run
+
+    report = revert(run)
+
+    profile.refresh_from_db()
+    assert (profile.deleted_at, profile.connection_id) == (deleted_at, asset.connection_id)
+    row = report.run.findings.get()
+    assert row.outcome == FindingOutcome.FIXED
+    assert f"connection {old_id} no longer exists" in row.detail
+
+
 # --- Dry run and rejections ------------------------------------------------------------------
 
 

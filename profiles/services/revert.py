@@ -35,7 +35,7 @@ from profiles.plan import Key
 from profiles.selectors import (
     ProfileState,
     boost_rule_states,
-    existing_connection_ids,
+    connection_organizations,
     fixed_findings_newest_first,
     profile_states,
     queue_setting_states,
@@ -388,21 +388,55 @@ class _OrganizationRevert:
                 return _Decision(
                     f, CONFLICT, f"another alive profile ({holder}) holds {platform}:{external_id}"
                 )
-        connection_id = before.get("connection_id")
-        if connection_id and not self.objects.connection_exists(UUID(connection_id)):
-            return _Decision(f, CONFLICT, f"connection {connection_id} no longer exists")
+        put_back, connection_stays = self._without_foreign_connection(
+            before, stays_on=current.get("connection_id")
+        )
+        if connection_stays and not put_back:
+            # A relink changed nothing but the connection: nothing of it can be put back.
+            return _Decision(f, CONFLICT, f"not put back: {connection_stays}")
 
         decision = _Decision(
             f,
             PUT_BACK,
-            "put back",
-            before={k: current[k] for k in before},
-            after=dict(before),
+            f"put back {', '.join(put_back)}; {connection_stays}"
+            if connection_stays
+            else "put back",
+            # Only what is written back is recorded, so reverting this revert is exact too.
+            before={k: current[k] for k in put_back},
+            after=dict(put_back),
             restores_profile=f.object_id if restores_profile else None,
         )
-        self.objects.change(f.model, f.object_id, before)
+        self.objects.change(f.model, f.object_id, put_back)
         self._put_back_settings(decision, f)
         return decision
+
+    def _without_foreign_connection(
+        self, before: dict[str, Any], *, stays_on: str | None
+    ) -> tuple[dict[str, Any], str]:
+        """``before`` without a connection a revert may not point the profile at, and why the
+        profile stays on ``stays_on`` (empty when nothing is left out).
+
+        A connection of another organization stays out (DESIGN rule 5: a revert never points a
+        profile at another organization's connection); so does one deleted since the run, which
+        cannot be pointed at, and pointing at none would leave an alive profile without a
+        connection, the very thing the audit fixes. The rest of the finding (``deleted_at``) is
+        still put back: refusing it whole would leave alive a profile the run had restored.
+        """
+        connection_id = before.get("connection_id")
+        if not connection_id:
+            return before, ""
+        owner = self.objects.connection_organization(UUID(connection_id))
+        if owner == self.organization_id:
+            return before, ""
+        if owner is None:
+            why = f"connection {connection_id} no longer exists"
+        else:
+            why = (
+                f"connection {connection_id} belongs to another organization, and a revert "
+                "never points a profile at another organization's connection"
+            )
+        rest = {k: v for k, v in before.items() if k != "connection_id"}
+        return rest, f"{why}, so the profile stays on connection {stays_on}"
 
     def _put_back_settings(self, decision: _Decision, f: AuditFinding) -> None:
         """The queue settings a restore brought back with its profile go back with it."""
@@ -480,7 +514,8 @@ class _Objects:
         self.rows: dict[tuple[str, UUID], dict[str, Any] | None] = {}
         self.profiles_by_key: dict[Key, set[UUID]] = {}
         self.keys_loaded: set[Key] = set()
-        self.connections: dict[UUID, bool] = {}
+        # Connection id -> its organization, None once it no longer exists.
+        self.connections: dict[UUID, UUID | None] = {}
         self.dirty: set[tuple[str, UUID]] = set()
 
     def load(self, findings: list[AuditFinding]) -> None:
@@ -531,10 +566,8 @@ class _Objects:
         for id_ in ids[PROFILE]:
             self.rows.setdefault((PROFILE, id_), None)
         connections -= set(self.connections)
-        existing = existing_connection_ids(
-            organization_id=self.organization_id, connection_ids=connections
-        )
-        self.connections.update({c: c in existing for c in connections})
+        owners = connection_organizations(connection_ids=connections)
+        self.connections.update({c: owners.get(c) for c in connections})
 
     def _add_profile(self, profile: ProfileState) -> None:
         if (PROFILE, profile.id) in self.rows and self.rows[(PROFILE, profile.id)] is not None:
@@ -561,8 +594,8 @@ class _Objects:
                 return id_
         return None
 
-    def connection_exists(self, connection_id: UUID) -> bool:
-        return self.connections.get(connection_id, False)
+    def connection_organization(self, connection_id: UUID) -> UUID | None:
+        return self.connections.get(connection_id)
 
     def settings_restored_with(self, profile_ids: list[UUID]) -> dict[UUID, dict[str, str]]:
         """Dry run: what ``restore_queue_settings`` would bring back, given the decisions so

@@ -6,7 +6,14 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from uuid import UUID
 
-from profiles.models import AuditFinding, FindingAction, FindingOutcome, FindingType, SocialProfile
+from profiles.models import (
+    AuditFinding,
+    FindingAction,
+    FindingOutcome,
+    FindingType,
+    SocialProfile,
+    StaleQueueSettingDeletion,
+)
 from profiles.plan import selected_keys
 from profiles.selectors import load_key_snapshot
 from profiles.services.bulk import update_rows
@@ -75,14 +82,23 @@ class ProfileSoftDeleteService:
         )
         if not dead_settings:
             return {}
+        setting_ids = [s[0] for s in dead_settings]
         deleted_by_audit = set(
             (object_id, (after or {}).get("deleted_at"))
             for object_id, after in AuditFinding.objects.filter(
                 type=FindingType.STALE_QUEUE_SETTING,
                 action=FindingAction.SOFT_DELETE,
                 outcome=FindingOutcome.FIXED,
-                object_id__in=[s[0] for s in dead_settings],
+                object_id__in=setting_ids,
             ).values_list("object_id", "after")
+        )
+        # Retention prunes old findings but keeps these deletions apart: however old, they
+        # still come back with their profile.
+        deleted_by_audit.update(
+            (setting_id, to_json(deleted_at))
+            for setting_id, deleted_at in StaleQueueSettingDeletion.objects.filter(
+                queue_setting_id__in=setting_ids
+            ).values_list("queue_setting_id", "deleted_at")
         )
         restored: dict[UUID, dict[str, str]] = {}
         for setting_id, profile_id, deleted_at in dead_settings:
