@@ -176,7 +176,65 @@ def test_progress_goes_to_a_terminal_on_stderr(org):
         os.close(master)
         os.close(slave)
 
-    assert "audited 1/1 organizations" in shown
+    assert "audited 1/1 organizations (100 %)" in shown
+    assert "\x1b[" not in shown, "progress is plain text, not the error style"
+
+
+def test_exit_status_2_when_the_audit_cannot_run(org):
+    with pytest.raises(CommandError) as error:
+        run("--org", "not-a-uuid")
+    assert error.value.returncode == 2
+
+
+def test_dry_run_is_the_default_spelled_out_and_not_with_fix(org):
+    before = domain_state()
+    out, _ = run("--dry-run")
+    assert "Nothing was changed" in out
+    with pytest.raises(CommandError, match="--dry-run and --fix contradict") as error:
+        run("--dry-run", "--fix")
+    assert error.value.returncode == 2
+    assert domain_state() == before
+    assert AuditRun.objects.count() == 1  # only the explicit dry run
+
+
+def test_version_is_the_projects(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit):
+        call_command("profiles_audit_sync", "--version")
+    assert capsys.readouterr().out.strip() == version("profile-sync-audit")
+
+
+def test_json_has_a_schema_version_and_v2_carries_the_findings(org):
+    plain = json.loads(run("--format", "json")[0])
+    detailed = json.loads(run("--format", "json", "-v", "2")[0])
+
+    assert plain["schema_version"] == detailed["schema_version"] == 1
+    assert "findings" not in plain
+    findings = detailed["findings"]
+    assert len(findings) == detailed["totals"]["found"] == 3
+    assert {f["organization_name"] for f in findings} == {"Bakery"}
+    assert [f["seq"] for f in findings] == [1, 2, 3]
+    assert {f["type"] for f in findings} == {"deselected", "orphaned", "missing"}
+
+
+def test_text_output_names_organizations_next_to_their_ids(committed):
+    org = OrganizationFactory(name="Florist on Main")
+    expired = ConnectionFactory(organization=org, status=ConnectionStatus.EXPIRED)
+    for _ in range(6):
+        profile_for(AssetFactory(connection=expired))
+
+    out, _ = run("-v", "2")
+
+    assert f"Guarded: organization {org.id} (Florist on Main)" in out
+    assert f"org={org.id} (Florist on Main)" in out
+
+
+def test_no_warning_noise_before_the_report_for_unknown_asset_types(org, capsys):
+    AssetFactory(connection=ConnectionFactory(organization=org), asset_type="myspace_page")
+    out, err = run()
+    assert "unknown_asset_types" not in err + capsys.readouterr().err
+    assert out.startswith("Profile-connection sync audit")
 
 
 def test_no_progress_when_stderr_is_not_a_terminal(org):

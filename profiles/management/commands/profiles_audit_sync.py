@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import getpass
+import importlib.metadata
 import json
 import sys
 import time
@@ -24,6 +25,8 @@ from profiles.services.revert import RevertRejected, RevertReport, revert_run
 from profiles.services.run_lock import RunLockUnavailable
 
 LIST_ORGS_HINT = "list them with `python manage.py list_organizations`"
+# The shape of --format json; raised when a field changes meaning or goes away.
+JSON_SCHEMA_VERSION = 1
 # DESIGN "Operating it": 1 --check found issues left; 2 the audit could not run or was cut short;
 # 75 (sysexits.h EX_TEMPFAIL) another fixing run holds the lock, nothing was changed.
 EXIT_CHECK = 1
@@ -43,7 +46,19 @@ class Command(BaseCommand):
         "Every run is recorded (admin: Audit runs)."
     )
 
+    def get_version(self) -> str:
+        """``--version``: this project's version (Django's own is in ``django-admin version``)."""
+        try:
+            return importlib.metadata.version("profile-sync-audit")
+        except importlib.metadata.PackageNotFoundError:
+            return "unknown (the project is not installed: pip install -e .)"
+
     def add_arguments(self, parser):
+        parser.add_argument(
+            "--dry-run",
+            action="store_true",
+            help="Report the plan and change nothing: the default, spelled out. Not with --fix.",
+        )
         parser.add_argument(
             "--fix",
             action="store_true",
@@ -103,6 +118,11 @@ class Command(BaseCommand):
     def handle(
         self, *args, fix, org, scopes, output_format, force, check, verbosity, fan_out, **options
     ) -> None:
+        if fix and options["dry_run"]:
+            raise CommandError(
+                "--dry-run and --fix contradict each other; drop one (a dry run is the default)",
+                returncode=EXIT_FAILED,
+            )
         if options["revert"] is not None:
             self._reject_with_revert(org=org, scopes=scopes, force=force, fan_out=fan_out)
             report = self._revert(options["revert"], fix=fix)
@@ -137,7 +157,10 @@ class Command(BaseCommand):
 
         run = report.run
         if output_format == "json":
-            self.stdout.write(json.dumps(report.as_json()))
+            document = {"schema_version": JSON_SCHEMA_VERSION, **report.as_json()}
+            if verbosity >= 2:
+                document["findings"] = list(_findings_json(run.id))
+            self.stdout.write(json.dumps(document))
         if run.status == AuditStatus.SKIPPED:
             self.stderr.write(
                 f"skipped: {run.error}; nothing was changed (run {run.id} recorded as skipped)"
@@ -220,19 +243,20 @@ class Command(BaseCommand):
         if verbosity >= 2 and report.findings_recorded:
             self._write_findings(run.id)
 
-        for org in report.organizations:
+        flagged = [o for o in report.organizations if o.guarded or o.error]
+        names = _organization_names(o.organization_id for o in flagged)
+        for org in flagged:
+            label = f"{org.organization_id} ({names.get(org.organization_id, 'deleted')})"
             if org.guarded:
                 out.write(
                     self.style.WARNING(
-                        f"Guarded: organization {org.organization_id} — the plan would "
+                        f"Guarded: organization {label} — the plan would "
                         "soft-delete too many of its profiles; nothing fixed there "
                         "(--force overrides)."
                     )
                 )
             if org.error:
-                out.write(
-                    self.style.ERROR(f"Failed: organization {org.organization_id}: {org.error}")
-                )
+                out.write(self.style.ERROR(f"Failed: organization {label}: {org.error}"))
         status_style = {
             AuditStatus.SUCCEEDED: self.style.SUCCESS,
             AuditStatus.PARTIAL: self.style.WARNING,
@@ -246,6 +270,7 @@ class Command(BaseCommand):
             .order_by("seq")
             .values_list(
                 "organization_id",
+                "organization__name",
                 "type",
                 "action",
                 "object_id",
@@ -257,6 +282,7 @@ class Command(BaseCommand):
         )
         for (
             org_id,
+            org_name,
             type_,
             action,
             object_id,
@@ -267,7 +293,8 @@ class Command(BaseCommand):
         ) in rows.iterator(chunk_size=2000):
             key = f"{platform}:{external_id}" if platform else ""
             line = (
-                f"  {type_:<20} {action:<14} {outcome:<8} org={org_id} obj={object_id or '-'} {key}"
+                f"  {type_:<20} {action:<14} {outcome:<8} org={org_id} ({org_name}) "
+                f"obj={object_id or '-'} {key}"
             )
             self.stdout.write(line + (f"  ({detail})" if detail else ""))
         self.stdout.write("")
@@ -304,7 +331,9 @@ class Command(BaseCommand):
 
     def _write_revert(self, report: RevertReport, *, output_format: str, verbosity: int) -> None:
         if output_format == "json":
-            self.stdout.write(json.dumps(report.as_json()))
+            self.stdout.write(
+                json.dumps({"schema_version": JSON_SCHEMA_VERSION, **report.as_json()})
+            )
             return
         if verbosity == 0:
             return
@@ -368,14 +397,73 @@ def _interactive(stream) -> bool:
 
 
 class Progress:
-    """A one-line progress indicator on stderr, for all-organization runs at a terminal."""
+    """A one-line progress indicator on stderr for all-organization runs at a terminal: how far,
+    how fast, how long still. Plain text (the error style is for errors)."""
 
     def __init__(self, stream) -> None:
         self.stream = stream
+        self.started = time.monotonic()
 
     def __call__(self, done: int, total: int) -> None:
-        self.stream.write(f"\raudited {done}/{total} organizations", ending="")
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        rate = done / elapsed
+        line = f"\raudited {done:,}/{total:,} organizations"
+        if total:
+            line += f" ({100 * done / total:.0f} %)"
+        if done:
+            line += f", {rate:,.0f}/s"
+            if total > done:
+                line += f", about {_duration((total - done) / rate)} left"
+        self.stream.write(line.ljust(78), style_func=_plain, ending="")
         self.stream.flush()
 
     def done(self) -> None:
-        self.stream.write("")
+        self.stream.write("", style_func=_plain)
+
+
+def _plain(text: str) -> str:
+    return text
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds + 0.5)
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def _organization_names(org_ids) -> dict[uuid.UUID, str]:
+    return dict(Organization.objects.filter(id__in=list(org_ids)).values_list("id", "name"))
+
+
+def _findings_json(run_id: uuid.UUID):
+    fields = (
+        "seq",
+        "organization_id",
+        "organization__name",
+        "type",
+        "action",
+        "model",
+        "object_id",
+        "platform",
+        "external_id",
+        "before",
+        "after",
+        "outcome",
+        "detail",
+    )
+    for row in (
+        AuditFinding.objects.filter(run_id=run_id)
+        .order_by("seq")
+        .values_list(*fields)
+        .iterator(chunk_size=2000)
+    ):
+        finding = dict(zip(fields, row, strict=True))
+        finding["organization_name"] = finding.pop("organization__name")
+        for key in ("organization_id", "object_id"):
+            finding[key] = str(finding[key]) if finding[key] else None
+        yield finding
