@@ -110,10 +110,22 @@ class QueueSettingRow(NamedTuple):
 
 
 class BoostRuleRow(NamedTuple):
-    """An *alive* boost rule of O; ``profile_ids`` is whatever JSON the row holds."""
+    """An *alive* boost rule of O; ``profile_ids`` is whatever JSON the row holds (or
+    ``Unreadable`` when it cannot be decoded)."""
 
     id: UUID
     profile_ids: Any
+
+
+class Unreadable(NamedTuple):
+    """A stored value that cannot be decoded here (JSON nested deeper than Python reads)."""
+
+    reason: str
+
+
+class BadData(ValueError):
+    """An organization's data cannot be audited as it is: reported, and left as it is (rule 7).
+    Its organization is recorded as failed with this message; the others go on."""
 
 
 @dataclass(frozen=True)
@@ -378,6 +390,12 @@ def find_invalid_boost_refs(
     dead, another organization's, or malformed. A value that is not a list has no valid entry."""
     findings = []
     for rule in sorted(snapshot.boost_rules, key=lambda r: r.id):
+        if isinstance(rule.profile_ids, Unreadable):
+            # Its fix could not record what it changed (before), so nothing is changed.
+            raise BadData(
+                f"boost rule {rule.id}: profile_ids cannot be read ({rule.profile_ids.reason}); "
+                "left as it is"
+            )
         entries = rule.profile_ids if isinstance(rule.profile_ids, list) else None
         kept = [e for e in entries or [] if _profile_ref(e) in alive_profile_ids]
         if entries is not None and len(kept) == len(entries):
@@ -386,7 +404,7 @@ def find_invalid_boost_refs(
             Finding(
                 FindingType.INVALID_BOOST_REF,
                 rule.id,
-                profile_ids=canonical_json(rule.profile_ids),
+                profile_ids=_rule_json(rule),
                 kept_profile_ids=tuple(kept),
             )
         )
@@ -402,6 +420,16 @@ def _profile_ref(entry: Any) -> UUID | None:
         return uuid.UUID(entry)
     except ValueError:
         return None
+
+
+def _rule_json(rule: BoostRuleRow) -> str:
+    try:
+        return canonical_json(rule.profile_ids)
+    except (RecursionError, ValueError) as exc:
+        raise BadData(
+            f"boost rule {rule.id}: profile_ids cannot be written back ({type(exc).__name__}); "
+            "left as it is"
+        ) from None
 
 
 def canonical_json(value: Any) -> str:
@@ -430,6 +458,8 @@ class OrgPlan:
     cleanup_findings: tuple[Finding, ...]
     alive_profiles: int
     guarded: bool = False
+    error: str = ""
+    """Why the organization could not be planned (``BadData``); then there are no findings."""
     deletions: int = 0
     """Profiles the organization's whole plan soft-deletes, whatever types were asked for."""
     unknown_asset_types: Mapping[str, int] = field(default_factory=dict)

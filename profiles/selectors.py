@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
 
-from django.db import connection
-from django.db.models import Exists, Max, OuterRef, Q, QuerySet
+from django.db import connection, transaction
+from django.db.models import Exists, Max, OuterRef, Q, QuerySet, TextField
+from django.db.models.functions import Cast
 
 from boosts.models import BoostRule
 from connections.models import ConnectionAsset, PlatformConnection
@@ -31,6 +33,7 @@ from profiles.plan import (
     OrgSnapshot,
     ProfileRow,
     QueueSettingRow,
+    Unreadable,
 )
 from queues.models import QueueSetting
 
@@ -79,7 +82,23 @@ def shard_starts(*, shard_size: int) -> tuple[list[UUID], int]:
 
 def load_snapshots(organization_ids: Sequence[UUID]) -> dict[UUID, OrgSnapshot]:
     """Snapshots of these organizations: five queries in all, each on an index, read as tuples
-    (no model instances, no ``Meta.ordering`` sort), whatever their number of profiles."""
+    (no model instances, no ``Meta.ordering`` sort), whatever their number of profiles.
+
+    The five reads see one consistent state: outside a transaction they run in one of their
+    own (PostgreSQL: REPEATABLE READ, read only; SQLite: its transactions hold writers off),
+    so a sync or revert committing between two of them is seen whole or not at all. Inside a
+    transaction (a fix's re-read, under the organizations' locks) they run in that one.
+    """
+    if connection.in_atomic_block:
+        return _load_snapshots(organization_ids)
+    with transaction.atomic():
+        if connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        return _load_snapshots(organization_ids)
+
+
+def _load_snapshots(organization_ids: Sequence[UUID]) -> dict[UUID, OrgSnapshot]:
     connections: dict[UUID, dict[UUID, ConnectionRow]] = {org: {} for org in organization_ids}
     assets: dict[UUID, list[AssetRow]] = {org: [] for org in organization_ids}
     profiles: dict[UUID, list[ProfileRow]] = {org: [] for org in organization_ids}
@@ -157,12 +176,15 @@ class _SnapshotReadORM:
         )
 
     def alive_boost_rules(self, orgs):
-        return (
-            BoostRule.objects.alive()
+        # As text, decoded row by row (``decode_json``): one rule's unreadable JSON must not
+        # stop the read of its chunk (rule 7).
+        return [
+            (id_, org, decode_json(text))
+            for id_, org, text in BoostRule.objects.alive()
             .filter(organization_id__in=orgs)
             .order_by()
-            .values_list("id", "organization_id", "profile_ids")
-        )
+            .values_list("id", "organization_id", Cast("profile_ids", TextField()))
+        ]
 
 
 class _SnapshotReadPostgreSQL:
@@ -212,8 +234,25 @@ class _SnapshotReadPostgreSQL:
         )
 
     def alive_boost_rules(self, orgs):
-        # Through the ORM: Django decodes the JSON (one row per rule, few of them).
-        return _SnapshotReadORM().alive_boost_rules(orgs)
+        return [
+            (id_, org, decode_json(text))
+            for id_, org, text in self._fetch(
+                f"SELECT id, organization_id, profile_ids::text FROM {BoostRule._meta.db_table} "
+                "WHERE organization_id = ANY(%s) AND deleted_at IS NULL",
+                orgs,
+            )
+        ]
+
+
+def decode_json(text: str | None) -> object:
+    """A stored JSON value, or ``Unreadable`` when Python cannot decode it (nested deeper
+    than its recursion limit, or not JSON at all)."""
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except (RecursionError, ValueError) as exc:
+        return Unreadable(type(exc).__name__)
 
 
 def load_key_snapshot(*, organization_id: UUID, platform: str, external_id: str) -> OrgSnapshot:

@@ -23,6 +23,7 @@ from django.utils import timezone
 
 from profiles.models import AuditShard, FindingOutcome, FindingType, ShardStatus
 from profiles.plan import (
+    BadData,
     Finding,
     Guard,
     OrgPlan,
@@ -118,9 +119,28 @@ def plan_chunk(
     plans = []
     for org in organization_ids:
         started = time.monotonic()
-        plan = plan_organization(snapshots[org], types=types, guard=guard)
+        plan = _plan_or_failure(snapshots[org], types=types, guard=guard)
         plans.append(replace(plan, planning_seconds=time.monotonic() - started))
     return plans
+
+
+def _plan_or_failure(snapshot, *, types: frozenset[FindingType], guard: Guard) -> OrgPlan:
+    """The organization's plan; whatever its data, a failure to plan it is its own (rule 7):
+    a plan with no findings and the error, recorded as the organization's failure."""
+    try:
+        return plan_organization(snapshot, types=types, guard=guard)
+    except Exception as exc:
+        return OrgPlan(
+            organization_id=snapshot.organization_id,
+            profile_findings=(),
+            cleanup_findings=(),
+            alive_profiles=0,
+            error=str(exc) if isinstance(exc, BadData) else f"{type(exc).__name__}: {exc}",
+        )
+
+
+def _failures(plans: Sequence[OrgPlan]) -> dict[str, str]:
+    return {str(p.organization_id): p.error for p in plans if p.error}
 
 
 def finding_row(
@@ -170,10 +190,15 @@ def record_dry_chunk(
             for f in plan.findings
         )
         outcome.organizations.append(
-            OrgOutcome(plan, found=len(plan.findings), guarded=plan.guarded)
+            OrgOutcome(plan, found=len(plan.findings), guarded=plan.guarded, error=plan.error)
         )
     with transaction.atomic():
-        position.commit(last=plans[-1].organization_id, organizations=len(plans), rows=rows)
+        position.commit(
+            last=plans[-1].organization_id,
+            organizations=len(plans),
+            rows=rows,
+            failed=_failures(plans),
+        )
     position.cursor = plans[-1].organization_id
     share = (time.monotonic() - started) / len(plans)
     for org in outcome.organizations:
@@ -235,13 +260,18 @@ def _fix_in_one_transaction(
         decided: list[tuple[OrgPlan, list[tuple[Finding, str, str]]]] = []
         decisions: list[Finding] = []
         cleanup: list[Finding] = []
+        failed = _failures(plans)
         for plan in plans:
             if not plan.findings:
                 decided.append((plan, []))
                 continue
             snapshot = fresh[plan.organization_id]
             # What holds now, under the lock; the guard is judged again on it.
-            now_plan = plan_organization(snapshot, types=types, guard=guard)
+            now_plan = _plan_or_failure(snapshot, types=types, guard=guard)
+            if now_plan.error:  # its data turned bad meanwhile: nothing is written there
+                failed[str(plan.organization_id)] = now_plan.error
+                decided.append((plan, []))
+                continue
             if plan.guarded or now_plan.guarded:
                 decided.append(
                     (plan, [(f, FindingOutcome.GUARDED, GUARDED) for f in plan.findings])
@@ -292,9 +322,10 @@ def _fix_in_one_transaction(
                     found=len(org_rows),
                     fixed=sum(1 for r in org_rows if r.fixed),
                     guarded=any(r.outcome == FindingOutcome.GUARDED for r in org_rows),
+                    error=failed.get(str(plan.organization_id), ""),
                 )
             )
-        position.commit(last=org_ids[-1], organizations=len(plans), rows=rows)
+        position.commit(last=org_ids[-1], organizations=len(plans), rows=rows, failed=failed)
         missing = [r for r in rows if r.type == FindingType.MISSING and r.fixed]
         if missing:
             transaction.on_commit(lambda: _send_syncs(missing, send_sync))
