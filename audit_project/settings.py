@@ -134,6 +134,9 @@ PROFILE_AUDIT_SHARD_BUDGET = float(os.environ.get("PROFILE_AUDIT_SHARD_BUDGET", 
 # A scheduled run's shards not finished this long after it started are skipped (run partial):
 # below the six-hour schedule, so runs never pile up.
 PROFILE_AUDIT_RUN_DEADLINE = int(os.environ.get("PROFILE_AUDIT_RUN_DEADLINE", str(5 * 3600 + 1800)))
+# A fixing run soft-deletes at most this many rows (profiles and queue settings) over all its
+# organizations and shards; an organization that does not fit is guarded. --force lifts it.
+PROFILE_AUDIT_RUN_MAX_DELETIONS = int(os.environ.get("PROFILE_AUDIT_RUN_MAX_DELETIONS", "10000"))
 # Deliveries of one shard (re-delivery after a lost worker, time limits) before it is failed.
 PROFILE_AUDIT_SHARD_MAX_ATTEMPTS = 5
 # Retention: runs older than this many days (and their findings) are pruned daily, in batches

@@ -129,6 +129,9 @@ class AuditRun(models.Model):
     findings_recorded = models.PositiveIntegerField(
         default=0, help_text="Findings written so far: the last finding's seq."
     )
+    deletions_reserved = models.PositiveIntegerField(
+        default=0, help_text="Soft deletions reserved from PROFILE_AUDIT_RUN_MAX_DELETIONS."
+    )
     last_progress_at = models.DateTimeField(null=True, blank=True)
     deadline = models.DateTimeField(
         null=True, blank=True, help_text="Shards not finished by then are skipped."

@@ -69,7 +69,6 @@ def test_a_chunk_is_read_in_one_consistent_snapshot():
     from connections.models import ConnectionAsset
     from profiles.models import SocialProfile
     from tests.factories import AssetFactory, profile_for
-    from tests.support import database_env
 
     asset = AssetFactory()
     profile = profile_for(asset)

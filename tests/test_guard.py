@@ -132,3 +132,85 @@ def test_the_guard_is_tuned_by_settings(settings):
 
     assert fix(org).run.status == AuditStatus.PARTIAL
     assert SocialProfile.objects.filter(organization=org).alive().count() == 20
+
+
+# --- The guard weighs the whole plan, and again under the lock (issue 8) ---------------------
+
+
+def organization_with_orphans_and_deselected(*, alive: int, orphaned: int, deselected: int):
+    """``alive`` profiles: ``orphaned`` on an expired connection, ``deselected`` unticked on the
+    live one, each with a queue setting; the rest healthy."""
+    org = organization(alive=alive - orphaned, deselected=deselected)
+    expired = ConnectionFactory(organization=org, status="expired")
+    for _ in range(orphaned):
+        QueueSettingFactory(profile=profile_for(AssetFactory(connection=expired)))
+    return org
+
+
+def test_the_guard_weighs_the_whole_plan_whatever_type_is_asked_for():
+    # 10 alive; 4 orphaned + 4 deselected = 8 deletions > max(5, 5): the whole plan is guarded,
+    # though each type alone (4) would fit.
+    org = organization_with_orphans_and_deselected(alive=10, orphaned=4, deselected=4)
+    settings_before = QueueSetting.objects.filter(organization=org).alive().count()
+
+    for scopes in (["orphaned"], ["deselected"], None):
+        run = fix(org, scopes=scopes).run
+        assert run.status == AuditStatus.PARTIAL
+        assert run.fixed == 0
+        assert set(run.findings.values_list("outcome", flat=True)) == {FindingOutcome.GUARDED}
+
+    assert SocialProfile.objects.filter(organization=org).alive().count() == 10
+    assert QueueSetting.objects.filter(organization=org).alive().count() == settings_before
+
+
+def test_the_guard_is_judged_again_on_the_fresh_state_under_the_lock():
+    # Planned: 3 of 10 orphaned (fits). Before the fix takes the lock, the token of the live
+    # connection expires too: now all 10 would go. The 3 still hold, but the organization is
+    # guarded on what is there now, and nothing is written.
+    org = organization_with_orphans_and_deselected(alive=10, orphaned=3, deselected=0)
+    live = org.connections.get(status="active")
+
+    def token_expires_between_detection_and_fix():
+        type(live).objects.filter(id=live.id).update(status="expired")
+
+    run = fix(org, should_stop=token_expires_between_detection_and_fix).run
+
+    assert run.status == AuditStatus.PARTIAL
+    assert run.fixed == 0
+    assert set(run.findings.values_list("outcome", flat=True)) == {FindingOutcome.GUARDED}
+    assert SocialProfile.objects.filter(organization=org).alive().count() == 10
+
+
+# --- The run budget (PROFILE_AUDIT_RUN_MAX_DELETIONS) -----------------------------------------
+
+
+@pytest.mark.parametrize("shard_size", [1000, 1], ids=["one shard", "a shard per organization"])
+def test_the_run_budget_caps_a_runs_deletions_over_all_its_shards(settings, shard_size):
+    settings.PROFILE_AUDIT_RUN_MAX_DELETIONS = 3
+    settings.PROFILE_AUDIT_SHARD_SIZE = shard_size
+    # Each organization would delete one profile (of 10) and its queue setting: 2 rows.
+    orgs = sorted((organization(alive=10, deselected=1) for _ in range(3)), key=lambda org: org.id)
+
+    run = ProfileConnectionAuditService().run_audit_for_all_orgs(fix=True).run
+
+    assert run.status == AuditStatus.PARTIAL
+    assert run.deletions_reserved == 2  # the first fits (2 of 3), the second would not
+    by_org = {org.id: fix_outcomes(run, org) for org in orgs}
+    assert by_org[orgs[0].id] == {FindingOutcome.FIXED}
+    assert by_org[orgs[1].id] == by_org[orgs[2].id] == {FindingOutcome.GUARDED}
+    assert "run budget" in run.findings.filter(organization=orgs[1]).first().detail
+    assert sorted(run.guarded_organizations) == sorted(str(o.id) for o in orgs[1:])
+
+
+def test_force_lifts_the_run_budget(settings):
+    settings.PROFILE_AUDIT_RUN_MAX_DELETIONS = 1
+    orgs = [organization(alive=10, deselected=1) for _ in range(2)]
+
+    run = ProfileConnectionAuditService().run_audit_for_all_orgs(fix=True, force=True).run
+
+    assert (run.status, run.fixed) == (AuditStatus.SUCCEEDED, 4)
+    assert all(fix_outcomes(run, org) == {FindingOutcome.FIXED} for org in orgs)
+
+
+def fix_outcomes(run, org) -> set[str]:
+    return set(run.findings.filter(organization=org).values_list("outcome", flat=True))

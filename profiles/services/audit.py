@@ -43,6 +43,7 @@ from profiles.plan import SCOPES, Finding, Guard, OrgPlan, plan_organization, ty
 from profiles.selectors import load_snapshots, organization_id_chunks, shard_starts
 from profiles.services.chunks import (
     ChunkOutcome,
+    RunBudget,
     ShardCursor,
     ShardMoved,
     fix_chunk,
@@ -367,6 +368,11 @@ def work_shard(
     )
     position = ShardCursor(run_id=run.id, shard_id=shard.id, cursor=shard.cursor)
     lock = _lock_of(run) if run.fix else None
+    budget_of_run = (
+        RunBudget(run_id=run.id, limit=settings.PROFILE_AUDIT_RUN_MAX_DELETIONS)
+        if run.fix and not run.forced
+        else None
+    )
     worked = False
     try:
         for chunk in organization_id_chunks(
@@ -390,7 +396,12 @@ def work_shard(
                 return STOPPED
             if run.fix:
                 outcome = fix_chunk(
-                    plans, position=position, types=types, guard=guard, send_sync=_sender(run)
+                    plans,
+                    position=position,
+                    types=types,
+                    guard=guard,
+                    send_sync=_sender(run),
+                    budget=budget_of_run,
                 )
             else:
                 outcome = record_dry_chunk(plans, position=position, now=run.started_at)
@@ -447,7 +458,13 @@ def _log_organizations(log, outcome: ChunkOutcome) -> None:
                 org_id=org_id,
                 asset_types=dict(plan.unknown_asset_types),
             )
-        if org.guarded:
+        if org.over_budget:
+            log.warning(
+                "profile_audit.org_over_budget",
+                org_id=org_id,
+                max_deletions=settings.PROFILE_AUDIT_RUN_MAX_DELETIONS,
+            )
+        elif org.guarded:
             log.warning(
                 "profile_audit.org_guarded",
                 org_id=org_id,

@@ -21,7 +21,14 @@ from django.db import InterfaceError, OperationalError, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from profiles.models import AuditShard, FindingOutcome, FindingType, ShardStatus
+from profiles.models import (
+    AuditRun,
+    AuditShard,
+    FindingAction,
+    FindingOutcome,
+    FindingType,
+    ShardStatus,
+)
 from profiles.plan import (
     BadData,
     Finding,
@@ -43,6 +50,9 @@ from profiles.services.soft_delete import ProfileSoftDeleteService
 
 STALE = "no longer held when re-checked under the organization's lock"
 GUARDED = "mass-deletion guard"
+OVER_BUDGET = (
+    "run budget: its deletions do not fit in what is left of PROFILE_AUDIT_RUN_MAX_DELETIONS"
+)
 
 SyncSender = Callable[[UUID, str, str, UUID], None]
 """Sends the profile sync job for (organization, platform, external_id); the last argument is
@@ -94,6 +104,58 @@ class ShardCursor:
             shard.save(update_fields=["failed_organizations"])
 
 
+class RunBudget:
+    """The run's deletion budget (DESIGN "Run budget"), shared by all its shards: a chunk's
+    organizations reserve their planned soft deletions in one short statement before the chunk's
+    transaction (so parallel shards never wait on the run's row while they write), first come
+    first served in id order; what a fix did not use (stale findings) is given back after it."""
+
+    def __init__(self, *, run_id: UUID, limit: int) -> None:
+        self.run_id = run_id
+        self.limit = limit
+
+    def reserve(self, plans: Sequence[OrgPlan]) -> tuple[set[UUID], int]:
+        """(organizations that do not fit, deletions reserved for the others)."""
+        wanted = [
+            (p.organization_id, planned_deletions(p))
+            for p in plans
+            if p.findings and not p.guarded and not p.error
+        ]
+        wanted = [(org, n) for org, n in wanted if n]
+        if not wanted:
+            return set(), 0
+        runs = AuditRun.objects.filter(id=self.run_id)
+        while True:
+            reserved = runs.values_list("deletions_reserved", flat=True).get()
+            over, total = set(), 0
+            for org, n in wanted:
+                if reserved + total + n <= self.limit:
+                    total += n
+                else:
+                    over.add(org)
+            if not total:
+                return over, 0
+            # Compare and set: another shard reserving meanwhile makes us read again.
+            if runs.filter(deletions_reserved=reserved).update(
+                deletions_reserved=F("deletions_reserved") + total
+            ):
+                return over, total
+
+    def give_back(self, unused: int) -> None:
+        if unused > 0:
+            AuditRun.objects.filter(id=self.run_id).update(
+                deletions_reserved=F("deletions_reserved") - unused
+            )
+
+
+def planned_deletions(plan: OrgPlan) -> int:
+    return sum(
+        1
+        for f in plan.findings
+        if f.soft_deletes_profile or f.type == FindingType.STALE_QUEUE_SETTING
+    )
+
+
 @dataclass
 class OrgOutcome:
     """What one organization's audit came to, for its log event."""
@@ -104,11 +166,17 @@ class OrgOutcome:
     guarded: bool = False
     error: str = ""
     seconds: float = 0.0
+    deleted: int = 0
+    over_budget: bool = False
 
 
 @dataclass
 class ChunkOutcome:
     organizations: list[OrgOutcome] = field(default_factory=list)
+
+    @property
+    def deleted(self) -> int:
+        return sum(o.deleted for o in self.organizations)
 
 
 def plan_chunk(
@@ -216,12 +284,27 @@ def fix_chunk(
     types: frozenset[FindingType],
     guard: Guard,
     send_sync: SyncSender,
+    budget: RunBudget | None = None,
 ) -> ChunkOutcome:
     """Apply the chunk's plans in one transaction; if that fails, one organization at a time,
-    recording an organization that fails on its own as failed and going on (rule 6)."""
+    recording an organization that fails on its own as failed and going on (rule 6). With a
+    ``budget``, organizations whose deletions do not fit in it are guarded, not fixed."""
+    over, reserved = budget.reserve(plans) if budget else (set(), 0)
+    outcome = ChunkOutcome()
+    try:
+        outcome = _fix_chunk(
+            plans, position=position, types=types, guard=guard, send_sync=send_sync, over=over
+        )
+    finally:
+        if budget:
+            budget.give_back(reserved - outcome.deleted)
+    return outcome
+
+
+def _fix_chunk(plans, *, position, types, guard, send_sync, over) -> ChunkOutcome:
     try:
         return _fix_in_one_transaction(
-            plans, position=position, types=types, guard=guard, send_sync=send_sync
+            plans, position=position, types=types, guard=guard, send_sync=send_sync, over=over
         )
     except NOT_CONTAINED:
         raise
@@ -232,7 +315,12 @@ def fix_chunk(
     for plan in plans:
         try:
             part = _fix_in_one_transaction(
-                [plan], position=position, types=types, guard=guard, send_sync=send_sync
+                [plan],
+                position=position,
+                types=types,
+                guard=guard,
+                send_sync=send_sync,
+                over=over,
             )
         except NOT_CONTAINED:
             raise
@@ -249,6 +337,7 @@ def _fix_in_one_transaction(
     types: frozenset[FindingType],
     guard: Guard,
     send_sync: SyncSender,
+    over: set[UUID],
 ) -> ChunkOutcome:
     started = time.monotonic()
     now = timezone.now()
@@ -272,10 +361,9 @@ def _fix_in_one_transaction(
                 failed[str(plan.organization_id)] = now_plan.error
                 decided.append((plan, []))
                 continue
-            if plan.guarded or now_plan.guarded:
-                decided.append(
-                    (plan, [(f, FindingOutcome.GUARDED, GUARDED) for f in plan.findings])
-                )
+            if plan.guarded or now_plan.guarded or plan.organization_id in over:
+                why = GUARDED if plan.guarded or now_plan.guarded else OVER_BUDGET
+                decided.append((plan, [(f, FindingOutcome.GUARDED, why) for f in plan.findings]))
                 continue
             still = set(now_plan.profile_findings)
             org_decisions = [f for f in plan.profile_findings if f in still]
@@ -323,6 +411,10 @@ def _fix_in_one_transaction(
                     fixed=sum(1 for r in org_rows if r.fixed),
                     guarded=any(r.outcome == FindingOutcome.GUARDED for r in org_rows),
                     error=failed.get(str(plan.organization_id), ""),
+                    deleted=sum(
+                        1 for r in org_rows if r.fixed and r.action == FindingAction.SOFT_DELETE
+                    ),
+                    over_budget=any(r.detail == OVER_BUDGET for r in org_rows),
                 )
             )
         position.commit(last=org_ids[-1], organizations=len(plans), rows=rows, failed=failed)
