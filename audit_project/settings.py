@@ -111,6 +111,7 @@ CELERY_TASK_ROUTES = {
     "profiles.revert_run": {"queue": "maintenance"},
     "profiles.prune_audit_runs": {"queue": "maintenance"},
     "profiles.sync_profile": {"queue": "celery"},
+    "profiles.sync_profiles": {"queue": "celery"},
 }
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = True

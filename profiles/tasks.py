@@ -188,6 +188,18 @@ def revert_run_task(revert_run_id: str) -> dict[str, object]:
     return report.as_json()
 
 
+@shared_task(name="profiles.sync_profiles", acks_late=True)
+def sync_profiles_task(keys: list[list[str]]) -> dict[str, int]:
+    """The sync job the audit sends for a chunk's missing profiles: ``sync_profile`` for each
+    (organization, platform, external_id), each in its own transaction (idempotent: a job
+    delivered twice creates each profile once). One message per chunk, not per profile."""
+    actions: dict[str, int] = {}
+    for organization_id, platform, external_id in keys:
+        result = sync_profile_task(organization_id, platform, external_id)
+        actions[result["action"]] = actions.get(result["action"], 0) + 1
+    return actions
+
+
 @shared_task(name="profiles.sync_profile", acks_late=True)
 def sync_profile_task(organization_id: str, platform: str, external_id: str) -> dict[str, str]:
     """The profile sync job the audit dispatches for a missing profile (idempotent)."""

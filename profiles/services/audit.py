@@ -55,13 +55,14 @@ from profiles.services.recording import (
     close_run,
     empty_counts,
     guarded_organizations,
-    mark_finding_failed,
+    mark_findings_failed,
     shard_failures,
 )
 from profiles.services.run_lock import RunLock, RunLockUnavailable, fixing_run_lock
 
 SHARD_TASK = "profiles.audit_shard"
-SYNC_TASK = "profiles.sync_profile"
+SYNC_NOT_SENT = "profile sync not sent"
+SYNC_TASK = "profiles.sync_profiles"
 
 ProgressCallback = Callable[[int, int], None]
 """Called with (organizations done, organizations in all) after each chunk."""
@@ -217,12 +218,13 @@ def start_run(request: AuditRequest) -> AuditRun:
         try:
             acquired = lock.acquire()
         except RunLockUnavailable as exc:
+            error = f"{exc}; nothing was fixed"
             log.error("profile_audit.lock_unavailable", org_id=_str(request.organization_id))
             try:
-                _record_unstarted(request, status=AuditStatus.FAILED, error=str(exc))
+                _record_unstarted(request, status=AuditStatus.FAILED, error=error)
             except DatabaseError:
                 log.exception("profile_audit.record_failed")
-            raise
+            raise RunLockUnavailable(error) from exc
         if not acquired:
             holder = lock.holder()
             log.info("profile_audit.skipped", org_id=_str(request.organization_id), held_by=holder)
@@ -487,26 +489,27 @@ def _log_organizations(log, outcome: ChunkOutcome) -> None:
 
 
 def _sender(run: AuditRun):
-    """Sends a missing profile's sync job once its organization's fix has committed. A broker
-    that refuses it turns the finding into a failure instead of a false "fixed"."""
+    """Sends a chunk's missing profiles to the sync job once the chunk's fix has committed: one
+    message, sent once (no publish retries), so a broker that is down costs one refusal per
+    chunk. If it cannot be sent, those findings become failures instead of a false "fixed",
+    and the run goes on."""
 
-    def send(organization_id: UUID, platform: str, external_id: str, finding_id: UUID) -> None:
+    def send(rows) -> None:
+        keys = [[str(r.organization_id), r.platform, r.external_id] for r in rows]
         try:
-            signature(
-                SYNC_TASK, args=(str(organization_id), platform, external_id), app=celery_app
-            ).apply_async()
+            signature(SYNC_TASK, args=(keys,), app=celery_app).apply_async(retry=False)
         except Exception as exc:
-            error = f"profile sync not sent: {type(exc).__name__}: {exc}"
+            error = f"{SYNC_NOT_SENT}: {type(exc).__name__}: {exc}"
             audit_logger().error(
                 "profile_audit.sync_dispatch_failed",
                 run_id=str(run.id),
-                org_id=str(organization_id),
-                platform=platform,
-                external_id=external_id,
+                org_ids=sorted({k[0] for k in keys}),
+                profiles=len(keys),
                 error=error,
             )
-            mark_finding_failed(finding_id=finding_id, run_id=run.id, error=error)
-            _add_shard_failure(run, organization_id, error)
+            mark_findings_failed(run_id=run.id, finding_ids=[r.id for r in rows], error=error)
+            for org in {r.organization_id for r in rows}:
+                _add_shard_failure(run, org, error)
 
     return send
 
@@ -582,6 +585,19 @@ def finish_run_if_complete(run_id: UUID) -> AuditRun | None:
         status = AuditStatus.SUCCEEDED
     error = "; ".join([*unfinished, *(f"organization {o}: {e}" for o, e in failed.items())])
     return _close(run, status=status, error=error, failed=failed)
+
+
+def cut_short(run: AuditRun) -> str | None:
+    """Why a finished run did not get through its work because something outside the data
+    failed (a shard stopped: lost lock, Redis or the database down, a deadline; sync jobs that
+    could not be sent), or None. Guarded organizations and ones that failed on their own data
+    do not cut a run short (DESIGN "Operating it": exit status 2 against 0)."""
+    if run.status == AuditStatus.FAILED:
+        return run.error or "the run failed"
+    _, unfinished = shard_failures(run.id)
+    outages = [e for e in (run.failed_organizations or {}).values() if e.startswith(SYNC_NOT_SENT)]
+    reasons = unfinished + outages[:1]
+    return "; ".join(reasons) or None
 
 
 def fail_run(run: AuditRun, *, error: str) -> None:

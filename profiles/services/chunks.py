@@ -54,9 +54,9 @@ OVER_BUDGET = (
     "run budget: its deletions do not fit in what is left of PROFILE_AUDIT_RUN_MAX_DELETIONS"
 )
 
-SyncSender = Callable[[UUID, str, str, UUID], None]
-"""Sends the profile sync job for (organization, platform, external_id); the last argument is
-the finding that records it, turned into a failure if the job cannot be sent."""
+SyncSender = Callable[[Sequence["FindingRow"]], None]
+"""Sends the profile sync job for a chunk's fixed ``missing`` findings (one message); findings
+whose job cannot be sent are turned into failures."""
 
 
 class ShardMoved(Exception):
@@ -420,17 +420,12 @@ def _fix_in_one_transaction(
         position.commit(last=org_ids[-1], organizations=len(plans), rows=rows, failed=failed)
         missing = [r for r in rows if r.type == FindingType.MISSING and r.fixed]
         if missing:
-            transaction.on_commit(lambda: _send_syncs(missing, send_sync))
+            transaction.on_commit(lambda: send_sync(missing))
     position.cursor = org_ids[-1]
     share = (time.monotonic() - started) / len(plans)
     for org in outcome.organizations:
         org.seconds = org.plan.planning_seconds + share
     return outcome
-
-
-def _send_syncs(rows: Sequence[FindingRow], send_sync: SyncSender) -> None:
-    for row in rows:
-        send_sync(row.organization_id, row.platform, row.external_id, row.id)
 
 
 def _record_failure(plan: OrgPlan, *, position: ShardCursor, exc: Exception) -> ChunkOutcome:

@@ -151,13 +151,16 @@ def _insert(run_id: UUID, rows: Sequence[FindingRow], *, first_seq: int) -> None
     )
 
 
-def mark_finding_failed(*, finding_id: UUID, run_id: UUID, error: str) -> None:
-    """A fixed finding turned out not fixed after its commit (its sync job was refused)."""
+def mark_findings_failed(*, run_id: UUID, finding_ids: Sequence[UUID], error: str) -> int:
+    """Fixed findings that turned out not fixed after their commit (their sync job could not
+    be sent): failed, and no longer counted as fixed."""
     with transaction.atomic():
-        if AuditFinding.objects.filter(id=finding_id, outcome=FindingOutcome.FIXED).update(
-            outcome=FindingOutcome.FAILED, detail=error
-        ):
-            AuditRun.objects.filter(id=run_id).update(fixed=F("fixed") - 1)
+        failed = AuditFinding.objects.filter(
+            id__in=list(finding_ids), outcome=FindingOutcome.FIXED
+        ).update(outcome=FindingOutcome.FAILED, detail=error)
+        if failed:
+            AuditRun.objects.filter(id=run_id).update(fixed=F("fixed") - failed)
+    return failed
 
 
 # --- Closing a run ------------------------------------------------------------------------------

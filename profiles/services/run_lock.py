@@ -158,7 +158,7 @@ class RedisRunLock:
     def _unavailable(self, exc: redis.RedisError) -> RunLockUnavailable:
         return RunLockUnavailable(
             f"cannot reach Redis at {_redacted(self._url)} for the fixing-run lock "
-            f"({type(exc).__name__}: {exc}); nothing was fixed. Check "
+            f"({type(exc).__name__}: {exc}). Check "
             f"PROFILE_AUDIT_LOCK_REDIS_URL / REDIS_URL, or {REDIS_START_HINT}"
         )
 
@@ -198,7 +198,7 @@ class FileRunLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise RunLockUnavailable(
-                f"cannot open the fixing-run lock file {self.path} ({exc}); nothing was fixed"
+                f"cannot open the fixing-run lock file {self.path} ({exc})"
             ) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -17,6 +17,7 @@ from profiles.plan import ALL_TYPES, SCOPES
 from profiles.services.audit import (
     AuditRequest,
     RunReport,
+    cut_short,
     run_audit,
     send_shards,
     start_run,
@@ -168,8 +169,18 @@ class Command(BaseCommand):
             sys.exit(EXIT_LOCK_HELD)
         if output_format != "json" and verbosity > 0:
             self._write_text(report, verbosity=verbosity)
-        if run.status == AuditStatus.FAILED:
-            raise CommandError(f"run {run.id} failed: {run.error}", returncode=EXIT_FAILED)
+        if reason := cut_short(run):
+            raise CommandError(
+                f"run {run.id} was cut short ({run.status}): {reason}. It audited "
+                f"{run.organizations_audited} of {run.organizations_total or '?'} organizations"
+                + (
+                    f" and committed {run.fixed} fixes, recorded with the run (undo them with "
+                    f"--revert {run.id} --fix)"
+                    if run.fix
+                    else ""
+                ),
+                returncode=EXIT_FAILED,
+            )
         if check and _issues_remain(report):
             self.stderr.write("issues remain (--check)")
             sys.exit(EXIT_CHECK)
