@@ -143,6 +143,9 @@ def large_fixed_run(*, findings: int, organizations: int) -> tuple[AuditRun, lis
         fixed=findings,
         findings_recorded=findings,
     )
+    if connection.vendor == "postgresql":
+        _bulk_profiles_and_findings(run, orgs, findings, deleted_at)
+        return run, [o.id for o in orgs]
     profiles, rows = [], []
     for n in range(findings):
         org = orgs[n * organizations // findings]
@@ -173,6 +176,39 @@ def large_fixed_run(*, findings: int, organizations: int) -> tuple[AuditRun, lis
     SocialProfile.objects.bulk_create(profiles, batch_size=5000)
     AuditFinding.objects.bulk_create(rows, batch_size=5000)
     return run, [o.id for o in orgs]
+
+
+def _bulk_profiles_and_findings(run, orgs, findings: int, deleted_at) -> None:
+    """The same rows as the ORM loop builds, written by PostgreSQL itself (seconds, not a
+    minute): finding n soft-deleted profile n of organization n * len(orgs) // findings."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            CREATE TEMP TABLE big ON COMMIT DROP AS
+            SELECT n, gen_random_uuid() AS profile_id,
+                   (%(orgs)s::uuid[])[1 + n * %(norgs)s / %(findings)s] AS org_id
+            FROM generate_series(0, %(findings)s - 1) AS n;
+            INSERT INTO profiles_socialprofile
+                (id, organization_id, platform, external_id, name, created_at, deleted_at)
+            SELECT profile_id, org_id, 'facebook', 'big-' || n, '', %(at)s, %(at)s FROM big;
+            INSERT INTO profiles_auditfinding
+                (id, run_id, seq, organization_id, type, action, model, object_id, platform,
+                 external_id, before, after, outcome, detail)
+            SELECT gen_random_uuid(), %(run)s, n + 1, org_id, 'orphaned', 'soft_delete',
+                   'profiles.SocialProfile', profile_id, 'facebook', 'big-' || n,
+                   '{"deleted_at": null}'::jsonb,
+                   jsonb_build_object('deleted_at', %(iso)s::text), 'fixed', ''
+            FROM big;
+            """,
+            {
+                "orgs": [o.id for o in orgs],
+                "norgs": len(orgs),
+                "findings": findings,
+                "at": deleted_at,
+                "iso": deleted_at.isoformat(),
+                "run": run.id,
+            },
+        )
 
 
 def test_an_admin_revert_of_a_large_run_is_a_task_and_the_pages_stay_responsive(
