@@ -209,7 +209,10 @@ def unknown_asset_types(snapshot: OrgSnapshot) -> Counter[str]:
 # --- Findings -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass sets every field through object.__setattr__, and a large
+# run builds hundreds of thousands of findings. Nothing changes one after it is made; the hash
+# is over the compared fields, as a frozen one's would be.
+@dataclass(slots=True, unsafe_hash=True)
 class Finding:
     """One inconsistency and the fix the plan holds for it.
 

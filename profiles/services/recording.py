@@ -85,17 +85,28 @@ def record_findings(*, run_id: UUID, rows: Sequence[FindingRow], organizations: 
     their findings without gaps or overlaps."""
     found = len(rows)
     fixed = sum(1 for r in rows if r.fixed)
-    AuditRun.objects.filter(id=run_id).update(
-        found=F("found") + found,
-        fixed=F("fixed") + fixed,
-        organizations_audited=F("organizations_audited") + organizations,
-        findings_recorded=F("findings_recorded") + found,
-        last_progress_at=timezone.now(),
-    )
-    if not rows:
-        return
-    last = AuditRun.objects.filter(id=run_id).values_list("findings_recorded", flat=True).get()
-    _insert(run_id, rows, first_seq=last - found + 1)
+    if connection.vendor == "postgresql":
+        # One round trip: the counts, and where this unit's findings start.
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"UPDATE {AuditRun._meta.db_table} SET found = found + %s, fixed = fixed + %s, "
+                "organizations_audited = organizations_audited + %s, "
+                "findings_recorded = findings_recorded + %s, last_progress_at = %s "
+                "WHERE id = %s RETURNING findings_recorded",
+                [found, fixed, organizations, found, timezone.now(), run_id],
+            )
+            (last,) = cursor.fetchone()
+    else:
+        AuditRun.objects.filter(id=run_id).update(
+            found=F("found") + found,
+            fixed=F("fixed") + fixed,
+            organizations_audited=F("organizations_audited") + organizations,
+            findings_recorded=F("findings_recorded") + found,
+            last_progress_at=timezone.now(),
+        )
+        last = AuditRun.objects.filter(id=run_id).values_list("findings_recorded", flat=True).get()
+    if rows:
+        _insert(run_id, rows, first_seq=last - found + 1)
 
 
 def _insert(run_id: UUID, rows: Sequence[FindingRow], *, first_seq: int) -> None:
