@@ -310,9 +310,9 @@ def fixed_findings_newest_first(*, run_id: UUID, page_size: int) -> Iterator[Aud
         last = rows[-1].seq
 
 
-REVERT_FINDING_FIELDS = (
-    "id",
-    "seq",
+# What a finding says it changed, where: recorded (recording.FINDING_COLUMNS), read back by a
+# revert, and printed by the command.
+FINDING_CHANGE_FIELDS = (
     "organization_id",
     "type",
     "action",
@@ -323,6 +323,7 @@ REVERT_FINDING_FIELDS = (
     "before",
     "after",
 )
+REVERT_FINDING_FIELDS = ("id", "seq", *FINDING_CHANGE_FIELDS)
 
 
 @dataclass(frozen=True, slots=True)

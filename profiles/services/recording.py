@@ -27,6 +27,7 @@ from profiles.models import (
     ShardStatus,
 )
 from profiles.plan import ALL_TYPES
+from profiles.selectors import FINDING_CHANGE_FIELDS
 
 # A run that has not progressed for this long has lost its process (the fixing-run lock
 # expires after as long): dry runs and reverts, which hold no lock, are judged dead by it.
@@ -60,22 +61,7 @@ class FindingRow:
         return self.outcome == FindingOutcome.FIXED
 
 
-FINDING_COLUMNS = (
-    "id",
-    "run_id",
-    "seq",
-    "organization_id",
-    "type",
-    "action",
-    "model",
-    "object_id",
-    "platform",
-    "external_id",
-    "before",
-    "after",
-    "outcome",
-    "detail",
-)
+FINDING_COLUMNS = ("id", "run_id", "seq", *FINDING_CHANGE_FIELDS, "outcome", "detail")
 
 
 def record_findings(*, run_id: UUID, rows: Sequence[FindingRow], organizations: int) -> None:

@@ -14,6 +14,7 @@ from django.core.management.base import BaseCommand, CommandError
 from orgs.models import Organization
 from profiles.models import AuditFinding, AuditStatus, AuditTrigger, FindingOutcome
 from profiles.plan import ALL_TYPES, SCOPES
+from profiles.selectors import FINDING_CHANGE_FIELDS
 from profiles.services.audit import (
     AuditRequest,
     RunReport,
@@ -452,21 +453,7 @@ def _organization_names(org_ids) -> dict[uuid.UUID, str]:
 
 
 def _findings_json(run_id: uuid.UUID):
-    fields = (
-        "seq",
-        "organization_id",
-        "organization__name",
-        "type",
-        "action",
-        "model",
-        "object_id",
-        "platform",
-        "external_id",
-        "before",
-        "after",
-        "outcome",
-        "detail",
-    )
+    fields = ("seq", "organization__name", *FINDING_CHANGE_FIELDS, "outcome", "detail")
     for row in (
         AuditFinding.objects.filter(run_id=run_id)
         .order_by("seq")
