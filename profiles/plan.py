@@ -150,7 +150,7 @@ class OrgSnapshot:
     @cached_property
     def alive_profiles(self) -> list[ProfileRow]:
         """O's alive profiles by id (read by several finders: sorted once)."""
-        return sorted((p for p in self.profiles if p.deleted_at is None), key=lambda p: p.id)
+        return sorted((p for p in self.profiles if p.deleted_at is None), key=lambda p: p.id.int)
 
 
 # --- Selection ----------------------------------------------------------------------------------
@@ -381,7 +381,7 @@ def find_stale_queue_settings(
     own_profiles = {p.id for p in snapshot.profiles}
     return [
         Finding(FindingType.STALE_QUEUE_SETTING, s.id, profile_id=s.profile_id)
-        for s in sorted(snapshot.queue_settings, key=lambda s: s.id)
+        for s in sorted(snapshot.queue_settings, key=lambda s: s.id.int)
         if s.profile_id in own_profiles and s.profile_id not in alive_profile_ids
     ]
 
@@ -392,7 +392,7 @@ def find_invalid_boost_refs(
     """Alive boost rules with entries that are not the id of an alive profile of O: unknown,
     dead, another organization's, or malformed. A value that is not a list has no valid entry."""
     findings = []
-    for rule in sorted(snapshot.boost_rules, key=lambda r: r.id):
+    for rule in sorted(snapshot.boost_rules, key=lambda r: r.id.int):
         if isinstance(rule.profile_ids, Unreadable):
             # Its fix could not record what it changed (before), so nothing is changed.
             raise BadData(
