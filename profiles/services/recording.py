@@ -39,7 +39,8 @@ def empty_counts() -> dict[str, dict[str, int]]:
     return {t.value: {"found": 0, "fixed": 0} for t in ALL_TYPES}
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen (a frozen dataclass pays object.__setattr__ per field, per finding); never changed.
+@dataclass(slots=True)
 class FindingRow:
     """One finding as recorded, before it has its place (``seq``) in the run."""
 
