@@ -126,7 +126,7 @@ def test_the_daily_task_prunes_with_the_retention_setting(settings):
 
 
 def test_beat_sends_the_prune_task_daily_to_the_maintenance_queue():
-    entry = settings.CELERY_BEAT_SCHEDULE["prune-audit-runs"]
+    entry = settings.PROFILE_AUDIT_BEAT_ENTRIES["prune-audit-runs"]
     assert entry["task"] == prune_audit_runs_task.name == "profiles.prune_audit_runs"
     assert entry["schedule"] == crontab(minute=30, hour=3)
     assert entry["options"]["queue"] == "maintenance"
