@@ -14,7 +14,7 @@ from django.utils.safestring import SafeString
 
 from profiles import run_state
 from profiles.models import AuditRun, AuditTrigger
-from profiles.schedule import ScheduleState, audit_schedule_state
+from profiles.schedule import ScheduleState, audit_schedule_state, scheduled_audit_problem
 from profiles.services.run_lock import LockState, fixing_run_lock_state
 
 CHART_WIDTH, CHART_HEIGHT = 720, 160
@@ -33,7 +33,7 @@ class LockView:
 class Dashboard:
     last_scheduled: AuditRun | None
     schedule: ScheduleState
-    overdue: bool
+    overdue: str | None
     chart: SafeString
     chart_runs: int
     lock: LockView
@@ -42,25 +42,12 @@ class Dashboard:
 def build_dashboard() -> Dashboard:
     now = timezone.now()
     last = run_state.last_run_per_trigger().get(AuditTrigger.SCHEDULE)
-    completed = run_state.last_completed_scheduled_run()
-    allowed = timedelta(
-        seconds=settings.PROFILE_AUDIT_SCHEDULE_PERIOD + settings.PROFILE_AUDIT_SCHEDULE_GRACE
-    )
     schedule = audit_schedule_state(now=now)
-    overdue = bool(
-        schedule.enabled
-        and (
-            completed is None
-            or completed.finished_at is None
-            or now - completed.finished_at > allowed
-        )
-        and last is not None
-    )
     runs = run_state.recent_runs(limit=settings.PROFILE_AUDIT_DASHBOARD_RUNS)
     return Dashboard(
         last_scheduled=last,
         schedule=schedule,
-        overdue=overdue,
+        overdue=scheduled_audit_problem(),
         chart=trend_chart(runs),
         chart_runs=len(runs),
         lock=_lock_view(now),

@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from datetime import timedelta
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.utils import timezone
-from django_celery_beat.models import PeriodicTask
 from health_check.base import HealthCheck
 from health_check.checks import Database
 from health_check.contrib.redis import Redis
@@ -19,8 +16,7 @@ from health_check.exceptions import ServiceUnavailable
 from health_check.views import HealthCheckView
 from redis.asyncio import Redis as AsyncRedis
 
-from profiles import run_state
-from profiles.schedule import AUDIT_ENTRY
+from profiles.schedule import scheduled_audit_problem
 
 
 @dataclasses.dataclass
@@ -38,34 +34,6 @@ class ScheduledAuditRecent(HealthCheck):
         problem = await sync_to_async(scheduled_audit_problem, thread_sensitive=True)()
         if problem:
             raise ServiceUnavailable(problem)
-
-
-def scheduled_audit_problem() -> str | None:
-    now = timezone.now()
-    allowed = timedelta(
-        seconds=settings.PROFILE_AUDIT_SCHEDULE_PERIOD + settings.PROFILE_AUDIT_SCHEDULE_GRACE
-    )
-    entry = PeriodicTask.objects.filter(name=AUDIT_ENTRY).values("enabled", "date_changed").first()
-    if entry is None:
-        return (
-            f"the schedule entry {AUDIT_ENTRY!r} is missing; run `manage.py migrate` to create it"
-        )
-    if not entry["enabled"]:
-        return None
-    run = run_state.last_completed_scheduled_run()
-    if run is not None and run.finished_at is not None:
-        since = run.finished_at
-        what = f"the last scheduled run completed at {since:%Y-%m-%d %H:%M} UTC"
-    else:
-        since = entry["date_changed"]
-        what = f"no scheduled run has completed since the schedule was set at {since:%Y-%m-%d %H:%M} UTC"
-    if now - since > allowed:
-        return f"{what}, more than {_hours(allowed)} ago (period plus grace)"
-    return None
-
-
-def _hours(delta: timedelta) -> str:
-    return f"{delta.total_seconds() / 3600:g} h"
 
 
 class AuditHealthView(HealthCheckView):

@@ -15,6 +15,8 @@ from django.db import transaction
 from django.utils import timezone
 from django_celery_beat.models import CrontabSchedule, IntervalSchedule, PeriodicTask
 
+from profiles import run_state
+
 AUDIT_ENTRY = "profile-connection-sync-audit"
 KEPT_OPTIONS = ("queue", "exchange", "routing_key", "priority", "expire_seconds")
 
@@ -69,6 +71,37 @@ def _beat_tables_exist(using: str) -> bool:
     from django.db import connections
 
     return PeriodicTask._meta.db_table in connections[using].introspection.table_names()
+
+
+def scheduled_audit_problem() -> str | None:
+    """Why the scheduled audit counts as late, or None: the last scheduled run completed
+    (succeeded or partial) longer ago than the period plus the grace; before the first one,
+    measured from when the entry was created or last changed. Switched off: not late."""
+    now = timezone.now()
+    allowed = timedelta(
+        seconds=settings.PROFILE_AUDIT_SCHEDULE_PERIOD + settings.PROFILE_AUDIT_SCHEDULE_GRACE
+    )
+    entry = PeriodicTask.objects.filter(name=AUDIT_ENTRY).values("enabled", "date_changed").first()
+    if entry is None:
+        return (
+            f"the schedule entry {AUDIT_ENTRY!r} is missing; run `manage.py migrate` to create it"
+        )
+    if not entry["enabled"]:
+        return None
+    run = run_state.last_completed_scheduled_run()
+    if run is not None and run.finished_at is not None:
+        since = run.finished_at
+        what = f"the last scheduled run completed at {since:%Y-%m-%d %H:%M} UTC"
+    else:
+        since = entry["date_changed"]
+        what = f"no scheduled run has completed since the schedule was set at {since:%Y-%m-%d %H:%M} UTC"
+    if now - since > allowed:
+        return f"{what}, more than {_hours(allowed)} ago (period plus grace)"
+    return None
+
+
+def _hours(delta: timedelta) -> str:
+    return f"{delta.total_seconds() / 3600:g} h"
 
 
 @dataclass(frozen=True)

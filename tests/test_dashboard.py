@@ -75,7 +75,7 @@ def test_the_list_opens_on_the_last_scheduled_run_the_chart_and_the_lock(client)
 def test_an_overdue_schedule_says_so(client):
     login(client)
     finished_run(hours_ago=8)
-    assert "Overdue: no scheduled run has completed" in text(client.get(RUNS))
+    assert "Overdue: the last scheduled run completed at" in text(client.get(RUNS))
 
 
 def test_run_now_sends_the_task_recorded_with_who_asked(client, django_capture_on_commit_callbacks):
