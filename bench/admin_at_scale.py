@@ -164,6 +164,7 @@ def main() -> None:
         ("findings list, search object id", f"{findings}?q={some.object_id}"),
         ("findings list, organization by name", f"{findings}?organization=Scale+org+01234"),
         ("findings list, organization by id", f"{findings}?organization={some.organization_id}"),
+        ("findings list, name matching every org", f"{findings}?organization=Scale+org"),
         ("findings list, type filter", f"{findings}?type__exact=relink"),
         ("findings list, sorted by type", f"{findings}?o=4"),
         ("findings list, one run", f"{findings}?run={run.id}"),
