@@ -13,7 +13,7 @@ from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
 from profiles import run_state
-from profiles.models import AuditRun, AuditTrigger
+from profiles.models import AuditRun
 from profiles.schedule import ScheduleState, audit_schedule_state, scheduled_audit_problem
 from profiles.services.run_lock import LockState, fixing_run_lock_state
 
@@ -41,7 +41,7 @@ class Dashboard:
 
 def build_dashboard() -> Dashboard:
     now = timezone.now()
-    last = run_state.last_run_per_trigger().get(AuditTrigger.SCHEDULE)
+    last = run_state.last_scheduled_run()
     schedule = audit_schedule_state(now=now)
     runs = run_state.recent_runs(limit=settings.PROFILE_AUDIT_DASHBOARD_RUNS)
     return Dashboard(

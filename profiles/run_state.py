@@ -36,6 +36,10 @@ def last_run_per_trigger() -> dict[str, AuditRun]:
     return latest
 
 
+def last_scheduled_run() -> AuditRun | None:
+    return AuditRun.objects.filter(trigger=AuditTrigger.SCHEDULE).order_by("-started_at").first()
+
+
 def last_completed_scheduled_run() -> AuditRun | None:
     return (
         AuditRun.objects.filter(trigger=AuditTrigger.SCHEDULE, status__in=COMPLETED)
