@@ -127,3 +127,11 @@ def test_red_when_redis_stops(client, settings, own_redis):
     assert stopped.startswith("Unavailable: Unable to connect to Redis")
     assert list(redis_checks.values()).count("OK") == 1
     assert check(report, "ScheduledAudit") == "OK"
+
+
+def test_a_person_reads_the_same_report_in_a_browser(client):
+    scheduled_run(hours_ago=8)
+    response = client.get("/health/", HTTP_ACCEPT="text/html")
+    assert response.status_code == 500
+    page = response.content.decode()
+    assert "ScheduledAudit" in page and "more than 6.5 h ago" in page
