@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
 
 from django.db.models import Count
 
@@ -135,7 +134,3 @@ def _uuid_or_none(value: str) -> uuid.UUID | None:
         return uuid.UUID(str(value))
     except ValueError:
         return None
-
-
-def timestamp(value: datetime | None) -> float | None:
-    return value.timestamp() if value is not None else None
