@@ -28,7 +28,8 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 # The embedded default: no DATABASE_URL, no REDIS_URL.
-DEMO_ENV := env -u DATABASE_URL -u REDIS_URL SQLITE_PATH=var/demo.sqlite3 PROFILE_AUDIT_CONSOLE_LEVEL=WARNING
+DEMO_ENV := env -u DATABASE_URL -u REDIS_URL SQLITE_PATH=var/demo.sqlite3 PROFILE_AUDIT_CONSOLE_LEVEL=WARNING \
+	DJANGO_DEBUG=true
 
 demo: install
 	$(DEMO_ENV) $(BIN)/python manage.py migrate --verbosity 0
@@ -62,7 +63,8 @@ format: install
 	$(BIN)/ruff format .
 
 bench: install
-	$(BIN)/python bench/audit_bench.py $(BENCH_ARGS)
+	DJANGO_DEBUG=$${DJANGO_DEBUG:-false} DJANGO_SECRET_KEY=$${DJANGO_SECRET_KEY:-local-benchmark-only-key-not-for-serving-anything-at-all} \
+		$(BIN)/python bench/audit_bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf var logs .pytest_cache .hypothesis

@@ -5,21 +5,47 @@ Two settings decide where the services are, independently of each other:
 in-process and fixing runs take a file lock instead of a Redis lock).
 """
 
-import os
 from pathlib import Path
 
-import dj_database_url
 from celery.schedules import crontab
 
+from audit_project.env import EnvReader, InvalidSetting
 from audit_project.log_config import build_logging_config, configure_structlog
 
 BASE_DIR = Path(__file__).resolve().parent.parent
+env = EnvReader()
 
-SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "dev-only-insecure-key-change-me")
-DEBUG = os.environ.get("DJANGO_DEBUG", "") == "1"
-ALLOWED_HOSTS = [
-    h for h in os.environ.get("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1").split(",") if h
-]
+# --- Django and its deployment ----------------------------------------------------------------
+DEBUG = env.bool("DJANGO_DEBUG", False)
+# Development placeholders: fine with DEBUG on, refused with it off (a forged session is one
+# known key away).
+PLACEHOLDER_SECRET_KEYS = ("dev-only-insecure-key-change-me", "change-me-to-a-long-random-string")
+SECRET_KEY = env.str("DJANGO_SECRET_KEY", PLACEHOLDER_SECRET_KEYS[0])
+if not DEBUG and SECRET_KEY in PLACEHOLDER_SECRET_KEYS:
+    raise InvalidSetting(
+        "DJANGO_SECRET_KEY",
+        "set it to a long random string (python -c 'import secrets; print(secrets.token_urlsafe(50))'); "
+        "the development placeholder is only accepted with DJANGO_DEBUG=true",
+    )
+ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", ["localhost", "127.0.0.1"])
+# Origins (with scheme) whose POSTs are trusted behind a proxy, e.g. https://audit.example.com.
+CSRF_TRUSTED_ORIGINS = env.origins("DJANGO_CSRF_TRUSTED_ORIGINS")
+# Behind a TLS-terminating proxy: the header it sets and the value meaning HTTPS,
+# e.g. HTTP_X_FORWARDED_PROTO,https. Only set it when the proxy always overwrites that header.
+SECURE_PROXY_SSL_HEADER = env.proxy_ssl_header("DJANGO_SECURE_PROXY_SSL_HEADER")
+# Served over HTTPS: redirect plain HTTP, send HSTS, secure cookies (each can be set alone).
+HTTPS = env.bool("DJANGO_HTTPS", False)
+SECURE_SSL_REDIRECT = env.bool("DJANGO_SECURE_SSL_REDIRECT", HTTPS)
+# Probes from inside the network (the compose healthcheck, Prometheus) speak plain HTTP.
+SECURE_REDIRECT_EXEMPT = [r"^health/$", r"^metrics$"]
+SECURE_HSTS_SECONDS = env.int("DJANGO_SECURE_HSTS_SECONDS", 31_536_000 if HTTPS else 0, minimum=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS", HTTPS)
+SECURE_HSTS_PRELOAD = env.bool("DJANGO_SECURE_HSTS_PRELOAD", False)
+SESSION_COOKIE_SECURE = env.bool("DJANGO_SESSION_COOKIE_SECURE", HTTPS)
+CSRF_COOKIE_SECURE = env.bool("DJANGO_CSRF_COOKIE_SECURE", HTTPS)
+# Joining the browsers' HSTS preload list is the domain owner's decision, not this app's:
+# DJANGO_SECURE_HSTS_PRELOAD turns it on, and `check --deploy` need not nag without it.
+SILENCED_SYSTEM_CHECKS = ["security.W021"]
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -29,6 +55,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "django_celery_beat",
+    "health_check",
     "orgs",
     "connections",
     "profiles",
@@ -67,10 +94,10 @@ TEMPLATES = [
 ]
 
 # --- Database -------------------------------------------------------------------------------
-SQLITE_PATH = Path(os.environ.get("SQLITE_PATH", BASE_DIR / "var" / "profile_sync_audit.sqlite3"))
+SQLITE_PATH = Path(env.str("SQLITE_PATH", str(BASE_DIR / "var" / "profile_sync_audit.sqlite3")))
 
-if os.environ.get("DATABASE_URL"):
-    DATABASES = {"default": dj_database_url.parse(os.environ["DATABASE_URL"], conn_max_age=60)}
+if env.is_set("DATABASE_URL"):
+    DATABASES = {"default": env.db_url("DATABASE_URL", CONN_MAX_AGE=60)}
 else:
     SQLITE_PATH.parent.mkdir(parents=True, exist_ok=True)
     DATABASES = {
@@ -89,7 +116,7 @@ else:
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Celery ---------------------------------------------------------------------------------
-REDIS_URL = os.environ.get("REDIS_URL", "")
+REDIS_URL = env.redis_url("REDIS_URL")
 
 if REDIS_URL:
     CELERY_BROKER_URL = REDIS_URL
@@ -122,45 +149,45 @@ CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 # --- The audit ------------------------------------------------------------------------------
 # Mass-deletion guard: an organization whose plan would soft-delete more than
 # max(GUARD_MIN, GUARD_RATIO x its alive profiles) is not fixed (DESIGN "Nothing is lost").
-PROFILE_AUDIT_GUARD_MIN = int(os.environ.get("PROFILE_AUDIT_GUARD_MIN", "5"))
-PROFILE_AUDIT_GUARD_RATIO = float(os.environ.get("PROFILE_AUDIT_GUARD_RATIO", "0.5"))
+PROFILE_AUDIT_GUARD_MIN = env.int("PROFILE_AUDIT_GUARD_MIN", 5, minimum=0)
+PROFILE_AUDIT_GUARD_RATIO = env.float("PROFILE_AUDIT_GUARD_RATIO", 0.5, minimum=0)
 # Organizations read (and, with --fix, fixed in one transaction) per chunk (DESIGN rule 8).
-PROFILE_AUDIT_CHUNK_SIZE = int(os.environ.get("PROFILE_AUDIT_CHUNK_SIZE", "100"))
+PROFILE_AUDIT_CHUNK_SIZE = env.int("PROFILE_AUDIT_CHUNK_SIZE", 100, minimum=1)
 # An all-organization run is cut into shards of this many consecutive organizations (by id),
 # each a `profiles.audit_shard` task on `maintenance` (DESIGN "Runs at scale").
-PROFILE_AUDIT_SHARD_SIZE = int(os.environ.get("PROFILE_AUDIT_SHARD_SIZE", "1000"))
+PROFILE_AUDIT_SHARD_SIZE = env.int("PROFILE_AUDIT_SHARD_SIZE", 1000, minimum=1)
 # Seconds a shard task works before it sends its own continuation from its cursor: well under
 # the shard task's soft time limit (PROFILE_AUDIT_SOFT_TIME_LIMIT), which stays a backstop.
-PROFILE_AUDIT_SHARD_BUDGET = float(os.environ.get("PROFILE_AUDIT_SHARD_BUDGET", "240"))
+PROFILE_AUDIT_SHARD_BUDGET = env.float("PROFILE_AUDIT_SHARD_BUDGET", 240, minimum=0)
 # A scheduled run's shards not finished this long after it started are skipped (run partial):
 # below the six-hour schedule, so runs never pile up.
-PROFILE_AUDIT_RUN_DEADLINE = int(os.environ.get("PROFILE_AUDIT_RUN_DEADLINE", str(5 * 3600 + 1800)))
+PROFILE_AUDIT_RUN_DEADLINE = env.int("PROFILE_AUDIT_RUN_DEADLINE", 5 * 3600 + 1800, minimum=1)
 # A fixing run soft-deletes at most this many rows (profiles and queue settings) over all its
 # organizations and shards; an organization that does not fit is guarded. --force lifts it.
-PROFILE_AUDIT_RUN_MAX_DELETIONS = int(os.environ.get("PROFILE_AUDIT_RUN_MAX_DELETIONS", "10000"))
+PROFILE_AUDIT_RUN_MAX_DELETIONS = env.int("PROFILE_AUDIT_RUN_MAX_DELETIONS", 10000, minimum=0)
 # Deliveries of one shard (re-delivery after a lost worker, time limits) before it is failed.
 PROFILE_AUDIT_SHARD_MAX_ATTEMPTS = 5
 # Retention: runs older than this many days (and their findings) are pruned daily, in batches
 # of PROFILE_AUDIT_PRUNE_BATCH_SIZE rows; the latest run of each organization always stays.
-PROFILE_AUDIT_RETENTION_DAYS = int(os.environ.get("PROFILE_AUDIT_RETENTION_DAYS", "90"))
+PROFILE_AUDIT_RETENTION_DAYS = env.int("PROFILE_AUDIT_RETENTION_DAYS", 90, minimum=1)
 PROFILE_AUDIT_PRUNE_BATCH_SIZE = 5000
 
 # --- Fixing runs: the lock, the scheduled task and its beat entry ----------------------------
 # Every fixing run (the task and `profiles_audit_sync --fix`) takes one lock: Redis when this URL
 # is set (the default follows REDIS_URL), else a file lock on this machine.
-PROFILE_AUDIT_LOCK_REDIS_URL = os.environ.get("PROFILE_AUDIT_LOCK_REDIS_URL", REDIS_URL)
-PROFILE_AUDIT_LOCK_KEY = os.environ.get("PROFILE_AUDIT_LOCK_KEY", "profile-sync-audit:fixing-run")
+PROFILE_AUDIT_LOCK_REDIS_URL = env.redis_url("PROFILE_AUDIT_LOCK_REDIS_URL", REDIS_URL)
+PROFILE_AUDIT_LOCK_KEY = env.str("PROFILE_AUDIT_LOCK_KEY", "profile-sync-audit:fixing-run")
 # 60 minutes, the original's withoutOverlapping(60); longer than the task's hard time limit.
-PROFILE_AUDIT_LOCK_TTL = int(os.environ.get("PROFILE_AUDIT_LOCK_TTL", "3600"))
+PROFILE_AUDIT_LOCK_TTL = env.int("PROFILE_AUDIT_LOCK_TTL", 3600, minimum=1)
 # Redis unreachable: an error within this many seconds, not a hung run.
-PROFILE_AUDIT_LOCK_SOCKET_TIMEOUT = float(os.environ.get("PROFILE_AUDIT_LOCK_SOCKET_TIMEOUT", "5"))
+PROFILE_AUDIT_LOCK_SOCKET_TIMEOUT = env.float("PROFILE_AUDIT_LOCK_SOCKET_TIMEOUT", 5, minimum=0)
 PROFILE_AUDIT_LOCK_FILE = Path(
-    os.environ.get("PROFILE_AUDIT_LOCK_FILE", BASE_DIR / "var" / "profile-sync-audit.lock")
+    env.str("PROFILE_AUDIT_LOCK_FILE", str(BASE_DIR / "var" / "profile-sync-audit.lock"))
 )
 # The scheduled task: at the soft limit it stops after the organization in progress; the hard
 # limit (10 minutes) kills it. soft < hard < lock TTL < the six-hour interval.
-PROFILE_AUDIT_SOFT_TIME_LIMIT = int(os.environ.get("PROFILE_AUDIT_SOFT_TIME_LIMIT", "540"))
-PROFILE_AUDIT_TIME_LIMIT = int(os.environ.get("PROFILE_AUDIT_TIME_LIMIT", "600"))
+PROFILE_AUDIT_SOFT_TIME_LIMIT = env.int("PROFILE_AUDIT_SOFT_TIME_LIMIT", 540, minimum=1)
+PROFILE_AUDIT_TIME_LIMIT = env.int("PROFILE_AUDIT_TIME_LIMIT", 600, minimum=1)
 # Two retries, a fixed two minutes apart, on transient errors only.
 PROFILE_AUDIT_MAX_RETRIES = 2
 PROFILE_AUDIT_RETRY_DELAY = 120
@@ -169,16 +196,21 @@ PROFILE_AUDIT_RETRY_DELAY = 120
 # also outlast the longest retry chain (2 x (600 s + 120 s)), which it does with room to queue.
 PROFILE_AUDIT_SCHEDULE_EXPIRES = 3 * 3600
 
-# Upserted into django-celery-beat's PeriodicTask table by the DatabaseScheduler (the admin
-# shows it). Its copy keeps only queue/exchange/routing_key/priority/headers/expire_seconds of
-# "options": the expiry must be `expire_seconds` (an `expires` here is silently dropped).
-CELERY_BEAT_SCHEDULE = {
-    # Every six hours, on the hour: 00:00, 06:00, 12:00 and 18:00 UTC.
+# The schedule belongs to the admin (django-celery-beat's *Periodic tasks*). These entries are
+# written into its tables once, after `migrate` (profiles.schedule, on post_migrate), and never
+# again: an entry that exists, whatever an operator changed in it, is left alone. A deleted
+# entry comes back at the next `migrate`; to stop one, untick "enabled".
+# Only queue/exchange/routing_key/priority/headers/expire_seconds of "options" are kept: the
+# expiry must be `expire_seconds`.
+PROFILE_AUDIT_BEAT_ENTRIES = {
+    # Every six hours, on the hour: 00:00, 06:00, 12:00 and 18:00 UTC. The trigger is in the
+    # entry, so a run sent by hand (`celery call profiles.audit_sync`) is not taken for it.
     "profile-connection-sync-audit": {
         "task": "profiles.audit_sync",
         "schedule": crontab(minute="0", hour="*/6"),
         "kwargs": {"fix": True, "trigger": "schedule"},
         "options": {"queue": "maintenance", "expire_seconds": PROFILE_AUDIT_SCHEDULE_EXPIRES},
+        "description": "The scheduled audit of every organization, with fixes.",
     },
     # Retention, daily at 03:30 UTC: prune audit runs older than PROFILE_AUDIT_RETENTION_DAYS
     # (never the latest run of an organization). Expires long before the next day's entry.
@@ -186,8 +218,28 @@ CELERY_BEAT_SCHEDULE = {
         "task": "profiles.prune_audit_runs",
         "schedule": crontab(minute=30, hour=3),
         "options": {"queue": "maintenance", "expire_seconds": 12 * 3600},
+        "description": "Retention of audit runs and findings.",
     },
 }
+# Empty on purpose: beat's DatabaseScheduler upserts whatever is here at every start, which
+# would overwrite the schedule an operator set in the admin.
+CELERY_BEAT_SCHEDULE: dict = {}
+
+# --- Operating it: metrics, health, dashboard -------------------------------------------------
+# The scheduled audit's period and how late its run may finish before /health/ turns red and the
+# alert rules fire (docs/operating.md).
+PROFILE_AUDIT_SCHEDULE_PERIOD = 6 * 3600
+PROFILE_AUDIT_SCHEDULE_GRACE = env.int("PROFILE_AUDIT_SCHEDULE_GRACE", 1800, minimum=0)
+# /metrics asks for `Authorization: Bearer <token>` when this is set (empty: open, for a
+# scraper on a private network).
+PROFILE_AUDIT_METRICS_TOKEN = env.str("PROFILE_AUDIT_METRICS_TOKEN")
+# Dry runs change nothing, so their findings (the bulk of the table) go sooner than those of
+# fixing runs, which a revert needs; the run record and its counts stay for the full period.
+PROFILE_AUDIT_DRY_RUN_RETENTION_DAYS = env.int(
+    "PROFILE_AUDIT_DRY_RUN_RETENTION_DAYS", 14, minimum=1
+)
+# Runs drawn in the admin's found/fixed chart.
+PROFILE_AUDIT_DASHBOARD_RUNS = 30
 
 # --- Internationalization -------------------------------------------------------------------
 LANGUAGE_CODE = "en-us"
@@ -196,15 +248,15 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = Path(os.environ.get("STATIC_ROOT", BASE_DIR / "var" / "static"))
+STATIC_ROOT = Path(env.str("STATIC_ROOT", str(BASE_DIR / "var" / "static")))
 STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # WhiteNoise warns on every start without it
 # Serve the admin's files from the apps too, so it works before (or without) collectstatic.
 WHITENOISE_USE_FINDERS = True
 
 # --- Logging --------------------------------------------------------------------------------
-PROFILE_AUDIT_LOG_DIR = Path(os.environ.get("PROFILE_AUDIT_LOG_DIR", BASE_DIR / "logs"))
+PROFILE_AUDIT_LOG_DIR = Path(env.str("PROFILE_AUDIT_LOG_DIR", str(BASE_DIR / "logs")))
 LOGGING = build_logging_config(
     log_dir=PROFILE_AUDIT_LOG_DIR,
-    console_level=os.environ.get("PROFILE_AUDIT_CONSOLE_LEVEL"),
+    console_level=env.log_level("PROFILE_AUDIT_CONSOLE_LEVEL"),
 )
 configure_structlog()

@@ -14,6 +14,8 @@ if os.environ.get("PROFILE_AUDIT_TEST_DB", "postgres") == "sqlite":
 else:
     os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/profile_sync_audit")
 os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/9")
+# Not a secret: the suite runs with DEBUG off, which refuses the development placeholder.
+os.environ.setdefault("DJANGO_SECRET_KEY", "test-suite-only-" + "x" * 50)
 os.environ.setdefault(
     "PROFILE_AUDIT_LOG_DIR", str(Path(__file__).resolve().parent.parent / "var" / "test-logs")
 )

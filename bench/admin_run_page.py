@@ -26,6 +26,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "audit_project.settings")
 os.environ.setdefault("PROFILE_AUDIT_CONSOLE_LEVEL", "WARNING")
+# A benchmark serves nothing: a key of its own, so it runs with DEBUG off (as measured) and no
+# secret to set (the settings refuse the development placeholder with DEBUG off).
+os.environ.setdefault(
+    "DJANGO_SECRET_KEY", "local-benchmark-only-key-not-for-serving-anything-at-all"
+)
 
 import django
 

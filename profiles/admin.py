@@ -10,17 +10,24 @@ import json
 import uuid
 from typing import Any
 
+from django.conf import settings
 from django.contrib import admin, messages
+from django.contrib.admin.views.main import ChangeList
 from django.core.exceptions import PermissionDenied
-from django.db.models import Count, QuerySet
+from django.core.paginator import Paginator
+from django.db.models import Count, Q, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import NoReverseMatch, path, reverse
+from django.utils.functional import cached_property
 from django.utils.html import format_html, format_html_join
 from django.utils.http import urlencode
 
 from audit_project.admin import AliveListFilter, InputFilter, OrganizationFilter
+from audit_project.log_config import audit_logger
+from profiles import run_state
+from profiles.dashboard import build_dashboard
 from profiles.models import (
     OPEN_SHARD_STATUSES,
     AuditFinding,
@@ -34,8 +41,16 @@ from profiles.plan import ALL_TYPES
 from profiles.selectors import run_findings_page
 from profiles.services.recording import close_run
 from profiles.services.revert import RevertRejected, claim_revert, revert_blocker
+from profiles.services.run_lock import (
+    RunLockUnavailable,
+    fixing_run_lock_state,
+    force_release_fixing_run_lock,
+)
 
 FINDINGS_PER_PAGE = 100
+# A run's page names at most this many guarded or failed organizations (the findings list
+# filtered to the run has them all).
+ORGANIZATIONS_NAMED = 50
 
 STATUS_COLOURS = {
     AuditStatus.RUNNING: "#417690",
@@ -124,8 +139,9 @@ class FixedFilter(admin.SimpleListFilter):
 @admin.register(AuditRun)
 class AuditRunAdmin(ReadOnlyAdmin):
     change_form_template = "admin/profiles/auditrun/change_form.html"
+    change_list_template = "admin/profiles/auditrun/change_list.html"
     list_display = [
-        "started_at",
+        "started",
         "trigger",
         "scope",
         "fix_mode",
@@ -157,9 +173,14 @@ class AuditRunAdmin(ReadOnlyAdmin):
             },
         ),
         ("When", {"fields": ["started_at", "finished_at", "duration", "progress"]}),
+        ("Who asked", {"fields": ["requested_by_text", "requested_host", "task_id"]}),
         (
             "What it found and fixed",
             {"fields": ["organizations_audited", "types_list", "by_type_table", "error_text"]},
+        ),
+        (
+            "Organizations not fixed",
+            {"fields": ["guarded_organizations_list", "failed_organizations_list"]},
         ),
     ]
     # Every field shown is read-only: a run is history.
@@ -169,6 +190,15 @@ class AuditRunAdmin(ReadOnlyAdmin):
         return super().get_queryset(request).select_related("organization")
 
     # --- Columns and fields -------------------------------------------------------------
+
+    @admin.display(description="started", ordering="started_at")
+    def started(self, run: AuditRun) -> str:
+        # Compact and unambiguous (UTC), so the list keeps its counts in view at 1366 px.
+        return format_html(
+            '<span title="{}">{}</span>',
+            run.started_at.isoformat(),
+            f"{run.started_at:%Y-%m-%d %H:%M}",
+        )
 
     @admin.display(description="scope", ordering="organization__name")
     def scope(self, run: AuditRun) -> str:
@@ -184,7 +214,56 @@ class AuditRunAdmin(ReadOnlyAdmin):
 
     @admin.display(description="status", ordering="status")
     def status_badge(self, run: AuditRun) -> str:
-        return _badge(run.get_status_display(), STATUS_COLOURS.get(run.status, "#757575"))
+        # The short name in the badge, the explanation on hover: long labels ("Skipped
+        # (another run held the lock)") pushed the counts off narrow screens.
+        return _badge(
+            run.status, STATUS_COLOURS.get(run.status, "#757575"), title=run.get_status_display()
+        )
+
+    @admin.display(description="asked by")
+    def requested_by_text(self, run: AuditRun) -> str:
+        if run.requested_by:
+            return run.requested_by
+        return "the schedule" if run.trigger == AuditTrigger.SCHEDULE else "-"
+
+    @admin.display(description="guarded (mass-deletion guard or run budget)")
+    def guarded_organizations_list(self, run: AuditRun) -> str:
+        ids = run_state.guarded_organization_ids(run)
+        return self._organizations_html(run, ids, {}, outcome=FindingOutcome.GUARDED)
+
+    @admin.display(description="failed")
+    def failed_organizations_list(self, run: AuditRun) -> str:
+        errors = run_state.failed_organization_errors(run)
+        return self._organizations_html(run, list(errors), errors, outcome=FindingOutcome.FAILED)
+
+    def _organizations_html(
+        self, run: AuditRun, ids: list[str], errors: dict[str, str], *, outcome: str
+    ) -> str:
+        if not ids:
+            return "none"
+        named, total = run_state.organizations_named(ids, limit=ORGANIZATIONS_NAMED)
+        findings = reverse("admin:profiles_auditfinding_changelist")
+        items = format_html_join(
+            "",
+            '<li><a href="{}">{}</a> <span class="quiet">{}</span>{}</li>',
+            (
+                (
+                    f"{findings}?" + urlencode({"run": run.id, "organization": org.id}),
+                    org.name or "(deleted organization)",
+                    org.id,
+                    format_html(": {}", errors[org.id]) if org.id in errors else "",
+                )
+                for org in named
+            ),
+        )
+        more = ""
+        if total > len(named):
+            more = format_html(
+                '<li><a href="{}">and {} more</a></li>',
+                f"{findings}?" + urlencode({"run": run.id, "outcome__exact": outcome}),
+                total - len(named),
+            )
+        return format_html('<ul class="audit-orgs">{}{}</ul>', items, more)
 
     @admin.display(description="duration", ordering="duration_seconds")
     def duration(self, run: AuditRun) -> str:
@@ -268,6 +347,7 @@ class AuditRunAdmin(ReadOnlyAdmin):
             context["revert_blocked"] = revert_blocker(run=obj)
             context["can_revert"] = self.has_revert_permission(request)
             context["revert_url"] = reverse("admin:profiles_auditrun_revert", args=[obj.pk])
+            context["dry_run_retention_days"] = settings.PROFILE_AUDIT_DRY_RUN_RETENTION_DAYS
         return super().render_change_form(request, context, add, change, form_url, obj)
 
     def _findings_context(self, request: HttpRequest, run: AuditRun) -> dict[str, Any]:
@@ -321,8 +401,112 @@ class AuditRunAdmin(ReadOnlyAdmin):
                 self.admin_site.admin_view(self.revert_view),
                 name="profiles_auditrun_revert",
             ),
+            path(
+                "run-now/",
+                self.admin_site.admin_view(self.run_now_view),
+                name="profiles_auditrun_run_now",
+            ),
+            path(
+                "release-lock/",
+                self.admin_site.admin_view(self.release_lock_view),
+                name="profiles_auditrun_release_lock",
+            ),
             *super().get_urls(),
         ]
+
+    # --- The dashboard: the list opens on the state of things ------------------------------
+
+    def has_run_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("profiles.run_auditrun")
+
+    def has_release_lock_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("profiles.release_lock_auditrun")
+
+    def changelist_view(self, request, extra_context=None):
+        context = {
+            "dashboard": build_dashboard(),
+            "can_run": self.has_run_permission(request),
+            "can_release_lock": self.has_release_lock_permission(request),
+            "run_now_url": reverse("admin:profiles_auditrun_run_now"),
+            "release_lock_url": reverse("admin:profiles_auditrun_release_lock"),
+            **(extra_context or {}),
+        }
+        return super().changelist_view(request, extra_context=context)
+
+    def run_now_view(self, request: HttpRequest) -> HttpResponse:
+        """POST: send the audit of every organization as a task (trigger admin), dry or fix."""
+        if request.method != "POST":
+            return HttpResponseRedirect(reverse("admin:profiles_auditrun_changelist"))
+        if not (self.has_view_permission(request) and self.has_run_permission(request)):
+            raise PermissionDenied
+        fix = request.POST.get("mode") == "fix"
+        user = request.user.get_username()
+        # Imported here: the admin sends the task, the services never import the task module.
+        from profiles.tasks import audit_sync_task
+
+        try:
+            sent = audit_sync_task.delay(fix=fix, trigger=AuditTrigger.ADMIN, requested_by=user)
+        except Exception as exc:  # the broker did not take it: say so, change nothing
+            audit_logger().error(
+                "profile_audit.run_request_failed", requested_by=user, fix_mode=fix, error=str(exc)
+            )
+            self.message_user(
+                request,
+                f"The run was not sent: the broker did not answer ({type(exc).__name__}: {exc}).",
+                messages.ERROR,
+            )
+            return HttpResponseRedirect(reverse("admin:profiles_auditrun_changelist"))
+        audit_logger().info(
+            "profile_audit.run_requested", requested_by=user, fix_mode=fix, task_id=sent.id
+        )
+        self.message_user(
+            request,
+            f"Sent: a {'fixing run' if fix else 'dry run'} of every organization (task {sent.id}). "
+            "It is listed here once a worker starts it.",
+            messages.SUCCESS,
+        )
+        return HttpResponseRedirect(reverse("admin:profiles_auditrun_changelist"))
+
+    def release_lock_view(self, request: HttpRequest) -> HttpResponse:
+        """POST: free the fixing-run lock, if the holder shown on the page still holds it."""
+        changelist = reverse("admin:profiles_auditrun_changelist")
+        if request.method != "POST":
+            return HttpResponseRedirect(changelist)
+        if not (self.has_view_permission(request) and self.has_release_lock_permission(request)):
+            raise PermissionDenied
+        token = request.POST.get("token", "")
+        state = fixing_run_lock_state()
+        holding = run_state.run_holding_lock(token)
+        user = request.user.get_username()
+        try:
+            released = force_release_fixing_run_lock(token=token)
+        except RunLockUnavailable as exc:
+            self.message_user(request, f"Not released: {exc}", messages.ERROR)
+            return HttpResponseRedirect(changelist)
+        if not released:
+            self.message_user(
+                request,
+                "Not released: the lock is free or now held by another run; look again below.",
+                messages.WARNING,
+            )
+            return HttpResponseRedirect(changelist)
+        holder = token.rsplit(":", 1)[0]
+        audit_logger().warning(
+            "profile_audit.lock_released_by_operator",
+            released_by=user,
+            holder=holder,
+            run_id=str(holding.id) if holding else None,
+            lock=state.where,
+        )
+        if holding is not None:
+            self.log_change(request, holding, f"Released the fixing-run lock held by {holder}")
+        self.message_user(
+            request,
+            f"Released the fixing-run lock held by {holder}. If that run is still alive it "
+            "stops before its next organization.",
+            messages.SUCCESS,
+        )
+        return HttpResponseRedirect(changelist)
 
     def revert_view(self, request: HttpRequest, run_id: uuid.UUID) -> HttpResponse:
         """GET: what a revert of this run would do. POST: revert it (or record a dry run)."""
@@ -402,6 +586,32 @@ class AuditRunAdmin(ReadOnlyAdmin):
 # --- Audit findings -------------------------------------------------------------------------
 
 
+class CappedCountPaginator(Paginator):
+    """Counts at most ``cap`` + 1 rows. The admin counts the filtered list for every page, and
+    an exact count of millions of findings costs more than the page itself; past the cap the
+    list says "more than" and the operator narrows it with a filter."""
+
+    cap = 10_000
+
+    @cached_property
+    def count(self) -> int:
+        return self.object_list.order_by()[: self.cap + 1].count()
+
+    @property
+    def capped(self) -> bool:
+        return self.count > self.cap
+
+
+class SortableOnlyChangeList(ChangeList):
+    """Applies a sort from the URL only for a column in ``sortable_by``: the headers of the others
+    are not links, and ``?o=`` must not ask for a sort of every finding stored either."""
+
+    def get_ordering_field(self, field_name):
+        if field_name not in self.sortable_by:
+            return None
+        return super().get_ordering_field(field_name)
+
+
 @admin.register(AuditFinding)
 class AuditFindingAdmin(ReadOnlyAdmin):
     list_display = [
@@ -418,7 +628,15 @@ class AuditFindingAdmin(ReadOnlyAdmin):
     list_filter = ["type", "action", FixedFilter, "outcome", RunFilter, OrganizationFilter]
     list_select_related = ["organization"]
     search_fields = ["=object_id", "=external_id", "=run__id"]
+    search_help_text = "An object id, a run id or an external id, exactly."
     show_full_result_count = False
+    # Sorting by any other column sorts every finding stored (millions) for one page.
+    sortable_by = ["seq", "run_link"]
+    paginator = CappedCountPaginator
+
+    def get_changelist(self, request, **kwargs):
+        return SortableOnlyChangeList
+
     fields = [
         "run_link",
         "seq",
@@ -435,6 +653,19 @@ class AuditFindingAdmin(ReadOnlyAdmin):
         "after_json",
     ]
     readonly_fields = fields
+
+    def get_search_results(self, request, queryset, search_term):
+        """Exact matches only, each on its own index: an id is an object's or a run's, anything
+        else an external id. (Django's default ORs the three fields in one condition, which
+        PostgreSQL answers by reading every finding.)"""
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        try:
+            value = uuid.UUID(term)
+        except ValueError:
+            return queryset.filter(external_id=term), False
+        return queryset.filter(Q(object_id=value) | Q(run_id=value) | Q(external_id=term)), False
 
     def get_ordering(self, request):
         # One run's findings in the order the run made them (the (run, seq) index); across
@@ -482,10 +713,11 @@ def _link(url: str, text: str) -> str:
     return format_html('<a href="{}">{}</a>', url, text)
 
 
-def _badge(label: str, colour: str) -> str:
+def _badge(label: str, colour: str, *, title: str = "") -> str:
     return format_html(
-        '<span class="audit-badge" style="background:{};color:#fff;padding:1px 7px;'
+        '<span class="audit-badge" title="{}" style="background:{};color:#fff;padding:1px 7px;'
         'border-radius:9px;white-space:nowrap">{}</span>',
+        title or label,
         colour,
         label,
     )

@@ -155,10 +155,16 @@ class AuditRun(models.Model):
 
     class Meta:
         ordering = ["-started_at"]
-        permissions = [("revert_auditrun", "Can revert an audit run")]
+        permissions = [
+            ("revert_auditrun", "Can revert an audit run"),
+            ("run_auditrun", "Can start an audit run from the admin"),
+            ("release_lock_auditrun", "Can release the fixing-run lock"),
+        ]
         indexes = [
             # Retention keeps the latest run of each organization; the admin filters by it.
-            models.Index(fields=["organization", "started_at"], name="run_org_started_idx")
+            models.Index(fields=["organization", "started_at"], name="run_org_started_idx"),
+            # The last run of each trigger (metrics, health, dashboard) and the trigger filter.
+            models.Index(fields=["trigger", "started_at"], name="run_trigger_started_idx"),
         ]
 
     def __str__(self) -> str:
@@ -246,6 +252,9 @@ class AuditFinding(models.Model):
             models.Index(fields=["run", "type"], name="finding_run_type_idx"),
             # A run's counts are recounted from its findings when it closes (or is closed).
             models.Index(fields=["run", "outcome"], name="finding_run_outcome_idx"),
+            # The findings list's search, by object id or external id, among millions.
+            models.Index(fields=["object_id"], name="finding_object_id_idx"),
+            models.Index(fields=["external_id"], name="finding_external_id_idx"),
         ]
 
     def __str__(self) -> str:

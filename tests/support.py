@@ -99,8 +99,9 @@ def find_event(log_dir: Path, event: str, **fields: Any) -> dict[str, Any] | Non
 
 @contextmanager
 def beat_scheduler() -> Iterator[DatabaseScheduler]:
-    """The scheduler beat runs, set up as at beat's start (it upserts CELERY_BEAT_SCHEDULE into
-    PeriodicTask). Needs a committing test: it closes connections left in a transaction."""
+    """The scheduler beat runs, set up as at beat's start: it reads the entries `migrate` created
+    (and would upsert CELERY_BEAT_SCHEDULE, empty on purpose). Needs a committing test: it closes
+    connections left in a transaction."""
     scheduler = DatabaseScheduler(app=celery_app)
     try:
         yield scheduler

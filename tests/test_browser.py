@@ -7,6 +7,7 @@ The run page is saved as a screenshot (``PROFILE_AUDIT_SCREENSHOT``, default
 """
 
 import os
+from datetime import timedelta
 from io import StringIO
 from pathlib import Path
 
@@ -106,3 +107,110 @@ def test_an_operator_opens_a_run_sees_its_findings_and_reverts_it(
     assert revert.fix and revert.status == AuditStatus.SUCCEEDED
     assert revert.fixed == run.fixed
     assert SCREENSHOT.stat().st_size > 10_000
+
+
+DASHBOARD_SCREENSHOT = Path(
+    os.environ.get(
+        "PROFILE_AUDIT_DASHBOARD_SCREENSHOT",
+        str(settings.BASE_DIR / "var" / "browser" / "dashboard.png"),
+    )
+)
+
+
+def right_edge(page, selector: str) -> float:
+    box = page.locator(selector).first.bounding_box()
+    assert box is not None, selector
+    return box["x"] + box["width"]
+
+
+def test_an_operator_reads_the_dashboard_and_runs_the_audit_now(
+    live_server, fixed_demo_run, monkeypatch
+):
+    from playwright.sync_api import expect, sync_playwright
+
+    from profiles.services.run_lock import fixing_run_lock
+
+    User.objects.create_superuser("oncall", "oncall@example.com", "a long test password")
+    run = fixed_demo_run
+    # Two days of history before it, for the chart: scheduled runs every six hours.
+    for n in range(1, 9):
+        started = run.started_at - timedelta(hours=6 * n)
+        AuditRun.objects.create(
+            trigger=AuditTrigger.SCHEDULE,
+            fix=True,
+            status=AuditStatus.SUCCEEDED,
+            started_at=started,
+            finished_at=started + timedelta(seconds=40),
+            duration_seconds=40.0,
+            found=3 + (n * 5) % 11,
+            fixed=2 + (n * 5) % 11,
+        )
+    # Long cells, as in real life: a revert of one organization, a run skipped on the lock.
+    AuditRun.objects.create(
+        trigger=AuditTrigger.REVERT,
+        organization=run.findings.exclude(organization=None).first().organization,
+        reverted_run=run,
+        fix=True,
+        status=AuditStatus.SKIPPED,
+    )
+    # A fixing run in progress holds the lock.
+    lock = fixing_run_lock()
+    assert lock.acquire()
+    token = lock.client.get(lock.key).decode()
+    AuditRun.objects.filter(id=run.id).update(lock_token=token)
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(
+                executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+            )
+            try:
+                page = browser.new_page(viewport={"width": 1366, "height": 900})
+                page.set_default_timeout(20_000)
+                page.goto(f"{live_server.url}/admin/login/?next=/admin/profiles/auditrun/")
+                page.fill("#id_username", "oncall")
+                page.fill("#id_password", "a long test password")
+                page.click("input[type=submit]")
+
+                expect(page.locator("#last-scheduled-run")).to_contain_text(
+                    f"{run.found} / {run.fixed}"
+                )
+                expect(page.locator("#next-due")).to_contain_text("UTC")
+                chart = page.locator("#audit-trend")
+                expect(chart).to_be_visible()
+                assert chart.bounding_box()["height"] > 100
+                expect(page.locator("#audit-trend .audit-chart-run")).to_have_count(9)
+                expect(page.locator("#lock-holder")).to_have_text(token.rsplit(":", 1)[0])
+                # Found, fixed and duration in view without scrolling sideways.
+                width = page.evaluate("window.innerWidth")
+                assert page.evaluate("document.documentElement.scrollWidth") <= width
+                for column in ("found", "fixed", "duration"):
+                    assert right_edge(page, f"#result_list th.column-{column}") <= width, column
+                DASHBOARD_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(DASHBOARD_SCREENSHOT), full_page=True)
+
+                # Run now (a dry run: the fixing lock is held) sends a run that appears.
+                page.click("#run-now-dry")
+                expect(page.locator(".messagelist")).to_contain_text(
+                    "Sent: a dry run of every organization"
+                )
+                first_row = page.locator("#result_list tbody tr").first
+                expect(first_row).to_contain_text("Admin")
+                expect(first_row).to_contain_text("dry run")
+
+                # A run's before/after stay readable in an 800-pixel window.
+                page.set_viewport_size({"width": 800, "height": 900})
+                page.goto(f"{live_server.url}/admin/profiles/auditrun/{run.id}/change/")
+                assert page.evaluate("document.documentElement.scrollWidth") <= 800
+                after = page.locator("table.audit-findings td.after").first
+                assert after.bounding_box()["width"] >= 300
+            finally:
+                browser.close()
+    finally:
+        lock.release()
+        monkeypatch.delenv("DJANGO_ALLOW_ASYNC_UNSAFE")
+
+    asked = AuditRun.objects.get(trigger=AuditTrigger.ADMIN)
+    assert asked.requested_by == "oncall" and not asked.fix
+    assert DASHBOARD_SCREENSHOT.stat().st_size > 10_000

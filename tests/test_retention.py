@@ -45,7 +45,7 @@ def run(org=None, *, days_ago: float, findings: int = 3, **fields) -> AuditRun:
     audit_run = AuditRun.objects.create(
         trigger=AuditTrigger.SCHEDULE,
         organization=org,
-        fix=True,
+        fix=fields.pop("fix", True),
         status="succeeded",
         started_at=timezone.now() - timedelta(days=days_ago),
         **fields,
@@ -126,7 +126,7 @@ def test_the_daily_task_prunes_with_the_retention_setting(settings):
 
 
 def test_beat_sends_the_prune_task_daily_to_the_maintenance_queue():
-    entry = settings.CELERY_BEAT_SCHEDULE["prune-audit-runs"]
+    entry = settings.PROFILE_AUDIT_BEAT_ENTRIES["prune-audit-runs"]
     assert entry["task"] == prune_audit_runs_task.name == "profiles.prune_audit_runs"
     assert entry["schedule"] == crontab(minute=30, hour=3)
     assert entry["options"]["queue"] == "maintenance"
@@ -269,3 +269,20 @@ def test_a_prune_cut_short_finishes_when_run_again_and_keeps_each_deletion_once(
     assert StaleQueueSettingDeletion.objects.filter(queue_setting=setting).count() == 1
     set_asset_selection(connection=asset.connection, asset_ids=[asset.id], selected=True)
     assert alive_settings(asset.connection.organization) == {setting.id}
+
+
+def test_dry_runs_lose_their_findings_sooner_than_fixing_runs(settings):
+    settings.PROFILE_AUDIT_DRY_RUN_RETENTION_DAYS = 14
+    org = OrganizationFactory()
+    old_dry = run(org, days_ago=20, fix=False, finished_at=timezone.now() - timedelta(days=20))
+    old_fix = run(org, days_ago=20, finished_at=timezone.now() - timedelta(days=20))
+    recent_dry = run(org, days_ago=2, fix=False, finished_at=timezone.now() - timedelta(days=2))
+
+    result = prune_audit_runs_task.delay().get()
+
+    assert result["dry_run_findings_deleted"] == 3
+    # The dry run's record and counts stay; only its findings went.
+    assert remaining() == {old_dry.id, old_fix.id, recent_dry.id}
+    assert not AuditFinding.objects.filter(run=old_dry).exists()
+    assert AuditFinding.objects.filter(run=old_fix).count() == 3
+    assert AuditFinding.objects.filter(run=recent_dry).count() == 3

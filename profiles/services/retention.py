@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from uuid import UUID
 
+from django.conf import settings
 from django.utils import timezone
 
 from audit_project.log_config import audit_logger
-from profiles.models import AuditFinding, AuditRun, StaleQueueSettingDeletion
+from profiles.models import AuditFinding, AuditRun, AuditStatus, StaleQueueSettingDeletion
 from profiles.selectors import prunable_runs, stale_queue_setting_deletions
 
 
@@ -29,6 +30,8 @@ class PruneReport:
     cutoff: str
     queue_setting_deletions_kept: int = 0
     """Stale queue setting deletions kept, from pruned findings, for a later restore."""
+    dry_run_findings_deleted: int = 0
+    dry_run_cutoff: str = ""
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -36,10 +39,32 @@ class PruneReport:
             "findings_deleted": self.findings_deleted,
             "cutoff": self.cutoff,
             "queue_setting_deletions_kept": self.queue_setting_deletions_kept,
+            "dry_run_findings_deleted": self.dry_run_findings_deleted,
+            "dry_run_cutoff": self.dry_run_cutoff,
         }
 
 
-def prune_audit_runs(*, older_than_days: int, batch_size: int = 5000) -> PruneReport:
+def prune_dry_run_findings(*, older_than_days: int, batch_size: int = 5000) -> tuple[int, str]:
+    """Delete the findings of dry runs that finished before the cutoff, in short batches. A
+    dry run changed nothing, so nothing needs them to be undone; the run and its counts stay
+    (for the chart, the metrics and the run list) until the runs' own retention."""
+    if older_than_days < 1 or batch_size < 1:
+        raise ValueError("older_than_days and batch_size must be at least 1")
+    cutoff = timezone.now() - timedelta(days=older_than_days)
+    old_dry_runs = AuditRun.objects.filter(fix=False, finished_at__lt=cutoff).exclude(
+        status=AuditStatus.RUNNING
+    )
+    deleted = 0
+    while finding_ids := list(
+        AuditFinding.objects.filter(run__in=old_dry_runs).values_list("id", flat=True)[:batch_size]
+    ):
+        deleted += AuditFinding.objects.filter(id__in=finding_ids).delete()[0]
+    return deleted, cutoff.isoformat()
+
+
+def prune_audit_runs(
+    *, older_than_days: int, batch_size: int = 5000, dry_run_findings_days: int | None = None
+) -> PruneReport:
     """Delete prunable runs and their findings, at most ``batch_size`` rows per statement, each
     statement its own short transaction, so a large backlog never holds locks for long."""
     if older_than_days < 1 or batch_size < 1:
@@ -63,7 +88,22 @@ def prune_audit_runs(*, older_than_days: int, batch_size: int = 5000) -> PruneRe
         # A revert of a pruned run stays; its reverted_run becomes empty (SET_NULL).
         _, deleted = AuditRun.objects.filter(id__in=run_ids).delete()
         runs_deleted += deleted.get(AuditRun._meta.label, 0)
-    report = PruneReport(runs_deleted, findings_deleted, cutoff.isoformat(), kept)
+    dry_days = (
+        settings.PROFILE_AUDIT_DRY_RUN_RETENTION_DAYS
+        if dry_run_findings_days is None
+        else dry_run_findings_days
+    )
+    dry_deleted, dry_cutoff = prune_dry_run_findings(
+        older_than_days=min(dry_days, older_than_days), batch_size=batch_size
+    )
+    report = PruneReport(
+        runs_deleted,
+        findings_deleted,
+        cutoff.isoformat(),
+        queue_setting_deletions_kept=kept,
+        dry_run_findings_deleted=dry_deleted,
+        dry_run_cutoff=dry_cutoff,
+    )
     audit_logger().info("profile_audit.pruned", older_than_days=older_than_days, **report.as_json())
     return report
 

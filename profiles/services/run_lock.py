@@ -10,6 +10,7 @@ import fcntl
 import os
 import socket
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit, urlunsplit
@@ -248,3 +249,109 @@ def _redacted(url: str) -> str:
         return url
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+# --- The lock as operators see it: state for the dashboard and /metrics, and a forced release -
+
+
+@dataclass(frozen=True)
+class LockState:
+    """Who holds the fixing-run lock, read without taking it."""
+
+    where: str
+    reachable: bool = True
+    held: bool = False
+    token: str = ""
+    expires_in: float | None = None  # seconds; None for a file lock (no expiry)
+    error: str = ""
+
+    @property
+    def holder(self) -> str:
+        """``host:pid`` of the holder (the token without its per-acquisition part)."""
+        return self.token.rsplit(":", 1)[0] if self.token else ""
+
+
+# Delete the key only if it still holds the token the operator saw: a run that took the lock
+# after the page was drawn is not the one being released.
+_RELEASE_IF_TOKEN = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
+
+
+def fixing_run_lock_state() -> LockState:
+    lock = fixing_run_lock()
+    if isinstance(lock, RedisRunLock):
+        try:
+            with lock.client.pipeline(transaction=True) as pipe:
+                token, ttl_ms = pipe.get(lock.key).pttl(lock.key).execute()
+        except redis.RedisError as exc:
+            return LockState(where=lock.description, reachable=False, error=_error(exc))
+        finally:
+            lock.client.close()
+        if token is None:
+            return LockState(where=lock.description)
+        expires = max(ttl_ms, 0) / 1000 if ttl_ms is not None and ttl_ms >= 0 else None
+        return LockState(
+            where=lock.description,
+            held=True,
+            token=token.decode(errors="replace"),
+            expires_in=expires,
+        )
+    return _file_lock_state(lock)
+
+
+def force_release_fixing_run_lock(*, token: str) -> bool:
+    """Free the lock if ``token`` still holds it; False if it is free or held by another run.
+
+    The run that held it notices at its next organization (``still_held``) and stops there.
+    """
+    if not token:
+        return False
+    lock = fixing_run_lock()
+    if isinstance(lock, RedisRunLock):
+        try:
+            return bool(lock.client.eval(_RELEASE_IF_TOKEN, 1, lock.key, token))
+        except redis.RedisError as exc:
+            raise lock._unavailable(exc) from exc
+        finally:
+            lock.client.close()
+    # A flock cannot be taken from another process; removing the file does the same job: the
+    # holder's still_held() sees another inode and stops, and the next run locks a new file.
+    state = _file_lock_state(lock)
+    if not state.held or state.token != token:
+        return False
+    try:
+        lock.path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _file_lock_state(lock: FileRunLock) -> LockState:
+    try:
+        stat = os.stat(lock.path)
+        token = lock.path.read_text(errors="replace").strip()
+    except FileNotFoundError:
+        return LockState(where=lock.description)
+    except OSError as exc:
+        return LockState(where=lock.description, reachable=False, error=_error(exc))
+    return LockState(
+        where=lock.description, held=_flocked(stat), token=token if _flocked(stat) else ""
+    )
+
+
+def _flocked(stat: os.stat_result) -> bool:
+    """Whether some process holds a flock on this inode (Linux: /proc/locks), without taking it:
+    trying the lock would make a run starting at that moment find it held and skip."""
+    wanted = f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}:{stat.st_ino}"
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        fields = line.split()
+        if "FLOCK" in fields and any(f == wanted for f in fields):
+            return True
+    return False
+
+
+def _error(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,136 @@
+"""Reads for operating the audit: the last runs, the state of the schedule, open shards. One
+module behind /metrics, /health/ and the admin's dashboard, so the three never disagree."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from django.db.models import Count
+
+from orgs.models import Organization
+from profiles.models import (
+    OPEN_SHARD_STATUSES,
+    AuditFinding,
+    AuditRun,
+    AuditShard,
+    AuditStatus,
+    AuditTrigger,
+    FindingOutcome,
+)
+
+# A scheduled run "completed" when it went through its organizations: all fixed (succeeded) or
+# some guarded, failed on their own data or cut off (partial). Failed, interrupted and skipped
+# runs did not, and running ones have not yet.
+COMPLETED = (AuditStatus.SUCCEEDED, AuditStatus.PARTIAL)
+
+
+def last_run_per_trigger() -> dict[str, AuditRun]:
+    """The latest run (by start) of each trigger that has one: one indexed query per trigger."""
+    latest = {}
+    for trigger in AuditTrigger.values:
+        run = AuditRun.objects.filter(trigger=trigger).order_by("-started_at").first()
+        if run is not None:
+            latest[trigger] = run
+    return latest
+
+
+def last_scheduled_run() -> AuditRun | None:
+    return AuditRun.objects.filter(trigger=AuditTrigger.SCHEDULE).order_by("-started_at").first()
+
+
+def last_completed_scheduled_run() -> AuditRun | None:
+    return (
+        AuditRun.objects.filter(trigger=AuditTrigger.SCHEDULE, status__in=COMPLETED)
+        .order_by("-started_at")
+        .first()
+    )
+
+
+def last_successful_scheduled_run() -> AuditRun | None:
+    return (
+        AuditRun.objects.filter(trigger=AuditTrigger.SCHEDULE, status=AuditStatus.SUCCEEDED)
+        .order_by("-started_at")
+        .first()
+    )
+
+
+def runs_by_trigger_and_status() -> dict[tuple[str, str], int]:
+    rows = AuditRun.objects.values_list("trigger", "status").annotate(n=Count("id")).order_by()
+    return {(trigger, status): n for trigger, status, n in rows}
+
+
+def open_shards_by_status() -> dict[str, int]:
+    rows = (
+        AuditShard.objects.filter(status__in=OPEN_SHARD_STATUSES)
+        .values_list("status")
+        .annotate(n=Count("id"))
+        .order_by()
+    )
+    counts = {status: 0 for status in OPEN_SHARD_STATUSES}
+    counts.update(dict(rows))
+    return counts
+
+
+def guarded_organization_ids(run: AuditRun) -> list[str]:
+    """Organizations the guard or the run budget held in this run: those the run listed, and
+    those with guarded findings (one indexed query on (run, outcome))."""
+    from_findings = (
+        AuditFinding.objects.filter(run=run, outcome=FindingOutcome.GUARDED)
+        .exclude(organization_id=None)
+        .values_list("organization_id", flat=True)
+        .distinct()
+    )
+    ids = dict.fromkeys(str(i) for i in run.guarded_organizations or [])
+    ids.update(dict.fromkeys(str(i) for i in from_findings))
+    return list(ids)
+
+
+def failed_organization_errors(run: AuditRun) -> dict[str, str]:
+    return {str(k): str(v) for k, v in (run.failed_organizations or {}).items()}
+
+
+def run_holding_lock(token: str) -> AuditRun | None:
+    """The run that recorded this lock token as its own, if any (a command may hold the lock
+    for a moment before its record exists)."""
+    if not token:
+        return None
+    return AuditRun.objects.filter(lock_token=token).order_by("-started_at").first()
+
+
+def recent_runs(*, limit: int) -> list[AuditRun]:
+    """The last ``limit`` runs that audited something (skipped runs did not), oldest first."""
+    runs = list(
+        AuditRun.objects.exclude(status=AuditStatus.SKIPPED)
+        .exclude(trigger=AuditTrigger.REVERT)
+        .order_by("-started_at")
+        .only("id", "started_at", "trigger", "fix", "status", "found", "fixed")[:limit]
+    )
+    runs.reverse()
+    return runs
+
+
+@dataclass(frozen=True)
+class NamedOrganization:
+    id: str
+    name: str | None  # None: the organization is gone
+
+
+def organizations_named(ids: list[str], *, limit: int) -> tuple[list[NamedOrganization], int]:
+    """The first ``limit`` of these organization ids with their names (one query), and how many
+    there are in all."""
+    shown = ids[:limit]
+    names = dict(
+        Organization.objects.filter(
+            id__in=[_uuid_or_none(i) for i in shown if _uuid_or_none(i)]
+        ).values_list("id", "name")
+    )
+    named = [NamedOrganization(i, names.get(_uuid_or_none(i))) for i in shown]
+    return named, len(ids)
+
+
+def _uuid_or_none(value: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        return None

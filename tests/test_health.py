@@ -1,0 +1,137 @@
+"""/health/: green when PostgreSQL and Redis answer and the scheduled audit completed recently;
+red, naming the failing check, when Redis is down or the last scheduled run is too old."""
+
+import json
+import shutil
+import socket
+import subprocess
+from datetime import timedelta
+
+import pytest
+import redis
+from django.utils import timezone
+from django_celery_beat.models import PeriodicTask
+
+from profiles.models import AuditRun, AuditStatus, AuditTrigger
+from profiles.schedule import AUDIT_ENTRY
+from tests.support import wait_for
+
+pytestmark = pytest.mark.django_db
+
+
+def health(client) -> tuple[int, dict[str, str]]:
+    response = client.get("/health/?format=json")
+    return response.status_code, json.loads(response.content)
+
+
+def check(report: dict[str, str], name: str) -> str:
+    return next(value for key, value in report.items() if key.startswith(name))
+
+
+def scheduled_run(*, hours_ago: float, status=AuditStatus.SUCCEEDED) -> AuditRun:
+    finished = timezone.now() - timedelta(hours=hours_ago)
+    return AuditRun.objects.create(
+        trigger=AuditTrigger.SCHEDULE,
+        fix=True,
+        status=status,
+        started_at=finished - timedelta(minutes=5),
+        finished_at=finished,
+        duration_seconds=300,
+    )
+
+
+def test_green_with_a_recent_scheduled_run(client):
+    scheduled_run(hours_ago=5)
+    status, report = health(client)
+    assert status == 200, report
+    assert check(report, "Database") == "OK"
+    assert check(report, "Redis") == "OK"
+    assert check(report, "ScheduledAudit") == "OK"
+
+
+def test_red_when_the_last_scheduled_run_is_older_than_the_period_plus_grace(client):
+    scheduled_run(hours_ago=7)
+    scheduled_run(hours_ago=1, status=AuditStatus.FAILED)  # failed runs do not count
+    status, report = health(client)
+    assert status == 500
+    assert "more than 6.5 h ago" in check(report, "ScheduledAudit")
+    assert check(report, "Database") == "OK"
+
+
+def test_a_new_install_is_green_until_its_first_run_is_overdue(client):
+    # migrate created the entry just now: no run is expected yet.
+    assert health(client)[0] == 200
+    PeriodicTask.objects.filter(name=AUDIT_ENTRY).update(
+        date_changed=timezone.now() - timedelta(hours=7)
+    )
+    status, report = health(client)
+    assert status == 500
+    assert "no scheduled run has completed since the schedule was set" in check(
+        report, "ScheduledAudit"
+    )
+
+
+def test_a_schedule_switched_off_in_the_admin_is_not_a_failure(client):
+    scheduled_run(hours_ago=30)
+    PeriodicTask.objects.filter(name=AUDIT_ENTRY).update(enabled=False)
+    assert health(client)[0] == 200
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def own_redis():
+    """A Redis of this test's own, on a free port, that the test may stop."""
+    port = free_port()
+    server = shutil.which("redis-server")
+    assert server, "redis-server is needed (apt-get install redis-server)"
+    proc = subprocess.Popen(
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+
+    def answers() -> bool:
+        try:
+            return redis.Redis.from_url(url, socket_connect_timeout=0.2).ping()
+        except redis.RedisError:
+            return False
+
+    wait_for(answers, timeout=10, what="the test's own redis-server to answer")
+    yield url, proc
+    if proc.poll() is None:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_red_when_redis_stops(client, settings, own_redis):
+    url, proc = own_redis
+    settings.REDIS_URL = url
+    scheduled_run(hours_ago=1)
+    assert health(client)[0] == 200
+
+    proc.terminate()
+    proc.wait(timeout=10)
+
+    status, report = health(client)
+    assert status == 500
+    redis_checks = {k: v for k, v in report.items() if k.startswith("Redis")}
+    assert len(redis_checks) == 2  # the broker's (stopped) and the lock's (still up)
+    stopped = next(
+        v for k, v in redis_checks.items() if f"port={url.split(':')[2].split('/')[0]}" in k
+    )
+    assert stopped.startswith("Unavailable: Unable to connect to Redis")
+    assert list(redis_checks.values()).count("OK") == 1
+    assert check(report, "ScheduledAudit") == "OK"
+
+
+def test_a_person_reads_the_same_report_in_a_browser(client):
+    scheduled_run(hours_ago=8)
+    response = client.get("/health/", HTTP_ACCEPT="text/html")
+    assert response.status_code == 500
+    page = response.content.decode()
+    assert "ScheduledAudit" in page and "more than 6.5 h ago" in page
