@@ -235,6 +235,10 @@ def _child(
 def _setup_django() -> None:
     sys.path.insert(0, str(ROOT))
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "audit_project.settings")
+    # A benchmark is not a deployment: settings refuse the placeholder secret otherwise.
+    os.environ.setdefault(
+        "DJANGO_SECRET_KEY", "local-benchmark-only-key-not-for-serving-anything-at-all"
+    )
     import django
 
     django.setup()

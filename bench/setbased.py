@@ -607,6 +607,10 @@ def build_benchmark_data(url: str, *, orgs: int, profiles: int, rate: float) -> 
 
 def _setup_django() -> None:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "audit_project.settings")
+    # A benchmark is not a deployment: settings refuse the placeholder secret otherwise.
+    os.environ.setdefault(
+        "DJANGO_SECRET_KEY", "local-benchmark-only-key-not-for-serving-anything-at-all"
+    )
     import django
 
     django.setup()
