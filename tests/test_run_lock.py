@@ -179,3 +179,19 @@ def test_file_lock_that_cannot_be_created_is_unavailable(tmp_path):
     blocker.write_text("")
     with pytest.raises(RunLockUnavailable, match="cannot open the fixing-run lock file"):
         FileRunLock(path=blocker / "fix.lock").acquire()
+
+
+def test_who_holds_the_file_lock_is_read_without_taking_it(tmp_path):
+    """The daily maintenance asks who holds the lock; asking must never make a run starting at
+    that moment find it held."""
+    from profiles.services.run_lock import FileRunLock
+
+    path = tmp_path / "fix.lock"
+    asker = FileRunLock(path=path)
+    assert asker.current_token() is None
+    holder = FileRunLock(path=path)
+    assert holder.acquire()
+    assert asker.current_token() == holder.token
+    holder.release()
+    assert asker.current_token() is None
+    assert FileRunLock(path=path).acquire(), "asking took nothing"

@@ -184,14 +184,10 @@ class FileRunLock:
         self._token = token
 
     def current_token(self) -> str | None:
-        probe = FileRunLock(path=self.path)
-        if probe.acquire():
-            probe.release()
-            return None
-        try:
-            return self.path.read_text(errors="replace").strip() or "unknown"
-        except OSError:
-            return "unknown"
+        # Read without taking it: probing the lock would make a run starting at that moment
+        # find it held and skip.
+        state = _file_lock_state(self)
+        return (state.token or "unknown") if state.held else None
 
     def acquire(self) -> bool:
         try:
