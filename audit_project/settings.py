@@ -73,6 +73,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # A changelist URL whose parameters no query can use gets "?e=1", not a server error.
+    "audit_project.middleware.AdminLookupGuard",
 ]
 
 ROOT_URLCONF = "audit_project.urls"
