@@ -214,3 +214,39 @@ def test_force_lifts_the_run_budget(settings):
 
 def fix_outcomes(run, org) -> set[str]:
     return set(run.findings.filter(organization=org).values_list("outcome", flat=True))
+
+
+def test_the_budget_keeps_what_was_committed_when_a_shard_is_interrupted_mid_chunk(
+    settings, monkeypatch
+):
+    """The chunk's one transaction fails, the fall-back commits the first organization, then
+    the shard is interrupted (its soft time limit): the budget keeps exactly what committed."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    from profiles.services import chunks
+    from profiles.services.audit import AuditRequest, start_run, work_shard
+
+    first, second = sorted(
+        (organization(alive=10, deselected=1) for _ in range(2)), key=lambda org: org.id
+    )
+    real_apply = chunks.apply_cleanup_findings
+    calls = []
+
+    def flaky_apply(findings, *, now):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("the chunk's one transaction fails")
+        if len(calls) == 3:
+            raise SoftTimeLimitExceeded()  # during the second organization's own transaction
+        return real_apply(findings, now=now)
+
+    monkeypatch.setattr(chunks, "apply_cleanup_findings", flaky_apply)
+    run = start_run(AuditRequest(fix=True))
+
+    with pytest.raises(SoftTimeLimitExceeded):
+        work_shard(shard_id=run.shards.get().id)
+
+    run.refresh_from_db()
+    assert fix_outcomes(run, first) == {FindingOutcome.FIXED}
+    assert fix_outcomes(run, second) == set()  # rolled back; its shard resumes there
+    assert run.deletions_reserved == 2  # the first organization's profile and queue setting

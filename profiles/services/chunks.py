@@ -290,10 +290,18 @@ def fix_chunk(
     recording an organization that fails on its own as failed and going on (rule 6). With a
     ``budget``, organizations whose deletions do not fit in it are guarded, not fixed."""
     over, reserved = budget.reserve(plans) if budget else (set(), 0)
+    # Filled as each transaction commits, so what is given back of the budget is right even if
+    # the shard is interrupted halfway through the fall-back.
     outcome = ChunkOutcome()
     try:
-        outcome = _fix_chunk(
-            plans, position=position, types=types, guard=guard, send_sync=send_sync, over=over
+        _fix_chunk(
+            plans,
+            position=position,
+            types=types,
+            guard=guard,
+            send_sync=send_sync,
+            over=over,
+            into=outcome,
         )
     finally:
         if budget:
@@ -301,33 +309,27 @@ def fix_chunk(
     return outcome
 
 
-def _fix_chunk(plans, *, position, types, guard, send_sync, over) -> ChunkOutcome:
+def _fix_chunk(plans, *, position, types, guard, send_sync, over, into: ChunkOutcome) -> None:
+    options = dict(position=position, types=types, guard=guard, send_sync=send_sync, over=over)
     try:
-        return _fix_in_one_transaction(
-            plans, position=position, types=types, guard=guard, send_sync=send_sync, over=over
-        )
+        into.organizations += _fix_in_one_transaction(plans, **options).organizations
+        return
     except NOT_CONTAINED:
         raise
     except Exception as exc:
         if len(plans) == 1:
-            return _record_failure(plans[0], position=position, exc=exc)
-    outcome = ChunkOutcome()
+            into.organizations += _record_failure(
+                plans[0], position=position, exc=exc
+            ).organizations
+            return
     for plan in plans:
         try:
-            part = _fix_in_one_transaction(
-                [plan],
-                position=position,
-                types=types,
-                guard=guard,
-                send_sync=send_sync,
-                over=over,
-            )
+            part = _fix_in_one_transaction([plan], **options)
         except NOT_CONTAINED:
             raise
         except Exception as exc:
             part = _record_failure(plan, position=position, exc=exc)
-        outcome.organizations += part.organizations
-    return outcome
+        into.organizations += part.organizations
 
 
 def _fix_in_one_transaction(
