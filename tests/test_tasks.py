@@ -324,3 +324,33 @@ def test_a_sync_job_sent_twice_creates_one_profile():
     profiles = SocialProfile.objects.filter(organization=org, external_id=asset.external_id)
     assert [str(p.id) for p in profiles] == [first["profile_id"]]
     assert profiles.get().connection_id == asset.connection_id
+
+
+@pytest.mark.django_db
+def test_a_delivery_never_reopens_a_shard_the_runs_closing_skipped(settings):
+    from profiles.services.recording import close_run
+
+    ProfileFactory()
+    run = start_run(AuditRequest(fix=True))
+    shard = run.shards.get()
+    close_run(run, status=AuditStatus.INTERRUPTED, error="its process died")
+
+    audit_shard_task.delay(str(shard.id))  # a late delivery
+
+    shard.refresh_from_db()
+    assert (shard.status, shard.attempts, shard.cursor) == (ShardStatus.SKIPPED, 0, None)
+    assert not AuditFinding.objects.filter(run=run).exists()
+
+
+@pytest.mark.django_db
+def test_a_delivery_of_a_done_shard_finishes_a_run_left_unfinished():
+    ProfileFactory()
+    run = start_run(AuditRequest(fix=True))
+    shard = run.shards.get()
+    # The shard was closed, and its process died before finishing the run.
+    AuditShard.objects.filter(id=shard.id).update(status=ShardStatus.DONE)
+
+    audit_shard_task.delay(str(shard.id))
+
+    run.refresh_from_db()
+    assert run.status == AuditStatus.SUCCEEDED

@@ -23,7 +23,7 @@ from uuid import UUID
 from celery import signature
 from django.conf import settings
 from django.db import DatabaseError, transaction
-from django.db.models import Count
+from django.db.models import Count, F
 from django.utils import timezone
 
 from audit_project.celery import app as celery_app
@@ -340,7 +340,11 @@ def work_shard(
     another delivery is ahead, the run was closed, the lock was lost, or the deadline passed).
     ``progress`` is called with the organizations of each committed chunk."""
     shard = AuditShard.objects.select_related("run").filter(id=shard_id).first()
-    if shard is None or shard.status not in OPEN_SHARD_STATUSES:
+    if shard is None:
+        return STOPPED
+    if shard.status not in OPEN_SHARD_STATUSES:
+        # Done already: finish the run if whoever closed this shard died before doing so.
+        finish_run_if_complete(shard.run_id)
         return STOPPED
     run = shard.run
     log = audit_logger().bind(run_id=str(run.id), shard=shard.index, fix_mode=run.fix)
@@ -350,13 +354,16 @@ def work_shard(
     if _past_deadline(run):
         _end_shard(shard, ShardStatus.SKIPPED, "not finished by the run's deadline", log=log)
         return STOPPED
-    attempts = shard.attempts + 1
-    AuditShard.objects.filter(id=shard.id).update(
+    # Claim it only while it is open: a shard the run's closing skipped meanwhile stays closed.
+    claimed = AuditShard.objects.filter(id=shard.id, status__in=OPEN_SHARD_STATUSES).update(
         status=ShardStatus.RUNNING,
-        attempts=attempts,
+        attempts=F("attempts") + 1,
         worker=worker or f"{socket.gethostname()}:{os.getpid()}",
         started_at=shard.started_at or timezone.now(),
     )
+    if not claimed:
+        return STOPPED
+    attempts = AuditShard.objects.filter(id=shard.id).values_list("attempts", flat=True).get()
     shard.status = ShardStatus.RUNNING
     if attempts > settings.PROFILE_AUDIT_SHARD_MAX_ATTEMPTS:
         _end_shard(shard, ShardStatus.FAILED, f"gave up after {attempts - 1} deliveries", log=log)
