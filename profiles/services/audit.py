@@ -267,19 +267,11 @@ def _create_run(request: AuditRequest, *, lock_token: str) -> AuditRun:
         ranges = list(itertools.pairwise(bounds)) if starts else [(None, None)]
     with transaction.atomic():
         run = AuditRun.objects.create(
-            trigger=request.trigger,
-            organization_id=request.organization_id,
-            types=list(request.scopes),
-            fix=request.fix,
-            forced=request.force,
+            **_run_fields(request),
             started_at=now,
             last_progress_at=now,
             deadline=now + request.deadline if request.deadline else None,
             organizations_total=total,
-            by_type=empty_counts(),
-            requested_by=request.requested_by,
-            requested_host=request.requested_host,
-            task_id=request.task_id,
             lock_token=lock_token,
         )
         AuditShard.objects.bulk_create(
@@ -293,21 +285,28 @@ def _record_unstarted(request: AuditRequest, *, status: str, error: str) -> Audi
     """The record of a fixing run that never started: skipped, or failed for want of its lock."""
     now = timezone.now()
     return AuditRun.objects.create(
-        trigger=request.trigger,
-        organization_id=request.organization_id,
-        types=list(request.scopes),
-        fix=request.fix,
-        forced=request.force,
+        **_run_fields(request),
         status=status,
         started_at=now,
         finished_at=now,
         duration_seconds=0.0,
-        by_type=empty_counts(),
         error=error,
-        requested_by=request.requested_by,
-        requested_host=request.requested_host,
-        task_id=request.task_id,
     )
+
+
+def _run_fields(request: AuditRequest) -> dict[str, object]:
+    """What every record of a run takes from the request that asked for it."""
+    return {
+        "trigger": request.trigger,
+        "organization_id": request.organization_id,
+        "types": list(request.scopes),
+        "fix": request.fix,
+        "forced": request.force,
+        "by_type": empty_counts(),
+        "requested_by": request.requested_by,
+        "requested_host": request.requested_host,
+        "task_id": request.task_id,
+    }
 
 
 def send_shards(run: AuditRun) -> int:

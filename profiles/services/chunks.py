@@ -211,6 +211,14 @@ def _failures(plans: Sequence[OrgPlan]) -> dict[str, str]:
     return {str(p.organization_id): p.error for p in plans if p.error}
 
 
+def _time_shares(outcome: ChunkOutcome, *, since: float, organizations: int) -> None:
+    """Each organization's time for its log event: its planning, and its share of the chunk's
+    writes (the chunk's reads are shared and not counted)."""
+    share = (time.monotonic() - since) / organizations
+    for org in outcome.organizations:
+        org.seconds = org.plan.planning_seconds + share
+
+
 def finding_row(
     change: Change, *, organization_id: UUID, outcome: str, detail: str = ""
 ) -> FindingRow:
@@ -268,9 +276,7 @@ def record_dry_chunk(
             failed=_failures(plans),
         )
     position.cursor = plans[-1].organization_id
-    share = (time.monotonic() - started) / len(plans)
-    for org in outcome.organizations:
-        org.seconds = org.plan.planning_seconds + share
+    _time_shares(outcome, since=started, organizations=len(plans))
     return outcome
 
 
@@ -424,9 +430,7 @@ def _fix_in_one_transaction(
         if missing:
             transaction.on_commit(lambda: send_sync(missing))
     position.cursor = org_ids[-1]
-    share = (time.monotonic() - started) / len(plans)
-    for org in outcome.organizations:
-        org.seconds = org.plan.planning_seconds + share
+    _time_shares(outcome, since=started, organizations=len(plans))
     return outcome
 
 
