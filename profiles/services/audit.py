@@ -46,6 +46,7 @@ from profiles.services.chunks import (
     RunBudget,
     ShardCursor,
     ShardMoved,
+    collector_paused,
     fix_chunk,
     plan_chunk,
     record_dry_chunk,
@@ -389,37 +390,42 @@ def work_shard(
             end=shard.end_organization_id,
             after=shard.cursor,
         ):
-            plans = plan_chunk(chunk, types=types, guard=guard)
-            reason = budget.spent() if budget else None
-            if reason and worked:
-                log.info("profile_audit.shard_paused", reason=reason, cursor=str(position.cursor))
-                return CONTINUE
-            if _past_deadline(run):
-                _end_shard(
-                    shard, ShardStatus.SKIPPED, "not finished by the run's deadline", log=log
-                )
-                return STOPPED
-            if lock is not None and (lost := _lock_lost(lock, log)):
-                _end_shard(shard, ShardStatus.FAILED, f"stopped: {lost}", log=log)
-                return STOPPED
-            if run.fix:
-                outcome = fix_chunk(
-                    plans,
-                    position=position,
-                    types=types,
-                    guard=guard,
-                    send_sync=_sender(run),
-                    budget=budget_of_run,
-                )
-            else:
-                outcome = record_dry_chunk(plans, position=position, now=run.started_at)
-            worked = True
-            _log_organizations(log, outcome)
-            if progress:
-                progress(len(chunk))
-            if reason:  # spent on the first chunk: that one is done, the rest waits
-                log.info("profile_audit.shard_paused", reason=reason, cursor=str(position.cursor))
-                return CONTINUE
+            with collector_paused():
+                plans = plan_chunk(chunk, types=types, guard=guard)
+                reason = budget.spent() if budget else None
+                if reason and worked:
+                    log.info(
+                        "profile_audit.shard_paused", reason=reason, cursor=str(position.cursor)
+                    )
+                    return CONTINUE
+                if _past_deadline(run):
+                    _end_shard(
+                        shard, ShardStatus.SKIPPED, "not finished by the run's deadline", log=log
+                    )
+                    return STOPPED
+                if lock is not None and (lost := _lock_lost(lock, log)):
+                    _end_shard(shard, ShardStatus.FAILED, f"stopped: {lost}", log=log)
+                    return STOPPED
+                if run.fix:
+                    outcome = fix_chunk(
+                        plans,
+                        position=position,
+                        types=types,
+                        guard=guard,
+                        send_sync=_sender(run),
+                        budget=budget_of_run,
+                    )
+                else:
+                    outcome = record_dry_chunk(plans, position=position, now=run.started_at)
+                worked = True
+                _log_organizations(log, outcome)
+                if progress:
+                    progress(len(chunk))
+                if reason:  # spent on the first chunk: that one is done, the rest waits
+                    log.info(
+                        "profile_audit.shard_paused", reason=reason, cursor=str(position.cursor)
+                    )
+                    return CONTINUE
     except ShardMoved as exc:
         log.info("profile_audit.shard_superseded", reason=str(exc))
         return STOPPED
