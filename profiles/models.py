@@ -221,7 +221,17 @@ class AuditFinding(models.Model):
     """One inconsistency a run found, what it did about it, and what it changed."""
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    run = models.ForeignKey(AuditRun, on_delete=models.CASCADE, related_name="findings")
+    # Every index and constraint here is paid for by every finding a run writes (tens of
+    # thousands per run): the run has no index of its own (the ones below lead with it), and
+    # neither reference is checked by the database at each commit (Django applies their
+    # on_delete; findings are written only with their run, of organizations just read).
+    run = models.ForeignKey(
+        AuditRun,
+        on_delete=models.CASCADE,
+        related_name="findings",
+        db_index=False,
+        db_constraint=False,
+    )
     # Position in the run: fixes are applied, and undone, in this order.
     seq = models.PositiveIntegerField()
     organization = models.ForeignKey(
@@ -230,6 +240,7 @@ class AuditFinding(models.Model):
         null=True,
         blank=True,
         related_name="audit_findings",
+        db_constraint=False,
     )
     type = models.CharField(max_length=30, choices=FindingType.choices)
     action = models.CharField(max_length=30, choices=FindingAction.choices)
@@ -248,11 +259,11 @@ class AuditFinding(models.Model):
             models.UniqueConstraint(fields=["run", "seq"], name="one_finding_per_run_position")
         ]
         indexes = [
-            models.Index(fields=["model", "object_id"], name="finding_object_idx"),
             models.Index(fields=["run", "type"], name="finding_run_type_idx"),
             # A run's counts are recounted from its findings when it closes (or is closed).
             models.Index(fields=["run", "outcome"], name="finding_run_outcome_idx"),
-            # The findings list's search, by object id or external id, among millions.
+            # The findings list's search, by object id or external id, among millions; and
+            # what the audit recorded of an object (an id names one object, whatever its model).
             models.Index(fields=["object_id"], name="finding_object_id_idx"),
             models.Index(fields=["external_id"], name="finding_external_id_idx"),
         ]

@@ -235,16 +235,17 @@ def hold_organization(org_id: uuid.UUID) -> Iterator[None]:
 @contextmanager
 def break_commits_of(org_id: uuid.UUID) -> Iterator[None]:
     """Make the commit of any transaction that records a fixed finding of this organization
-    fail, as a real database error would: a trigger points the finding at an organization that
-    does not exist, and the deferred foreign key rejects it at COMMIT — after the fix's writes
-    and its ``on_commit`` registrations, which is what makes the failure interesting."""
+    fail, as a real database error would: a trigger points the finding's run at an organization
+    that does not exist, and the run's deferred foreign key rejects it at COMMIT — after the
+    fix's writes and its ``on_commit`` registrations, which is what makes the failure
+    interesting. (Findings' own references are not checked by the database.)"""
     nowhere = uuid.UUID(int=0)
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
             cursor.execute(
                 "CREATE FUNCTION psa_test_break_commit() RETURNS trigger LANGUAGE plpgsql AS $$ "
-                f"BEGIN UPDATE profiles_auditfinding SET organization_id = '{nowhere}' "
-                "WHERE id = NEW.id; RETURN NULL; END $$"
+                f"BEGIN UPDATE profiles_auditrun SET organization_id = '{nowhere}' "
+                "WHERE id = NEW.run_id; RETURN NULL; END $$"
             )
             cursor.execute(
                 "CREATE TRIGGER psa_test_break_commit AFTER INSERT ON profiles_auditfinding "
@@ -255,8 +256,8 @@ def break_commits_of(org_id: uuid.UUID) -> Iterator[None]:
             cursor.execute(
                 "CREATE TRIGGER psa_test_break_commit AFTER INSERT ON profiles_auditfinding "
                 f"WHEN NEW.organization_id = '{org_id.hex}' AND NEW.outcome = 'fixed' "
-                f"BEGIN UPDATE profiles_auditfinding SET organization_id = '{nowhere.hex}' "
-                "WHERE id = NEW.id; END"
+                f"BEGIN UPDATE profiles_auditrun SET organization_id = '{nowhere.hex}' "
+                "WHERE id = NEW.run_id; END"
             )
     try:
         yield
