@@ -137,6 +137,8 @@ class OrgSnapshot:
     selected_assets: Sequence[AssetRow]
     profiles: Sequence[ProfileRow]
     queue_settings: Sequence[QueueSettingRow] = ()
+    """O's alive queue settings: all of them, or at least those of the profiles
+    ``profiles_whose_settings_can_be_stale`` names (no other can be a finding)."""
     boost_rules: Sequence[BoostRuleRow] = ()
 
     @cached_property
@@ -506,15 +508,28 @@ def find_cleanup_findings(
     return tuple(findings)
 
 
+def profiles_whose_settings_can_be_stale(
+    snapshot: OrgSnapshot, whole: Iterable[Finding]
+) -> list[UUID]:
+    """O's profiles whose queue settings ``find_stale_queue_settings`` can find stale once
+    (part of) ``whole``, O's profile decisions, is applied: those dead now and those it soft
+    deletes. The others' settings never are, and need not be read (most of them)."""
+    deleted = {f.object_id.int for f in whole if f.soft_deletes_profile}
+    return [p.id for p in snapshot.profiles if p.deleted_at is not None or p.id.int in deleted]
+
+
 def plan_organization(
     snapshot: OrgSnapshot,
     *,
     types: frozenset[FindingType] = frozenset(ALL_TYPES),
     guard: Guard,
+    whole: tuple[Finding, ...] | None = None,
 ) -> OrgPlan:
+    """O's plan. ``whole``: ``find_profile_findings(snapshot)``, if it was found already."""
     # The guard weighs the organization's whole plan: fixing one type at a time (``--type``)
     # must not get round it (DESIGN "Mass-deletion guard").
-    whole = find_profile_findings(snapshot)
+    if whole is None:
+        whole = find_profile_findings(snapshot)
     profile_findings = tuple(f for f in whole if f.type in types)
     cleanup_findings = find_cleanup_findings(snapshot, profile_findings, types)
     alive_count = sum(1 for p in snapshot.profiles if p.alive)

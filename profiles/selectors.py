@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
@@ -80,25 +81,50 @@ def shard_starts(*, shard_size: int) -> tuple[list[UUID], int]:
     return starts, rows[0][1] if rows else 0
 
 
-def load_snapshots(organization_ids: Sequence[UUID]) -> dict[UUID, OrgSnapshot]:
+def load_snapshots(
+    organization_ids: Sequence[UUID], *, queue_settings: bool = True
+) -> dict[UUID, OrgSnapshot]:
     """Snapshots of these organizations: five queries in all, each on an index, read as tuples
     (no model instances, no ``Meta.ordering`` sort), whatever their number of profiles.
 
-    The five reads see one consistent state: outside a transaction they run in one of their
-    own (PostgreSQL: REPEATABLE READ, read only; SQLite: its transactions hold writers off),
-    so a sync or revert committing between two of them is seen whole or not at all. Inside a
-    transaction (a fix's re-read, under the organizations' locks) they run in that one.
+    With ``queue_settings=False`` their queue settings are left to ``add_queue_settings``, in
+    the same ``consistent_reads()``: a chunk reads only those the plan can find stale.
     """
+    with consistent_reads():
+        return _load_snapshots(organization_ids, queue_settings=queue_settings)
+
+
+@contextmanager
+def consistent_reads() -> Iterator[None]:
+    """The reads inside see one consistent state: outside a transaction they run in one of
+    their own (PostgreSQL: REPEATABLE READ, read only; SQLite: its transactions hold writers
+    off), so a sync or revert committing between two of them is seen whole or not at all.
+    Inside a transaction (a fix's re-read, under the organizations' locks) they run in that
+    one."""
     if connection.in_atomic_block:
-        return _load_snapshots(organization_ids)
+        yield
+        return
     with transaction.atomic():
         if connection.vendor == "postgresql":
             with connection.cursor() as cursor:
                 cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        return _load_snapshots(organization_ids)
+        yield
 
 
-def _load_snapshots(organization_ids: Sequence[UUID]) -> dict[UUID, OrgSnapshot]:
+def add_queue_settings(
+    snapshots: Mapping[UUID, OrgSnapshot], *, profile_ids: Sequence[UUID]
+) -> None:
+    """Fill in the alive queue settings of these snapshots' organizations that belong to
+    ``profile_ids`` (snapshots read with ``queue_settings=False``; one query)."""
+    read = _SnapshotReadPostgreSQL() if connection.vendor == "postgresql" else _SnapshotReadORM()
+    settings = {org.int: snapshot.queue_settings for org, snapshot in snapshots.items()}
+    for id_, org, profile_id in read.alive_queue_settings(list(snapshots), profile_ids):
+        settings[org.int].append(QueueSettingRow(id_, profile_id))
+
+
+def _load_snapshots(
+    organization_ids: Sequence[UUID], *, queue_settings: bool
+) -> dict[UUID, OrgSnapshot]:
     # Rows are grouped by their organization's ``id.int``: an int is hashed and compared in C,
     # a UUID in Python, and each row read is one lookup.
     orgs = [org.int for org in organization_ids]
@@ -126,8 +152,9 @@ def _load_snapshots(organization_ids: Sequence[UUID]) -> dict[UUID, OrgSnapshot]
         organization_ids
     ):
         profiles[org.int].append(ProfileRow(id_, connection_id, platform, external_id, deleted_at))
-    for id_, org, profile_id in read.alive_queue_settings(organization_ids):
-        settings[org.int].append(QueueSettingRow(id_, profile_id))
+    if queue_settings:
+        for id_, org, profile_id in read.alive_queue_settings(organization_ids):
+            settings[org.int].append(QueueSettingRow(id_, profile_id))
     for id_, org, profile_ids in read.alive_boost_rules(organization_ids):
         rules[org.int].append(BoostRuleRow(id_, profile_ids))
 
@@ -172,13 +199,11 @@ class _SnapshotReadORM:
             )
         )
 
-    def alive_queue_settings(self, orgs):
-        return (
-            QueueSetting.objects.alive()
-            .filter(organization_id__in=orgs)
-            .order_by()
-            .values_list("id", "organization_id", "profile_id")
-        )
+    def alive_queue_settings(self, orgs, profile_ids=None):
+        settings = QueueSetting.objects.alive().filter(organization_id__in=orgs)
+        if profile_ids is not None:
+            settings = settings.filter(profile_id__in=profile_ids)
+        return settings.order_by().values_list("id", "organization_id", "profile_id")
 
     def alive_boost_rules(self, orgs):
         # As text, decoded row by row (``decode_json``): one rule's unreadable JSON must not
@@ -211,10 +236,10 @@ class _SnapshotReadPostgreSQL:
         raw.adapters.register_loader("timestamptz", TimestamptzBinaryLoader)
         self._cursor = connection._prepare_cursor(raw)
 
-    def _fetch(self, sql: str, ids) -> list[tuple]:
+    def _fetch(self, sql: str, ids, *more_ids) -> list[tuple]:
         if not ids:
             return []
-        self._cursor.execute(sql, [list(ids)])
+        self._cursor.execute(sql, [list(ids), *(list(more) for more in more_ids)])
         return self._cursor.fetchall()
 
     def connections(self, orgs):
@@ -238,10 +263,19 @@ class _SnapshotReadPostgreSQL:
             orgs,
         )
 
-    def alive_queue_settings(self, orgs):
+    def alive_queue_settings(self, orgs, profile_ids=None):
+        table = QueueSetting._meta.db_table
+        if profile_ids is None:
+            return self._fetch(
+                f"SELECT id, organization_id, profile_id FROM {table} "
+                "WHERE organization_id = ANY(%s) AND deleted_at IS NULL",
+                orgs,
+            )
+        # By profile (the foreign key's index); the organization is the plan's to judge.
         return self._fetch(
-            f"SELECT id, organization_id, profile_id FROM {QueueSetting._meta.db_table} "
-            "WHERE organization_id = ANY(%s) AND deleted_at IS NULL",
+            f"SELECT id, organization_id, profile_id FROM {table} "
+            "WHERE profile_id = ANY(%s) AND deleted_at IS NULL AND organization_id = ANY(%s)",
+            profile_ids,
             orgs,
         )
 

@@ -9,11 +9,13 @@ from contextlib import contextmanager
 import pytest
 from django.db import transaction
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from profiles.models import FindingOutcome
 from profiles.plan import ALL_TYPES, Guard, plan_organization
 from profiles.selectors import load_snapshots
 from profiles.services.audit import ProfileConnectionAuditService
+from profiles.services.chunks import plan_chunk
 from tests.domain import domain_state
 from tests.strategies import build_org, org_states
 
@@ -105,3 +107,20 @@ def test_property_organizations_are_isolated(mine, theirs, committed):
         assert set(report.findings.values_list("organization_id", flat=True)) <= {org.id}
         assert report.found == len(alone.findings)
         assert set(report.by_type) == {t.value for t in ALL_TYPES}
+
+
+@PROPERTY_SETTINGS
+@given(
+    mine=org_states(),
+    theirs=org_states(),
+    types=st.frozensets(st.sampled_from(ALL_TYPES), min_size=1),
+)
+def test_property_a_chunk_reads_only_settings_that_can_be_stale_and_plans_the_same(
+    mine, theirs, types
+):
+    guard = Guard(minimum=5, ratio=0.5)
+    with rolled_back():
+        ids = [build_org(mine, name="mine").id, build_org(theirs, name="theirs").id]
+        whole = load_snapshots(ids)
+        expected = [plan_organization(whole[org], types=types, guard=guard) for org in ids]
+        assert plan_chunk(ids, types=types, guard=guard) == expected

@@ -37,9 +37,11 @@ from profiles.plan import (
     Guard,
     OrgPlan,
     find_cleanup_findings,
+    find_profile_findings,
     plan_organization,
+    profiles_whose_settings_can_be_stale,
 )
-from profiles.selectors import load_snapshots
+from profiles.selectors import add_queue_settings, consistent_reads, load_snapshots
 from profiles.services.changes import (
     Change,
     apply_cleanup_findings,
@@ -201,21 +203,41 @@ class ChunkOutcome:
 def plan_chunk(
     organization_ids: Sequence[UUID], *, types: frozenset[FindingType], guard: Guard
 ) -> list[OrgPlan]:
-    """Read the chunk once and plan each organization (with the time its planning took)."""
-    snapshots = load_snapshots(organization_ids)
+    """Read the chunk once and plan each organization (with the time its planning took).
+
+    Queue settings, most of a chunk's rows, are read once its profiles are planned, in the same
+    consistent read: only those of profiles dead now or deleted by the plan, the only ones that
+    can be stale.
+    """
+    wholes: dict[UUID, tuple[Finding, ...] | None] = {}
+    seconds: dict[UUID, float] = {}
+    with consistent_reads():
+        snapshots = load_snapshots(organization_ids, queue_settings=False)
+        candidates: list[UUID] = []
+        for org in organization_ids:
+            started = time.monotonic()
+            try:
+                wholes[org] = find_profile_findings(snapshots[org])
+                candidates += profiles_whose_settings_can_be_stale(snapshots[org], wholes[org])
+            except Exception:
+                wholes[org] = None  # planned again below, which records its failure
+            seconds[org] = time.monotonic() - started
+        add_queue_settings(snapshots, profile_ids=candidates)
     plans = []
     for org in organization_ids:
         started = time.monotonic()
-        plan = _plan_or_failure(snapshots[org], types=types, guard=guard)
-        plans.append(replace(plan, planning_seconds=time.monotonic() - started))
+        plan = _plan_or_failure(snapshots[org], types=types, guard=guard, whole=wholes[org])
+        plans.append(replace(plan, planning_seconds=seconds[org] + time.monotonic() - started))
     return plans
 
 
-def _plan_or_failure(snapshot, *, types: frozenset[FindingType], guard: Guard) -> OrgPlan:
+def _plan_or_failure(
+    snapshot, *, types: frozenset[FindingType], guard: Guard, whole=None
+) -> OrgPlan:
     """The organization's plan; whatever its data, a failure to plan it is its own (rule 7):
     a plan with no findings and the error, recorded as the organization's failure."""
     try:
-        return plan_organization(snapshot, types=types, guard=guard)
+        return plan_organization(snapshot, types=types, guard=guard, whole=whole)
     except Exception as exc:
         return OrgPlan(
             organization_id=snapshot.organization_id,
