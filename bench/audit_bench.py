@@ -415,6 +415,8 @@ def measure(mode: str, *, workers: int, shard_size: int) -> None:
             while run.status == "running":
                 # The run is finished by whichever worker closes its last shard: the only way
                 # to see that from here is its record. 50 ms is within the figures' noise.
+                if worker.poll() is not None:
+                    raise SystemExit("the benchmark's worker exited before the run finished")
                 time.sleep(0.05)
                 run.refresh_from_db()
             wall = time.perf_counter() - started

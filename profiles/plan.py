@@ -263,10 +263,6 @@ MODELS: dict[FindingType, str] = {
 }
 
 
-def _alive_profiles(snapshot: OrgSnapshot) -> list[ProfileRow]:
-    return snapshot.alive_profiles
-
-
 def find_orphaned_profiles(
     snapshot: OrgSnapshot, selection: Mapping[Key, SelectedKey]
 ) -> list[Finding]:
@@ -276,7 +272,7 @@ def find_orphaned_profiles(
     live = snapshot.live_connection_ids
     return [
         Finding(FindingType.ORPHANED, p.id, key=p.key, connection_id=p.connection_id)
-        for p in _alive_profiles(snapshot)
+        for p in snapshot.alive_profiles
         if p.connection_id not in live and p.key not in selection
     ]
 
@@ -288,7 +284,7 @@ def find_deselected_profiles(
     live = snapshot.live_connection_ids
     return [
         Finding(FindingType.DESELECTED, p.id, key=p.key, connection_id=p.connection_id)
-        for p in _alive_profiles(snapshot)
+        for p in snapshot.alive_profiles
         if p.connection_id in live and p.key not in selection
     ]
 
@@ -298,7 +294,7 @@ def find_profiles_to_relink(
 ) -> list[Finding]:
     """Alive profiles whose key is selected in O, but not through their own connection."""
     findings = []
-    for p in _alive_profiles(snapshot):
+    for p in snapshot.alive_profiles:
         selected = selection.get(p.key)
         if selected is None or p.connection_id in selected.selecting_connection_ids:
             continue

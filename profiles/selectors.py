@@ -116,7 +116,7 @@ def add_queue_settings(
 ) -> None:
     """Fill in the alive queue settings of these snapshots' organizations that belong to
     ``profile_ids`` (snapshots read with ``queue_settings=False``; one query)."""
-    read = _SnapshotReadPostgreSQL() if connection.vendor == "postgresql" else _SnapshotReadORM()
+    read = _snapshot_read()
     settings = {org.int: snapshot.queue_settings for org, snapshot in snapshots.items()}
     for id_, org, profile_id in read.alive_queue_settings(list(snapshots), profile_ids):
         settings[org.int].append(QueueSettingRow(id_, profile_id))
@@ -133,7 +133,7 @@ def _load_snapshots(
     profiles: dict[int, list[ProfileRow]] = {org: [] for org in orgs}
     settings: dict[int, list[QueueSettingRow]] = {org: [] for org in orgs}
     rules: dict[int, list[BoostRuleRow]] = {org: [] for org in orgs}
-    read = _SnapshotReadPostgreSQL() if connection.vendor == "postgresql" else _SnapshotReadORM()
+    read = _snapshot_read()
 
     organization_of: dict[int, int] = {}
     connection_ids = []
@@ -169,6 +169,10 @@ def _load_snapshots(
         )
         for org in organization_ids
     }
+
+
+def _snapshot_read() -> _SnapshotReadPostgreSQL | _SnapshotReadORM:
+    return _SnapshotReadPostgreSQL() if connection.vendor == "postgresql" else _SnapshotReadORM()
 
 
 class _SnapshotReadORM:
