@@ -186,6 +186,18 @@ PROFILE_AUDIT_LOCK_SOCKET_TIMEOUT = env.float("PROFILE_AUDIT_LOCK_SOCKET_TIMEOUT
 PROFILE_AUDIT_LOCK_FILE = Path(
     env.str("PROFILE_AUDIT_LOCK_FILE", str(BASE_DIR / "var" / "profile-sync-audit.lock"))
 )
+# Fencing (DESIGN "Fencing"): how long taking the lease waits for a stopped transaction that
+# holds its row, and how long a fix waits for organization locks that another transaction
+# (a stopped holder, a slow real-time sync) holds before those organizations are recorded failed.
+PROFILE_AUDIT_LEASE_WAIT = env.float("PROFILE_AUDIT_LEASE_WAIT", 30, minimum=0)
+PROFILE_AUDIT_ORG_LOCK_WAIT = env.float("PROFILE_AUDIT_ORG_LOCK_WAIT", 30, minimum=0.001)
+# A fanned-out run whose shards have not moved for this long has lost their messages (a broker
+# restarted without persistence) or their workers: its open shards are sent again (by the
+# waiting command and the daily maintenance). The waiting command gives up (exit 2) after it
+# saw no progress for twice as long.
+PROFILE_AUDIT_SHARD_STALE_AFTER = env.float(
+    "PROFILE_AUDIT_SHARD_STALE_AFTER", 600, minimum=0.001
+)
 # The scheduled task: at the soft limit it stops after the organization in progress; the hard
 # limit (10 minutes) kills it. soft < hard < lock TTL < the six-hour interval.
 PROFILE_AUDIT_SOFT_TIME_LIMIT = env.int("PROFILE_AUDIT_SOFT_TIME_LIMIT", 540, minimum=1)

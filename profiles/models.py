@@ -143,6 +143,18 @@ class AuditRun(models.Model):
     lock_token = models.CharField(
         max_length=255, blank=True, help_text="The fixing-run lock's token while the run holds it."
     )
+    lock_epoch = models.BigIntegerField(
+        null=True,
+        blank=True,
+        help_text="The fencing epoch of the lease this fixing run took: its transactions commit "
+        "only while the lease still has it.",
+    )
+    process = models.CharField(
+        max_length=255,
+        blank=True,
+        help_text="host:pid:start of the process working an in-process run (the command without "
+        "--fan-out): the run is alive exactly as long as that process.",
+    )
     # A revert run points at the run it put back; a run's reverts are ``run.reverts``.
     reverted_run = models.ForeignKey(
         "self",
@@ -206,6 +218,9 @@ class AuditShard(models.Model):
     worker = models.CharField(max_length=255, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(
+        null=True, blank=True, help_text="When a delivery last claimed it or committed a chunk."
+    )
 
     class Meta:
         ordering = ["run", "index"]
@@ -304,3 +319,21 @@ class StaleQueueSettingDeletion(models.Model):
 
     def __str__(self) -> str:
         return f"Queue setting {self.queue_setting_id} deleted at {self.deleted_at} by run {self.run_id}"
+
+
+class FixingRunLease(models.Model):
+    """The fixing-run lease where the data lives (DESIGN "Fencing"): whoever takes the fixing-run
+    lock raises ``epoch``, and every fixing transaction proves it still holds that epoch before
+    it commits, so a holder that lost the lock (paused past its expiry, cut off from Redis)
+    commits nothing after another run took it. One row per lock key."""
+
+    name = models.CharField(max_length=255, primary_key=True)
+    epoch = models.BigIntegerField(default=0)
+    token = models.CharField(max_length=255, blank=True, help_text="The holder's lock token.")
+    lock_kind = models.CharField(max_length=20, blank=True, help_text="redis or file.")
+    where = models.CharField(max_length=255, blank=True, help_text="The lock's description.")
+    taken_at = models.DateTimeField(null=True, blank=True)
+    renewed_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"Fixing-run lease {self.name} (epoch {self.epoch})"

@@ -24,6 +24,7 @@ from profiles.services.audit import (
     Budget,
     close_dead_runs,
     fail_shard,
+    resend_stale_shards,
     send_shards,
     start_run,
     work_shard,
@@ -31,6 +32,7 @@ from profiles.services.audit import (
 from profiles.services.retention import prune_audit_runs
 from profiles.services.revert import perform_revert
 from profiles.services.run_lock import RunLockUnavailable
+from profiles.services.runs import pause_shard
 from profiles.services.sync import sync_profile
 
 # Worth a retry two minutes later: the database or Redis did not answer. Nothing else is — not a
@@ -42,6 +44,21 @@ TRANSIENT_ERRORS = (
     redis.ConnectionError,
     redis.TimeoutError,
 )
+
+
+# Declared once: every task of the audit that works on the database retries transient errors
+# the same way (a fixed delay: no exponential backoff, none of Celery's default jitter), acks
+# late, and is bounded by the same time limits.
+RETRYING = {
+    "autoretry_for": TRANSIENT_ERRORS,
+    "max_retries": settings.PROFILE_AUDIT_MAX_RETRIES,
+    "default_retry_delay": settings.PROFILE_AUDIT_RETRY_DELAY,
+    "retry_backoff": False,
+    "retry_jitter": False,
+    "acks_late": True,
+    "soft_time_limit": settings.PROFILE_AUDIT_SOFT_TIME_LIMIT,
+    "time_limit": settings.PROFILE_AUDIT_TIME_LIMIT,
+}
 
 
 class AuditTask(Task):
@@ -81,16 +98,8 @@ class AuditTask(Task):
     bind=True,
     base=AuditTask,
     name="profiles.audit_sync",  # queue: maintenance (CELERY_TASK_ROUTES)
-    autoretry_for=TRANSIENT_ERRORS,
-    max_retries=settings.PROFILE_AUDIT_MAX_RETRIES,
-    default_retry_delay=settings.PROFILE_AUDIT_RETRY_DELAY,
-    # A fixed delay: no exponential backoff, and none of Celery's default jitter.
-    retry_backoff=False,
-    retry_jitter=False,
-    acks_late=True,
     # Starting a run is quick: it records the run and its shards and sends them.
-    soft_time_limit=settings.PROFILE_AUDIT_SOFT_TIME_LIMIT,
-    time_limit=settings.PROFILE_AUDIT_TIME_LIMIT,
+    **RETRYING,
 )
 def audit_sync_task(
     self: AuditTask,
@@ -135,7 +144,9 @@ class ShardTask(Task):
         try:
             if isinstance(exc, TimeLimitExceeded):
                 log.warning("profile_audit.shard_killed", error=error)
-                audit_shard_task.delay(str(shard_id))
+                audit_shard_task.delay(
+                    str(shard_id), run_id=args[1] if len(args) > 1 else kwargs.get("run_id", "")
+                )
             else:
                 log.error("profile_audit.shard_failed", error=error)
                 fail_shard(shard_id=shard_id, error=error)
@@ -147,32 +158,39 @@ class ShardTask(Task):
     bind=True,
     base=ShardTask,
     name="profiles.audit_shard",  # queue: maintenance (CELERY_TASK_ROUTES)
-    soft_time_limit=settings.PROFILE_AUDIT_SOFT_TIME_LIMIT,
-    time_limit=settings.PROFILE_AUDIT_TIME_LIMIT,
-    autoretry_for=TRANSIENT_ERRORS,
-    max_retries=settings.PROFILE_AUDIT_MAX_RETRIES,
-    default_retry_delay=settings.PROFILE_AUDIT_RETRY_DELAY,
-    retry_backoff=False,
-    retry_jitter=False,
-    acks_late=True,
+    **RETRYING,
     # A worker process that dies mid-shard (OOM, kill -9) puts the message back: another one
     # resumes from the shard's cursor; nothing committed is redone.
     reject_on_worker_lost=True,
 )
-def audit_shard_task(self: ShardTask, shard_id: str) -> dict[str, str]:
+def audit_shard_task(self: ShardTask, shard_id: str, run_id: str = "") -> dict[str, str]:
     """Work one shard for at most PROFILE_AUDIT_SHARD_BUDGET seconds, then send its own
-    continuation from the cursor. The soft time limit is a backstop that does the same."""
+    continuation from the cursor. The soft time limit is a backstop that does the same.
+    ``run_id`` is for the operator's eyes (``celery inspect active``, Flower)."""
     budget = Budget(seconds=settings.PROFILE_AUDIT_SHARD_BUDGET)
     worker = f"{self.request.hostname or socket.gethostname()}:{os.getpid()}:{self.request.id}"
-    with structlog.contextvars.bound_contextvars(task_id=self.request.id):
+    with structlog.contextvars.bound_contextvars(task_id=self.request.id, run_id=run_id or None):
         try:
             outcome = work_shard(shard_id=UUID(shard_id), budget=budget, worker=worker)
         except SoftTimeLimitExceeded:
             # The chunk in flight rolled back; the cursor holds the last one committed.
+            _pause(shard_id)
             outcome = CONTINUE
+        except TRANSIENT_ERRORS:
+            # Retried two minutes later (autoretry_for): this delivery did not die.
+            _pause(shard_id)
+            raise
         if outcome == CONTINUE:
-            audit_shard_task.delay(shard_id)
+            audit_shard_task.delay(shard_id, run_id=run_id)
     return {"shard_id": shard_id, "outcome": outcome}
+
+
+def _pause(shard_id: str) -> None:
+    try:
+        pause_shard(UUID(shard_id))
+    except DatabaseError:
+        # The database is what failed: the next delivery counts this one as died.
+        audit_logger().warning("profile_audit.shard_pause_failed", shard_id=shard_id)
 
 
 @shared_task(
@@ -229,11 +247,12 @@ def prune_audit_runs_task() -> dict[str, object]:
     reverted), then retention: delete audit runs (and findings) older than
     PROFILE_AUDIT_RETENTION_DAYS, keeping the latest run of each organization."""
     interrupted = close_dead_runs()
+    resent = resend_stale_shards()
     report = prune_audit_runs(
         older_than_days=settings.PROFILE_AUDIT_RETENTION_DAYS,
         batch_size=settings.PROFILE_AUDIT_PRUNE_BATCH_SIZE,
     )
-    return {**report.as_json(), "runs_interrupted": len(interrupted)}
+    return {**report.as_json(), "runs_interrupted": len(interrupted), "shards_resent": resent}
 
 
 def _queue(request) -> str | None:

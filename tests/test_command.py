@@ -141,9 +141,9 @@ def test_bad_input_is_a_one_line_error_and_writes_nothing(org, args, message):
 
 
 def test_check_exits_non_zero_while_issues_remain(org, committed):
-    with pytest.raises(SystemExit) as exit_:
+    with pytest.raises(CommandError, match=r"issues remain \(--check\)") as exit_:
         run("--check")
-    assert exit_.value.code == 1
+    assert exit_.value.returncode == 1
 
     committed(run, "--fix")
     out, _ = run("--check")
@@ -156,8 +156,9 @@ def test_guarded_organization_is_shown_and_check_fails(committed):
     for _ in range(6):
         profile_for(AssetFactory(connection=expired))
 
-    with pytest.raises(SystemExit):
+    with pytest.raises(CommandError) as exit_:
         run("--fix", "--check")
+    assert exit_.value.returncode == 1
 
     assert SocialProfile.objects.alive().count() == 6
     out, _ = run()

@@ -40,6 +40,7 @@ def test_an_unreachable_redis_is_reported_not_raised(settings):
     assert not state.reachable and "ConnectionError" in state.error
 
 
+@pytest.mark.django_db  # a forced release also fences the holder's run out, in the database
 def test_the_file_lock_is_read_and_released_by_token(file_lock_settings):
     lock = fixing_run_lock()
     assert isinstance(lock, FileRunLock)

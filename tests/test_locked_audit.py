@@ -35,8 +35,8 @@ def fix_command(*args: str) -> tuple[int, str, str]:
     out, err = StringIO(), StringIO()
     try:
         call_command("profiles_audit_sync", "--fix", *args, stdout=out, stderr=err)
-    except SystemExit as exc:
-        return exc.code, out.getvalue(), err.getvalue()
+    except CommandError as exc:
+        return exc.returncode, out.getvalue(), err.getvalue() + str(exc)
     return 0, out.getvalue(), err.getvalue()
 
 

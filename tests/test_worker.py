@@ -136,7 +136,7 @@ def test_the_soft_time_limit_is_a_backstop_the_shard_goes_on_from_its_cursor(wor
     assert AuditFinding.objects.filter(run=run).count() == 3
     assert not any(alive(p) for p in (fixed_first, held, after))
     shard.refresh_from_db()
-    assert shard.attempts == 2
+    assert shard.attempts == 0  # a soft time limit is a clean pause, not a delivery that died
     wait_for(lock_is_free, what="the lock to be released")
 
 

@@ -11,7 +11,6 @@ is inconsistent.
 from __future__ import annotations
 
 import itertools
-import os
 import socket
 import time
 from collections.abc import Callable, Iterable
@@ -22,8 +21,8 @@ from uuid import UUID
 
 from celery import signature
 from django.conf import settings
-from django.db import DatabaseError, transaction
-from django.db.models import Count, F
+from django.db import DatabaseError
+from django.db.models import Count
 from django.utils import timezone
 
 from audit_project.celery import app as celery_app
@@ -41,28 +40,37 @@ from profiles.models import (
 )
 from profiles.plan import SCOPES, Finding, Guard, OrgPlan, plan_organization, types_for_scopes
 from profiles.selectors import load_snapshots, organization_id_chunks, shard_starts
+from profiles.services import runs
 from profiles.services.chunks import (
     ChunkOutcome,
     RunBudget,
-    ShardCursor,
-    ShardMoved,
     collector_paused,
     fix_chunk,
     plan_chunk,
     record_dry_chunk,
 )
-from profiles.services.recording import (
-    close_interrupted_runs,
-    close_run,
-    empty_counts,
-    guarded_organizations,
-    mark_findings_failed,
-    shard_failures,
+from profiles.services.lease import LeaseHeld, LeaseLost
+from profiles.services.recording import empty_counts, mark_findings_failed
+from profiles.services.run_lock import RunLockUnavailable
+from profiles.services.runs import (
+    SYNC_NOT_SENT,
+    Claim,
+    ShardCursor,
+    ShardMoved,
+    add_shard_failure,
+    claim_shard,
+    create_run,
+    end_shard,
+    fail_run,
+    finish_run_if_complete,
+    lease_of,
+    pause_shard,
+    record_unstarted,
+    stop_run,
+    take_lease,
 )
-from profiles.services.run_lock import RunLock, RunLockUnavailable, fixing_run_lock
 
 SHARD_TASK = "profiles.audit_shard"
-SYNC_NOT_SENT = "profile sync not sent"
 SYNC_TASK = "profiles.sync_profiles"
 
 ProgressCallback = Callable[[int, int], None]
@@ -197,53 +205,49 @@ class RunReport:
 
 # --- Starting a run -----------------------------------------------------------------------------
 
-# Locks of the runs this process started: a file lock belongs to the process holding it, and
-# in-process shards renew and release it through this object.
-_held_locks: dict[UUID, RunLock] = {}
 
-
-def start_run(request: AuditRequest) -> AuditRun:
-    """Record the run and its shards. A fixing run first takes the fixing-run lock and closes
-    the runs whose process died (``interrupted``); if another run holds the lock, the run is
+def start_run(request: AuditRequest, *, in_process: bool = False) -> AuditRun:
+    """Record the run and its shards. A fixing run first takes the fixing-run lease, which
+    closes the runs it fenced out (``interrupted``); if another run holds it, the run is
     recorded ``skipped`` and nothing else happens. Raises ``RunLockUnavailable`` (recorded as a
-    failed run) when the lock's service does not answer: never a fix without the lock."""
+    failed run) when the lock's service does not answer: never a fix without the lease.
+    ``in_process``: this process works every shard (the run lives exactly as long as it)."""
     if request.organization_id is not None and not (
         Organization.objects.filter(id=request.organization_id).exists()
     ):
         raise UnknownOrganization(f"no organization with id {request.organization_id}")
     log = audit_logger().bind(fix_mode=request.fix, trigger=request.trigger)
-    lock = None
+    lease = None
     if request.fix:
-        lock = fixing_run_lock()
-        log = log.bind(lock=lock.description)
         try:
-            acquired = lock.acquire()
+            taken = take_lease(log=log)
         except RunLockUnavailable as exc:
             error = f"{exc}; nothing was fixed"
             log.error("profile_audit.lock_unavailable", org_id=_str(request.organization_id))
             try:
-                _record_unstarted(request, status=AuditStatus.FAILED, error=error)
+                record_unstarted(
+                    fields=_run_fields(request), status=AuditStatus.FAILED, error=error
+                )
             except DatabaseError:
                 log.exception("profile_audit.record_failed")
             raise RunLockUnavailable(error) from exc
-        if not acquired:
-            holder = lock.holder()
-            log.info("profile_audit.skipped", org_id=_str(request.organization_id), held_by=holder)
-            return _record_unstarted(
-                request,
-                status=AuditStatus.SKIPPED,
-                error=f"another fixing run holds the lock ({lock.description}; held by {holder})",
+        if isinstance(taken, LeaseHeld):
+            log.info(
+                "profile_audit.skipped", org_id=_str(request.organization_id), held_by=taken.reason
             )
+            return record_unstarted(
+                fields=_run_fields(request),
+                status=AuditStatus.SKIPPED,
+                error=f"another fixing run holds the lock ({taken.reason})",
+            )
+        lease = taken.lease
+        log = log.bind(lock=lease.description)
     try:
-        if lock is not None:
-            close_interrupted_runs(live_lock_token=lock.token, log=log)
-        run = _create_run(request, lock_token=lock.token if lock else "")
+        run = _create_run(request, lease=lease, in_process=in_process)
     except BaseException:
-        if lock is not None:
-            _release(lock, log)
+        if lease is not None:
+            lease.release()
         raise
-    if lock is not None:
-        _held_locks[run.id] = lock
     log.info(
         "profile_audit.started",
         run_id=str(run.id),
@@ -251,12 +255,12 @@ def start_run(request: AuditRequest) -> AuditRun:
         types=list(request.scopes),
         shards=run.shards.count(),
         organizations=run.organizations_total,
+        lock_epoch=run.lock_epoch,
     )
     return run
 
 
-def _create_run(request: AuditRequest, *, lock_token: str) -> AuditRun:
-    now = timezone.now()
+def _create_run(request: AuditRequest, *, lease, in_process: bool) -> AuditRun:
     if request.organization_id is not None:
         org = request.organization_id
         # [org, org + 1): exactly this organization.
@@ -266,32 +270,13 @@ def _create_run(request: AuditRequest, *, lock_token: str) -> AuditRun:
         starts, total = shard_starts(shard_size=settings.PROFILE_AUDIT_SHARD_SIZE)
         bounds = [None, *starts[1:], None]
         ranges = list(itertools.pairwise(bounds)) if starts else [(None, None)]
-    with transaction.atomic():
-        run = AuditRun.objects.create(
-            **_run_fields(request),
-            started_at=now,
-            last_progress_at=now,
-            deadline=now + request.deadline if request.deadline else None,
-            organizations_total=total,
-            lock_token=lock_token,
-        )
-        AuditShard.objects.bulk_create(
-            AuditShard(run=run, index=i, first_organization_id=first, end_organization_id=end)
-            for i, (first, end) in enumerate(ranges)
-        )
-    return run
-
-
-def _record_unstarted(request: AuditRequest, *, status: str, error: str) -> AuditRun:
-    """The record of a fixing run that never started: skipped, or failed for want of its lock."""
-    now = timezone.now()
-    return AuditRun.objects.create(
-        **_run_fields(request),
-        status=status,
-        started_at=now,
-        finished_at=now,
-        duration_seconds=0.0,
-        error=error,
+    return create_run(
+        fields=_run_fields(request),
+        lease=lease,
+        ranges=ranges,
+        organizations_total=total,
+        deadline=request.deadline,
+        in_process=in_process,
     )
 
 
@@ -318,9 +303,19 @@ def send_shards(run: AuditRun) -> int:
         .order_by("index")
         .values_list("id", flat=True)
     )
+    return resend_shards(run, shard_ids)
+
+
+def resend_shards(run: AuditRun, shard_ids: Iterable[UUID]) -> int:
+    """Send these shards of the run again (their messages were lost, or never sent): a shard
+    delivered twice resumes from its cursor once, so sending too many is harmless."""
+    sent = 0
     for shard_id in shard_ids:
-        signature(SHARD_TASK, args=(str(shard_id),), app=celery_app).apply_async()
-    return len(shard_ids)
+        signature(
+            SHARD_TASK, args=(str(shard_id),), kwargs={"run_id": str(run.id)}, app=celery_app
+        ).apply_async()
+        sent += 1
+    return sent
 
 
 # --- Working a shard ----------------------------------------------------------------------------
@@ -349,24 +344,13 @@ def work_shard(
     run = shard.run
     log = audit_logger().bind(run_id=str(run.id), shard=shard.index, fix_mode=run.fix)
     if run.status != AuditStatus.RUNNING:
-        _end_shard(shard, ShardStatus.SKIPPED, f"the run is {run.status}")
+        end_shard(shard, ShardStatus.SKIPPED, f"the run is {run.status}")
         return STOPPED
     if _past_deadline(run):
-        _end_shard(shard, ShardStatus.SKIPPED, "not finished by the run's deadline", log=log)
+        end_shard(shard, ShardStatus.SKIPPED, "not finished by the run's deadline", log=log)
         return STOPPED
     # Claim it only while it is open: a shard the run's closing skipped meanwhile stays closed.
-    claimed = AuditShard.objects.filter(id=shard.id, status__in=OPEN_SHARD_STATUSES).update(
-        status=ShardStatus.RUNNING,
-        attempts=F("attempts") + 1,
-        worker=worker or f"{socket.gethostname()}:{os.getpid()}",
-        started_at=shard.started_at or timezone.now(),
-    )
-    if not claimed:
-        return STOPPED
-    attempts = AuditShard.objects.filter(id=shard.id).values_list("attempts", flat=True).get()
-    shard.status = ShardStatus.RUNNING
-    if attempts > settings.PROFILE_AUDIT_SHARD_MAX_ATTEMPTS:
-        _end_shard(shard, ShardStatus.FAILED, f"gave up after {attempts - 1} deliveries", log=log)
+    if claim_shard(shard, worker=worker) is not Claim.CLAIMED:
         return STOPPED
 
     types = types_for_scopes(run.types)
@@ -375,8 +359,13 @@ def work_shard(
         ratio=settings.PROFILE_AUDIT_GUARD_RATIO,
         force=run.forced,
     )
-    position = ShardCursor(run_id=run.id, shard_id=shard.id, cursor=shard.cursor)
-    lock = _lock_of(run) if run.fix else None
+    position = ShardCursor(
+        run_id=run.id,
+        shard_id=shard.id,
+        cursor=shard.cursor,
+        epoch=run.lock_epoch if run.fix else None,
+    )
+    lease = lease_of(run) if run.fix else None
     budget_of_run = (
         RunBudget(run_id=run.id, limit=settings.PROFILE_AUDIT_RUN_MAX_DELETIONS)
         if run.fix and not run.forced
@@ -394,17 +383,15 @@ def work_shard(
                 plans = plan_chunk(chunk, types=types, guard=guard)
                 reason = budget.spent() if budget else None
                 if reason and worked:
-                    log.info(
-                        "profile_audit.shard_paused", reason=reason, cursor=str(position.cursor)
-                    )
-                    return CONTINUE
+                    return _paused(shard, reason=reason, position=position, log=log)
                 if _past_deadline(run):
-                    _end_shard(
+                    end_shard(
                         shard, ShardStatus.SKIPPED, "not finished by the run's deadline", log=log
                     )
                     return STOPPED
-                if lock is not None and (lost := _lock_lost(lock, log)):
-                    _end_shard(shard, ShardStatus.FAILED, f"stopped: {lost}", log=log)
+                if lease is not None and (lost := lease.renew()):
+                    log.warning("profile_audit.lock_lost", reason=lost)
+                    end_shard(shard, ShardStatus.FAILED, f"stopped: {lost}", log=log)
                     return STOPPED
                 if run.fix:
                     outcome = fix_chunk(
@@ -422,15 +409,22 @@ def work_shard(
                 if progress:
                     progress(len(chunk))
                 if reason:  # spent on the first chunk: that one is done, the rest waits
-                    log.info(
-                        "profile_audit.shard_paused", reason=reason, cursor=str(position.cursor)
-                    )
-                    return CONTINUE
+                    return _paused(shard, reason=reason, position=position, log=log)
     except ShardMoved as exc:
         log.info("profile_audit.shard_superseded", reason=str(exc))
         return STOPPED
-    _end_shard(shard, ShardStatus.DONE, log=log)
+    except LeaseLost as exc:
+        log.warning("profile_audit.lock_lost", reason=str(exc))
+        end_shard(shard, ShardStatus.FAILED, f"stopped: {exc}", log=log)
+        return STOPPED
+    end_shard(shard, ShardStatus.DONE, log=log)
     return DONE
+
+
+def _paused(shard: AuditShard, *, reason: str, position: ShardCursor, log) -> str:
+    log.info("profile_audit.shard_paused", reason=reason, cursor=str(position.cursor))
+    pause_shard(shard.id)
+    return CONTINUE
 
 
 def fail_shard(*, shard_id: UUID, error: str) -> None:
@@ -438,22 +432,7 @@ def fail_shard(*, shard_id: UUID, error: str) -> None:
     the run if it was the last one open."""
     shard = AuditShard.objects.select_related("run").filter(id=shard_id).first()
     if shard is not None and shard.status in OPEN_SHARD_STATUSES:
-        _end_shard(shard, ShardStatus.FAILED, error)
-
-
-def stop_run(run: AuditRun, *, reason: str) -> None:
-    """Skip the run's open shards (an in-process run whose budget is spent) and finish it."""
-    for shard in run.shards.filter(status__in=OPEN_SHARD_STATUSES):
-        _end_shard(shard, ShardStatus.SKIPPED, f"stopped early: {reason}")
-
-
-def _end_shard(shard: AuditShard, status: str, error: str = "", *, log=None) -> None:
-    AuditShard.objects.filter(id=shard.id, status__in=OPEN_SHARD_STATUSES).update(
-        status=status, error=error, finished_at=timezone.now()
-    )
-    if log is not None and status != ShardStatus.DONE:
-        log.warning("profile_audit.shard_ended", status=status, error=error)
-    finish_run_if_complete(shard.run_id)
+        end_shard(shard, ShardStatus.FAILED, error)
 
 
 def _past_deadline(run: AuditRun) -> bool:
@@ -521,138 +500,28 @@ def _sender(run: AuditRun):
             )
             mark_findings_failed(run_id=run.id, finding_ids=[r.id for r in rows], error=error)
             for org in {r.organization_id for r in rows}:
-                _add_shard_failure(run, org, error)
+                add_shard_failure(run_id=run.id, organization_id=org, error=error)
 
     return send
 
 
-def _add_shard_failure(run: AuditRun, organization_id: UUID, error: str) -> None:
-    with transaction.atomic():
-        shard = (
-            AuditShard.objects.select_for_update()
-            .filter(run_id=run.id)
-            .exclude(first_organization_id__gt=organization_id)
-            .order_by("-index")
-            .first()
-        )
-        if shard is not None:
-            shard.failed_organizations = {**shard.failed_organizations, str(organization_id): error}
-            shard.save(update_fields=["failed_organizations"])
-
-
-# --- The fixing-run lock, held by the run ---------------------------------------------------------
-
-
-def _lock_of(run: AuditRun) -> RunLock:
-    lock = _held_locks.get(run.id)
-    if lock is None:
-        lock = fixing_run_lock()
-        lock.adopt(run.lock_token)
-    return lock
-
-
-def _lock_lost(lock: RunLock, log) -> str | None:
-    """Renew the run's lease; why the run must stop if it no longer holds the lock."""
-    try:
-        held = lock.still_held()
-    except RunLockUnavailable as exc:
-        log.error("profile_audit.lock_unavailable", error=str(exc))
-        return f"the fixing-run lock can no longer be checked: {exc}"
-    if not held:
-        log.warning("profile_audit.lock_lost")
-        return f"lost the fixing-run lock ({lock.description}) to expiry or another run"
-    return None
-
-
-def _release(lock: RunLock, log) -> None:
-    try:
-        released = lock.release()
-    except RunLockUnavailable as exc:
-        # The key expires by itself; the run's own outcome is what the caller needs.
-        log.error("profile_audit.lock_release_failed", error=str(exc))
-        return
-    if not released:
-        log.warning("profile_audit.lock_lost_before_release")
-
-
-# --- Finishing a run ----------------------------------------------------------------------------
-
-
-def finish_run_if_complete(run_id: UUID) -> AuditRun | None:
-    """Finish the run once no shard is open: status, counts recounted from its findings, the
-    completion event, the lock's release. Whoever closes the last shard calls it; only one
-    caller finishes (``close_run`` is conditional on the run still running)."""
-    if AuditShard.objects.filter(run_id=run_id, status__in=OPEN_SHARD_STATUSES).exists():
-        return None
-    run = AuditRun.objects.filter(id=run_id, status=AuditStatus.RUNNING).first()
-    if run is None:
-        return None
-    failed, unfinished = shard_failures(run.id)
-    shards = run.shards.count()
-    if unfinished and len(unfinished) == shards and not run.organizations_audited:
-        status = AuditStatus.FAILED
-    elif unfinished or failed or guarded_organizations(run.id):
-        status = AuditStatus.PARTIAL
-    else:
-        status = AuditStatus.SUCCEEDED
-    error = "; ".join([*unfinished, *(f"organization {o}: {e}" for o, e in failed.items())])
-    return _close(run, status=status, error=error, failed=failed)
-
-
-def cut_short(run: AuditRun) -> str | None:
-    """Why a finished run did not get through its work because something outside the data
-    failed (a shard stopped: lost lock, Redis or the database down, a deadline; sync jobs that
-    could not be sent), or None. Guarded organizations and ones that failed on their own data
-    do not cut a run short (DESIGN "Operating it": exit status 2 against 0)."""
-    if run.status == AuditStatus.FAILED:
-        return run.error or "the run failed"
-    _, unfinished = shard_failures(run.id)
-    outages = [e for e in (run.failed_organizations or {}).values() if e.startswith(SYNC_NOT_SENT)]
-    reasons = unfinished + outages[:1]
-    return "; ".join(reasons) or None
-
-
-def fail_run(run: AuditRun, *, error: str) -> None:
-    """The run could not go on (an in-process run hit an error that is not contained)."""
-    failed, _ = shard_failures(run.id)
-    _close(run, status=AuditStatus.FAILED, error=error, failed=failed)
-
-
-def _close(run: AuditRun, *, status: str, error: str, failed: dict[str, str]) -> AuditRun | None:
-    token = run.lock_token
-    if not close_run(run, status=status, error=error, failed_organizations=failed):
-        return None
-    log = audit_logger().bind(run_id=str(run.id), fix_mode=run.fix)
-    log.info(
-        "profile_audit.completed",
-        org_id=_str(run.organization_id),
-        status=run.status,
-        total_issues_found=run.found,
-        total_issues_fixed=run.fixed,
-        organizations_audited=run.organizations_audited,
-        duration_seconds=run.duration_seconds,
-        error=run.error or None,
-    )
-    if run.fix and token:
-        lock = _held_locks.pop(run.id, None)
-        if lock is None:
-            lock = fixing_run_lock()
-            lock.adopt(token)
-        _release(lock, log)
-    return run
-
-
 def close_dead_runs() -> list[AuditRun]:
-    """The daily maintenance's part: close as ``interrupted`` the runs whose process died —
-    fixing runs whose lock is gone, dry runs and reverts silent for an hour."""
-    log = audit_logger()
-    try:
-        holder = fixing_run_lock().current_token()
-    except RunLockUnavailable as exc:
-        # Without knowing who holds the lock, no fixing run can be judged dead.
-        log.error("profile_audit.lock_unavailable", error=str(exc))
-        return []
-    return close_interrupted_runs(live_lock_token=holder, log=log)
+    """The daily maintenance's part (``profiles.services.runs.close_dead_runs``)."""
+    return runs.close_dead_runs()
+
+
+def resend_stale_shards() -> int:
+    """Send again the open shards of fanned-out runs that nobody has worked for
+    PROFILE_AUDIT_SHARD_STALE_AFTER (their messages were lost with a broker restarted without
+    persistence). Shards are durable in the database; their messages are not."""
+    sent = 0
+    for run in AuditRun.objects.filter(status=AuditStatus.RUNNING, process=""):
+        if stale := runs.stale_shards(run):
+            audit_logger().warning(
+                "profile_audit.shards_resent", run_id=str(run.id), shards=len(stale)
+            )
+            sent += resend_shards(run, stale)
+    return sent
 
 
 # --- In this process ----------------------------------------------------------------------------
@@ -666,7 +535,7 @@ def run_audit(
 ) -> RunReport:
     """Start the run and work all its shards here, one after another. A spent budget stops the
     run there (``partial``); an error that is not contained fails it and is raised."""
-    run = start_run(request)
+    run = start_run(request, in_process=True)
     if run.status != AuditStatus.RUNNING:
         return RunReport(run)
     done = 0

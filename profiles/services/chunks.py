@@ -19,17 +19,16 @@ from datetime import datetime
 from uuid import UUID
 
 from celery.exceptions import SoftTimeLimitExceeded
-from django.db import InterfaceError, OperationalError, transaction
+from django.conf import settings
+from django.db import InterfaceError, OperationalError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
 from profiles.models import (
     AuditRun,
-    AuditShard,
     FindingAction,
     FindingOutcome,
     FindingType,
-    ShardStatus,
 )
 from profiles.plan import (
     BadData,
@@ -48,8 +47,10 @@ from profiles.services.changes import (
     apply_profile_findings,
     planned_change,
 )
+from profiles.services.lease import LeaseLost, end_fenced_transactions, mark_fencing_epoch
 from profiles.services.organization_lock import lock_organizations
-from profiles.services.recording import FindingRow, record_findings
+from profiles.services.recording import FindingRow
+from profiles.services.runs import ShardCursor, ShardMoved
 from profiles.services.soft_delete import ProfileSoftDeleteService
 
 STALE = "no longer held when re-checked under the organization's lock"
@@ -63,15 +64,18 @@ SyncSender = Callable[[Sequence["FindingRow"]], None]
 whose job cannot be sent are turned into failures."""
 
 
-class ShardMoved(Exception):
-    """Another delivery of this shard committed past our cursor, or the run was closed: this
-    delivery's chunk is rolled back and it stops (a re-delivery never repeats work)."""
-
-
 # Not an organization's failure, so never recorded as one (rule 6 contains the rest): the
 # shard stops and is resumed from its cursor — by its continuation (the soft time limit) or by
 # the task's retry (the database went away).
-NOT_CONTAINED = (ShardMoved, SoftTimeLimitExceeded, OperationalError, InterfaceError)
+NOT_CONTAINED = (ShardMoved, LeaseLost, SoftTimeLimitExceeded, OperationalError, InterfaceError)
+
+BUSY = "organization locks held by another transaction for {seconds:g} s (PROFILE_AUDIT_ORG_LOCK_WAIT); audited again by the next run"
+
+
+class OrganizationsBusy(Exception):
+    """The chunk's organization locks were not had within PROFILE_AUDIT_ORG_LOCK_WAIT: another
+    transaction holds them (a stopped holder, a slow writer). Bounded, and contained: those
+    organizations are recorded failed and the shard goes on."""
 
 
 @contextmanager
@@ -89,40 +93,6 @@ def collector_paused() -> Iterator[None]:
         yield
     finally:
         gc.enable()
-
-
-@dataclass
-class ShardCursor:
-    """Where a shard stands: chunks commit only if the shard is still where we read it."""
-
-    run_id: UUID
-    shard_id: UUID
-    cursor: UUID | None
-
-    def commit(
-        self, *, last: UUID, organizations: int, rows: Sequence[FindingRow], failed=None
-    ) -> None:
-        """Inside the chunk's transaction: count it on the run, then move the cursor (compare
-        and set). Run row before shard row, the order every writer takes them in."""
-        record_findings(run_id=self.run_id, rows=rows, organizations=organizations)
-        shards = AuditShard.objects.filter(id=self.shard_id, status=ShardStatus.RUNNING)
-        shards = (
-            shards.filter(cursor__isnull=True)
-            if self.cursor is None
-            else shards.filter(cursor=self.cursor)
-        )
-        updated = shards.update(
-            cursor=last,
-            organizations_audited=F("organizations_audited") + organizations,
-            found=F("found") + len(rows),
-            fixed=F("fixed") + sum(1 for r in rows if r.fixed),
-        )
-        if not updated:
-            raise ShardMoved(f"shard {self.shard_id} moved on or was closed")
-        if failed:
-            shard = AuditShard.objects.get(id=self.shard_id)
-            shard.failed_organizations = {**shard.failed_organizations, **failed}
-            shard.save(update_fields=["failed_organizations"])
 
 
 class RunBudget:
@@ -361,6 +331,10 @@ def _fix_chunk(plans, *, position, types, guard, send_sync, over, into: ChunkOut
     try:
         into.organizations += _fix_in_one_transaction(plans, **options).organizations
         return
+    except OrganizationsBusy as exc:
+        # One bounded wait per chunk, not one per organization.
+        into.organizations += _record_busy(plans, position=position, error=str(exc)).organizations
+        return
     except NOT_CONTAINED:
         raise
     except Exception as exc:
@@ -372,6 +346,8 @@ def _fix_chunk(plans, *, position, types, guard, send_sync, over, into: ChunkOut
     for plan in plans:
         try:
             part = _fix_in_one_transaction([plan], **options)
+        except OrganizationsBusy as exc:
+            part = _record_busy([plan], position=position, error=str(exc))
         except NOT_CONTAINED:
             raise
         except Exception as exc:
@@ -393,7 +369,7 @@ def _fix_in_one_transaction(
     org_ids = [p.organization_id for p in plans]
     outcome = ChunkOutcome()
     with transaction.atomic():
-        lock_organizations(org_ids)
+        _lock_within_bound(org_ids, epoch=position.epoch)
         fresh = load_snapshots(org_ids)
         decided: list[tuple[OrgPlan, list[tuple[Finding, str, str]]]] = []
         decisions: list[Finding] = []
@@ -473,6 +449,67 @@ def _fix_in_one_transaction(
     position.cursor = org_ids[-1]
     _time_shares(outcome, since=started, organizations=len(plans))
     return outcome
+
+
+def _lock_within_bound(org_ids: Sequence[UUID], *, epoch: int | None) -> None:
+    """Take the organizations' locks, waiting at most PROFILE_AUDIT_ORG_LOCK_WAIT (PostgreSQL's
+    ``lock_timeout``, for this transaction only); SQLite's writers queue on its busy timeout.
+
+    A fixing run's transaction also marks itself with its epoch (a shared advisory lock): when
+    the wait times out, the transactions of runs whose lease was taken over (they can never
+    commit) are ended, and the locks are asked for once more."""
+    if connection.vendor != "postgresql":
+        lock_organizations(org_ids)
+        return
+    wait = settings.PROFILE_AUDIT_ORG_LOCK_WAIT
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT set_config('lock_timeout', %s, true)", [f"{int(wait * 1000)}ms"])
+        if epoch is not None:
+            mark_fencing_epoch(cursor, epoch)
+    try:
+        with transaction.atomic():  # a savepoint: a timeout leaves the transaction usable
+            lock_organizations(org_ids)
+    except OperationalError as exc:
+        if not _timed_out(exc):
+            raise
+        if epoch is None or not end_fenced_transactions(epoch):
+            raise OrganizationsBusy(BUSY.format(seconds=wait)) from exc
+        try:
+            lock_organizations(org_ids)
+        except OperationalError as again:
+            if _timed_out(again):
+                raise OrganizationsBusy(BUSY.format(seconds=wait)) from again
+            raise
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT set_config('lock_timeout', '0', true)")
+
+
+def _timed_out(exc: OperationalError) -> bool:
+    return getattr(exc.__cause__, "sqlstate", None) == "55P03"
+
+
+def _record_busy(plans: Sequence[OrgPlan], *, position: ShardCursor, error: str) -> ChunkOutcome:
+    """Every organization of the chunk waited out its bound: recorded failed, in one commit."""
+    now = timezone.now()
+    rows = [
+        finding_row(
+            planned_change(f, now=now),
+            organization_id=p.organization_id,
+            outcome=FindingOutcome.FAILED,
+            detail=error,
+        )
+        for p in plans
+        for f in p.findings
+    ]
+    with transaction.atomic():
+        position.commit(
+            last=plans[-1].organization_id,
+            organizations=len(plans),
+            rows=rows,
+            failed={str(p.organization_id): error for p in plans},
+        )
+    position.cursor = plans[-1].organization_id
+    return ChunkOutcome([OrgOutcome(p, found=len(p.findings), error=error) for p in plans])
 
 
 def _record_failure(plan: OrgPlan, *, position: ShardCursor, exc: Exception) -> ChunkOutcome:

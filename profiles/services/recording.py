@@ -6,7 +6,7 @@ a run is closed by recounting its findings — also a run whose process died (``
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -22,7 +22,6 @@ from profiles.models import (
     AuditRun,
     AuditShard,
     AuditStatus,
-    AuditTrigger,
     FindingOutcome,
     ShardStatus,
 )
@@ -237,41 +236,3 @@ def close_run(
             status=ShardStatus.SKIPPED, finished_at=now, error=f"the run was closed {status}"
         )
     return True
-
-
-def interrupted_runs(*, live_lock_token: str | None, now=None) -> Iterable[AuditRun]:
-    """Runs still ``running`` whose process is gone: fixing runs that do not hold the fixing-run
-    lock (``live_lock_token`` is whoever holds it now, None when nobody does), and dry runs and
-    reverts that have not progressed for ``ABANDONED_AFTER``."""
-    now = now or timezone.now()
-    stale_before = now - ABANDONED_AFTER
-    for run in AuditRun.objects.filter(status=AuditStatus.RUNNING):
-        holds_lock = bool(run.lock_token) and run.lock_token == live_lock_token
-        if run.fix and run.trigger != AuditTrigger.REVERT:
-            dead = not holds_lock
-        else:
-            dead = (run.last_progress_at or run.started_at) < stale_before
-        if dead:
-            yield run
-
-
-def close_interrupted_runs(*, live_lock_token: str | None, log) -> list[AuditRun]:
-    """Close every run whose process died as ``interrupted``, with the counts of its findings,
-    so it can be inspected and reverted (DESIGN "Every run can be undone")."""
-    closed = []
-    for run in interrupted_runs(live_lock_token=live_lock_token):
-        failed, unfinished = shard_failures(run.id)
-        error = "its process died before it finished (closed as interrupted)"
-        if unfinished:
-            error += "; " + "; ".join(unfinished)
-        if close_run(run, status=AuditStatus.INTERRUPTED, error=error, failed_organizations=failed):
-            log.warning(
-                "profile_audit.run_interrupted",
-                interrupted_run_id=str(run.id),
-                fix_mode=run.fix,
-                trigger=run.trigger,
-                total_issues_found=run.found,
-                total_issues_fixed=run.fixed,
-            )
-            closed.append(run)
-    return closed

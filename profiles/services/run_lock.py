@@ -34,6 +34,8 @@ class RunLockUnavailable(RuntimeError):
 class RunLock(Protocol):
     description: str
     """Where the lock lives, for messages (never a password)."""
+    kind: str
+    """``redis`` or ``file``: a run with one kind never runs beside a run with the other."""
 
     def acquire(self) -> bool:
         """Take the lock without waiting; False when another run holds it."""
@@ -58,6 +60,16 @@ class RunLock(Protocol):
     def current_token(self) -> str | None:
         """Whoever's token holds the lock now; None when it is free."""
 
+    def retake(self) -> bool:
+        """Take the lock again with this holder's token if nobody holds it (Redis lost the key);
+        False when another holder has it."""
+
+    def force_release(self, *, token: str) -> bool:
+        """Free the lock if ``token`` still holds it; False if it is free or another's."""
+
+    def state(self) -> LockState:
+        """Who holds the lock, read without taking it."""
+
 
 def fixing_run_lock() -> RunLock:
     """The lock every fixing run takes: Redis when ``PROFILE_AUDIT_LOCK_REDIS_URL`` (by default
@@ -81,6 +93,8 @@ class RedisRunLock:
     """redis-py's ``Lock``: a token-owned key with a TTL. Release and renewal check the token,
     so a run never frees or extends a lock that has passed to another run, and a holder that
     dies leaves the key to expire after ``ttl`` seconds."""
+
+    kind = "redis"
 
     def __init__(self, *, url: str, key: str, ttl: float, socket_timeout: float) -> None:
         self.description = f"Redis lock {key!r} at {_redacted(url)}"
@@ -132,6 +146,14 @@ class RedisRunLock:
             raise self._unavailable(exc) from exc
         return True
 
+    def retake(self) -> bool:
+        if not self._token:
+            return False
+        try:
+            return bool(self.lock.acquire(token=self._token))
+        except redis.RedisError as exc:
+            raise self._unavailable(exc) from exc
+
     def release(self) -> bool:
         try:
             self.lock.release()
@@ -144,6 +166,32 @@ class RedisRunLock:
         finally:
             self.client.close()
         return True
+
+    def force_release(self, *, token: str) -> bool:
+        # redis-py's own token-checked release, acting for ``token``: a run that took the lock
+        # after the operator looked is not the one released.
+        if not token:
+            return False
+        self.adopt(token)
+        return self.release()
+
+    def state(self) -> LockState:
+        try:
+            with self.client.pipeline(transaction=True) as pipe:
+                token, ttl_ms = pipe.get(self.key).pttl(self.key).execute()
+        except redis.RedisError as exc:
+            return LockState(where=self.description, reachable=False, error=_error(exc))
+        finally:
+            self.client.close()
+        if token is None:
+            return LockState(where=self.description)
+        expires = max(ttl_ms, 0) / 1000 if ttl_ms is not None and ttl_ms >= 0 else None
+        return LockState(
+            where=self.description,
+            held=True,
+            token=token.decode(errors="replace"),
+            expires_in=expires,
+        )
 
     def holder(self) -> str:
         try:
@@ -167,6 +215,8 @@ class RedisRunLock:
 class FileRunLock:
     """``flock`` on a file: the embedded default's lock, for runs on one machine. The kernel
     drops it when its holder dies, so a dead holder never blocks anyone."""
+
+    kind = "file"
 
     def __init__(self, *, path: Path) -> None:
         self.path = path
@@ -238,6 +288,26 @@ class FileRunLock:
             return "unknown"
         return token.rsplit(":", 1)[0] or "unknown"
 
+    def retake(self) -> bool:
+        # A flock is never lost while its holder lives; once replaced, it is another run's.
+        return False
+
+    def force_release(self, *, token: str) -> bool:
+        # A flock cannot be taken from another process; removing the file does the same job:
+        # the holder's still_held() sees another inode and stops, and the next run locks a new
+        # file.
+        state = self.state()
+        if not token or not state.held or state.token != token:
+            return False
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+    def state(self) -> LockState:
+        return _file_lock_state(self)
+
 
 def _redacted(url: str) -> str:
     parts = urlsplit(url)
@@ -267,58 +337,19 @@ class LockState:
         return self.token.rsplit(":", 1)[0] if self.token else ""
 
 
-# Delete the key only if it still holds the token the operator saw: a run that took the lock
-# after the page was drawn is not the one being released.
-_RELEASE_IF_TOKEN = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
-
-
 def fixing_run_lock_state() -> LockState:
-    lock = fixing_run_lock()
-    if isinstance(lock, RedisRunLock):
-        try:
-            with lock.client.pipeline(transaction=True) as pipe:
-                token, ttl_ms = pipe.get(lock.key).pttl(lock.key).execute()
-        except redis.RedisError as exc:
-            return LockState(where=lock.description, reachable=False, error=_error(exc))
-        finally:
-            lock.client.close()
-        if token is None:
-            return LockState(where=lock.description)
-        expires = max(ttl_ms, 0) / 1000 if ttl_ms is not None and ttl_ms >= 0 else None
-        return LockState(
-            where=lock.description,
-            held=True,
-            token=token.decode(errors="replace"),
-            expires_in=expires,
-        )
-    return _file_lock_state(lock)
+    return fixing_run_lock().state()
 
 
 def force_release_fixing_run_lock(*, token: str) -> bool:
-    """Free the lock if ``token`` still holds it; False if it is free or held by another run.
+    """Free the lock if ``token`` still holds it, and fence its run out (its epoch is raised, so
+    it commits nothing more); False if it is free or held by another run. The run that held it
+    notices at its next chunk and stops there."""
+    from profiles.services.lease import fence_out
 
-    The run that held it notices at its next organization (``still_held``) and stops there.
-    """
-    if not token:
-        return False
-    lock = fixing_run_lock()
-    if isinstance(lock, RedisRunLock):
-        try:
-            return bool(lock.client.eval(_RELEASE_IF_TOKEN, 1, lock.key, token))
-        except redis.RedisError as exc:
-            raise lock._unavailable(exc) from exc
-        finally:
-            lock.client.close()
-    # A flock cannot be taken from another process; removing the file does the same job: the
-    # holder's still_held() sees another inode and stops, and the next run locks a new file.
-    state = _file_lock_state(lock)
-    if not state.held or state.token != token:
-        return False
-    try:
-        lock.path.unlink()
-    except FileNotFoundError:
-        return False
-    return True
+    released = fixing_run_lock().force_release(token=token)
+    fenced = fence_out(token=token) if token else False
+    return released or fenced
 
 
 def _file_lock_state(lock: FileRunLock) -> LockState:

@@ -5,42 +5,45 @@ from __future__ import annotations
 import getpass
 import importlib.metadata
 import json
-import sys
 import time
 import uuid
 
-from django.core.management.base import BaseCommand, CommandError
+from django.conf import settings
+from django.core.management.base import CommandError
+from django.db import InterfaceError, OperationalError
+from django.db import connection as db_connection
 
 from orgs.models import Organization
-from profiles.models import AuditFinding, AuditStatus, AuditTrigger, FindingOutcome
+from profiles.management.base import EXIT_CHECK, EXIT_FAILED, EXIT_LOCK_HELD, AuditCommand
+from profiles.models import (
+    OPEN_SHARD_STATUSES,
+    AuditFinding,
+    AuditStatus,
+    AuditTrigger,
+    FindingOutcome,
+)
 from profiles.plan import ALL_TYPES, SCOPES
 from profiles.selectors import FINDING_CHANGE_FIELDS
 from profiles.services.audit import (
     AuditRequest,
     RunReport,
-    cut_short,
+    resend_shards,
     run_audit,
     send_shards,
     start_run,
 )
 from profiles.services.revert import RevertRejected, RevertReport, revert_run
 from profiles.services.run_lock import RunLockUnavailable
+from profiles.services.runs import cut_short, stale_shards
 
-LIST_ORGS_HINT = "list them with `python manage.py list_organizations`"
 # The shape of --format json; raised when a field changes meaning or goes away.
 JSON_SCHEMA_VERSION = 1
-# DESIGN "Operating it": 1 --check found issues left; 2 the audit could not run or was cut short;
-# 75 (sysexits.h EX_TEMPFAIL) another fixing run holds the lock, nothing was changed.
-EXIT_CHECK = 1
-EXIT_FAILED = 2
-EXIT_LOCK_HELD = 75
-# --fan-out: how often the command looks at the run's record, and when it says nobody works.
+# --fan-out: how often the command looks at the run's record.
 POLL_SECONDS = 0.5
-IDLE_WARNING_SECONDS = 60
 WORKER_HINT = "start one with: celery -A audit_project worker -Q maintenance,celery"
 
 
-class Command(BaseCommand):
+class Command(AuditCommand):
     help = (
         "Find inconsistencies between platform connections, selected assets, social profiles, "
         "queue settings and boost rules. A dry run (the default) reports the plan and changes "
@@ -65,16 +68,12 @@ class Command(BaseCommand):
             "--fix",
             action="store_true",
             help="Apply the fixes. Without it, nothing in the domain tables is changed. A fixing "
-            "run takes the fixing-run lock (Redis, or a file without REDIS_URL): if another "
-            "run holds it, nothing is changed, the run is recorded as skipped and the exit "
-            f"status is {EXIT_LOCK_HELD}; if Redis does not answer, nothing is changed and the "
-            "exit status is 1.",
+            "run takes the fixing-run lease (the Redis lock, or a file without REDIS_URL, and "
+            "its epoch in the database): if another run holds it, nothing is changed, the run "
+            f"is recorded as skipped and the exit status is {EXIT_LOCK_HELD}; if Redis or the "
+            f"database does not answer, nothing is changed and the exit status is {EXIT_FAILED}.",
         )
-        parser.add_argument(
-            "--org",
-            metavar="UUID",
-            help=f"Audit only this organization (its id; {LIST_ORGS_HINT}).",
-        )
+        self.add_organization_argument(parser, help="Audit only this organization (its id)")
         parser.add_argument(
             "--type",
             dest="scopes",
@@ -83,13 +82,7 @@ class Command(BaseCommand):
             help="Only this kind of finding; repeat for several (cleanup = stale queue "
             "settings and invalid boost rule references). Default: all.",
         )
-        parser.add_argument(
-            "--format",
-            dest="output_format",
-            choices=["text", "json"],
-            default="text",
-            help="text (a table, the default) or json (one object on stdout).",
-        )
+        self.add_format_argument(parser)
         parser.add_argument(
             "--force",
             action="store_true",
@@ -117,25 +110,32 @@ class Command(BaseCommand):
             "or left unfixed by --fix) or the run is partial.",
         )
 
-    def handle(
-        self, *args, fix, org, scopes, output_format, force, check, verbosity, fan_out, **options
-    ) -> None:
-        if fix and options["dry_run"]:
+    def handle(self, *args, fix, dry_run, revert, **options) -> None:
+        if fix and dry_run:
             raise CommandError(
                 "--dry-run and --fix contradict each other; drop one (a dry run is the default)",
                 returncode=EXIT_FAILED,
             )
-        if options["revert"] is not None:
-            self._reject_with_revert(org=org, scopes=scopes, force=force, fan_out=fan_out)
-            report = self._revert(options["revert"], fix=fix)
-            self._write_revert(report, output_format=output_format, verbosity=verbosity)
-            if check and report.run.status != AuditStatus.SUCCEEDED:
-                self.stderr.write("conflicts remain (--check)")
-                sys.exit(EXIT_CHECK)
-            return
+        if revert is not None:
+            self._handle_revert(revert, fix=fix, **options)
+        else:
+            self._handle_audit(fix=fix, **options)
+
+    def _handle_revert(
+        self, run_id: str, *, fix, org, scopes, force, fan_out, check, output_format, verbosity, **_
+    ) -> None:
+        self._reject_with_revert(org=org, scopes=scopes, force=force, fan_out=fan_out)
+        report = self._revert(run_id, fix=fix)
+        self._write_revert(report, output_format=output_format, verbosity=verbosity)
+        if check and report.run.status != AuditStatus.SUCCEEDED:
+            raise CommandError("conflicts remain (--check)", returncode=EXIT_CHECK)
+
+    def _handle_audit(
+        self, *, fix, org, scopes, output_format, force, check, verbosity, fan_out, **_
+    ) -> None:
         request = AuditRequest(
             fix=fix,
-            organization_id=self._organization_id(org),
+            organization_id=self.organization_id(org),
             scopes=tuple(scopes or ()),
             force=force,
             trigger=AuditTrigger.COMMAND,
@@ -148,6 +148,8 @@ class Command(BaseCommand):
                 report = self._fan_out(request, progress)
             else:
                 report = run_audit(request, progress=progress)
+        except CommandError:
+            raise
         except RunLockUnavailable as exc:
             raise CommandError(str(exc), returncode=EXIT_FAILED) from exc
         except Exception as exc:
@@ -164,10 +166,10 @@ class Command(BaseCommand):
                 document["findings"] = list(_findings_json(run.id))
             self.stdout.write(json.dumps(document))
         if run.status == AuditStatus.SKIPPED:
-            self.stderr.write(
-                f"skipped: {run.error}; nothing was changed (run {run.id} recorded as skipped)"
+            raise CommandError(
+                f"skipped: {run.error}; nothing was changed (run {run.id} recorded as skipped)",
+                returncode=EXIT_LOCK_HELD,
             )
-            sys.exit(EXIT_LOCK_HELD)
         if output_format != "json" and verbosity > 0:
             self._write_text(report, verbosity=verbosity)
         if reason := cut_short(run):
@@ -183,47 +185,52 @@ class Command(BaseCommand):
                 returncode=EXIT_FAILED,
             )
         if check and _issues_remain(report):
-            self.stderr.write("issues remain (--check)")
-            sys.exit(EXIT_CHECK)
+            raise CommandError("issues remain (--check)", returncode=EXIT_CHECK)
 
     def _fan_out(self, request: AuditRequest, progress: Progress | None) -> RunReport:
-        """Start the run, send its shards to the workers, and wait for whoever finishes it."""
+        """Start the run, send its shards to the workers, and wait for whoever finishes it.
+
+        Shards are durable in the database, their messages are not: after
+        PROFILE_AUDIT_SHARD_STALE_AFTER without progress the open shards are sent again; after
+        as long again, the command says what it saw and exits 2 (the run stays open for the
+        workers). A database that stops answering is waited out for as long."""
         run = start_run(request)
         if run.status != AuditStatus.RUNNING:
             return RunReport(run)
         send_shards(run)
-        last_done, idle_since, warned = -1, time.monotonic(), False
+        stale = settings.PROFILE_AUDIT_SHARD_STALE_AFTER
+        last_done, idle_since, resent_at = -1, time.monotonic(), None
         while True:
-            run.refresh_from_db()
-            if run.status != AuditStatus.RUNNING:
-                return RunReport(run)
-            if progress:
-                progress(run.organizations_audited, run.organizations_total or 0)
-            if run.organizations_audited != last_done:
-                last_done, idle_since = run.organizations_audited, time.monotonic()
-            elif not warned and time.monotonic() - idle_since > IDLE_WARNING_SECONDS:
-                warned = True
-                self.stderr.write(
-                    f"no progress for {IDLE_WARNING_SECONDS} s on run {run.id}: is a worker "
-                    f"taking tasks from the maintenance queue? {WORKER_HINT}"
-                )
+            try:
+                run.refresh_from_db()
+                if run.status != AuditStatus.RUNNING:
+                    return RunReport(run)
+                if progress:
+                    progress(run.organizations_audited, run.organizations_total or 0)
+                if run.organizations_audited != last_done:
+                    last_done, idle_since = run.organizations_audited, time.monotonic()
+                elif time.monotonic() - idle_since > stale:
+                    if resent_at is not None:
+                        raise CommandError(_stalled(run, stale=stale), returncode=EXIT_FAILED)
+                    resent_at = time.monotonic()
+                    idle_since = resent_at
+                    sent = resend_shards(run, stale_shards(run))
+                    self.stderr.write(
+                        f"no progress for {stale:g} s on run {run.id}: sent its {sent} open "
+                        f"shards again (their messages may be lost); is a worker taking tasks "
+                        f"from the maintenance queue? {WORKER_HINT}"
+                    )
+            except (OperationalError, InterfaceError) as exc:
+                # The run goes on in the workers; read its record again when the database is back.
+                db_connection.close()
+                if time.monotonic() - idle_since > stale:
+                    raise CommandError(
+                        f"cannot read run {run.id} from the database for {stale:g} s "
+                        f"({type(exc).__name__}); the run may still finish in the workers: "
+                        f"see its record in the admin or --format json later",
+                        returncode=EXIT_FAILED,
+                    ) from exc
             time.sleep(POLL_SECONDS)
-
-    def _organization_id(self, value: str | None) -> uuid.UUID | None:
-        if value is None:
-            return None
-        try:
-            org_id = uuid.UUID(value)
-        except ValueError:
-            raise CommandError(
-                f"--org {value!r} is not an organization id (a UUID); {LIST_ORGS_HINT}",
-                returncode=EXIT_FAILED,
-            ) from None
-        if not Organization.objects.filter(id=org_id).exists():
-            raise CommandError(
-                f"no organization with id {org_id}; {LIST_ORGS_HINT}", returncode=EXIT_FAILED
-            )
-        return org_id
 
     # --- Text report -------------------------------------------------------------------------
 
@@ -389,6 +396,22 @@ class Command(BaseCommand):
         )
         for type_, model, object_id, detail in rows.iterator(chunk_size=2000):
             self.stdout.write(f"  conflict {type_:<20} {model} {object_id or '-'}: {detail}")
+
+
+def _stalled(run, *, stale: float) -> str:
+    shards = list(
+        run.shards.filter(status__in=OPEN_SHARD_STATUSES)
+        .order_by("index")
+        .values_list("index", "status", "attempts")
+    )
+    seen = ", ".join(f"shard {i} {status} ({n} died)" for i, status, n in shards[:5])
+    more = f" and {len(shards) - 5} more" if len(shards) > 5 else ""
+    return (
+        f"no progress for {2 * stale:g} s on run {run.id}, its open shards sent again "
+        f"{stale:g} s ago: {run.organizations_audited} of {run.organizations_total or '?'} "
+        f"organizations audited; open: {seen}{more}. No worker is taking them: {WORKER_HINT}. "
+        "The run stays open: a worker that starts finishes it"
+    )
 
 
 def _os_user() -> str:
