@@ -19,11 +19,11 @@ from tests.support import (
     BROKER_KEYS,
     CeleryWorker,
     database_env,
-    hold_organization,
     orphaned_organizations,
     purge_broker,
     redis_client,
     start_command,
+    stopped_midway,
     wait_for,
 )
 from tests.test_outages import own_redis  # noqa: F401 (a fixture)
@@ -160,17 +160,22 @@ def test_the_waiting_command_rides_out_a_database_that_stops_answering(tmp_path)
 
     orphaned_organizations(20)
     worker = CeleryWorker(tmp_path, PROFILE_AUDIT_CHUNK_SIZE="1").start()
-    held = uuid.UUID(int=5)
+
+    def start():
+        return start_command(
+            tmp_path, "--fix", "--fan-out", "--format", "json", PGAPPNAME="psa-waiting"
+        )
+
+    def under_way():
+        return (r := running_run()) is not None and r.organizations_audited >= 4
+
+    postgres = connection.vendor == "postgresql"
+    command = None if postgres else start()
     try:
-        with hold_organization(held):
-            command = start_command(
-                tmp_path, "--fix", "--fan-out", "--format", "json", PGAPPNAME="psa-waiting"
-            )
-            wait_for(
-                lambda: (r := running_run()) is not None and r.organizations_audited >= 4,
-                what="the run to be under way",
-            )
-            if connection.vendor == "postgresql":
+        with stopped_midway(uuid.UUID(int=5), progressed=under_way):
+            command = command or start()
+            wait_for(under_way, what="the run to be under way")
+            if postgres:
                 _end_connections_of("psa-waiting", seconds=3)
         out, err = command.communicate(timeout=180)
     finally:
@@ -214,13 +219,20 @@ def test_a_redis_restart_mid_run_loses_no_shard(tmp_path, own_redis):  # noqa: F
     worker = CeleryWorker(tmp_path, **env)
     worker.start_keeping_queue(broker_url=url)
     restarted = None
+
+    def start():
+        return start_command(tmp_path, "--fix", "--fan-out", "--format", "json", **env)
+
+    def under_way():
+        return (r := running_run()) is not None and r.organizations_audited >= 4
+
+    from django.db import connection
+
+    command = None if connection.vendor == "postgresql" else start()
     try:
-        with hold_organization(uuid.UUID(int=5)):
-            command = start_command(tmp_path, "--fix", "--fan-out", "--format", "json", **env)
-            wait_for(
-                lambda: (r := running_run()) is not None and r.organizations_audited >= 4,
-                what="the first shard to be under way",
-            )
+        with stopped_midway(uuid.UUID(int=5), progressed=under_way):
+            command = command or start()
+            wait_for(under_way, what="the first shard to be under way")
             server.send_signal(signal.SIGKILL)
             server.wait(timeout=10)
             restarted = subprocess.Popen(
