@@ -48,7 +48,7 @@ from profiles.services.changes import (
     planned_change,
 )
 from profiles.services.lease import LeaseLost, end_fenced_transactions, mark_fencing_epoch
-from profiles.services.organization_lock import lock_organizations
+from profiles.services.organization_lock import lock_organizations, lock_timed_out
 from profiles.services.recording import FindingRow
 from profiles.services.runs import ShardCursor, ShardMoved
 from profiles.services.soft_delete import ProfileSoftDeleteService
@@ -470,22 +470,18 @@ def _lock_within_bound(org_ids: Sequence[UUID], *, epoch: int | None) -> None:
         with transaction.atomic():  # a savepoint: a timeout leaves the transaction usable
             lock_organizations(org_ids)
     except OperationalError as exc:
-        if not _timed_out(exc):
+        if not lock_timed_out(exc):
             raise
         if epoch is None or not end_fenced_transactions(epoch):
             raise OrganizationsBusy(BUSY.format(seconds=wait)) from exc
         try:
             lock_organizations(org_ids)
         except OperationalError as again:
-            if _timed_out(again):
+            if lock_timed_out(again):
                 raise OrganizationsBusy(BUSY.format(seconds=wait)) from again
             raise
     with connection.cursor() as cursor:
         cursor.execute("SELECT set_config('lock_timeout', '0', true)")
-
-
-def _timed_out(exc: OperationalError) -> bool:
-    return getattr(exc.__cause__, "sqlstate", None) == "55P03"
 
 
 def _record_busy(plans: Sequence[OrgPlan], *, position: ShardCursor, error: str) -> ChunkOutcome:

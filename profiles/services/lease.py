@@ -29,6 +29,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from profiles.models import AuditRun, AuditStatus, FixingRunLease
+from profiles.services.organization_lock import lock_timed_out
 from profiles.services.run_lock import RunLock, RunLockUnavailable, fixing_run_lock
 
 
@@ -126,8 +127,8 @@ class FixingLease:
                 with transaction.atomic():
                     return self._raise_epoch_once()
             except OperationalError as exc:
-                if not _lock_timeout(exc) or time.monotonic() >= deadline:
-                    if _lock_timeout(exc):
+                if not lock_timed_out(exc) or time.monotonic() >= deadline:
+                    if lock_timed_out(exc):
                         raise RunLockUnavailable(
                             f"the fixing-run lease stayed locked for "
                             f"{settings.PROFILE_AUDIT_LEASE_WAIT:g} s by a stopped transaction; "
@@ -292,10 +293,6 @@ def _bounded_lock_wait() -> None:
                 "SELECT set_config('lock_timeout', %s, true)",
                 [f"{int(settings.PROFILE_AUDIT_ORG_LOCK_WAIT * 1000)}ms"],
             )
-
-
-def _lock_timeout(exc: OperationalError) -> bool:
-    return getattr(getattr(exc, "__cause__", None), "sqlstate", None) == "55P03"
 
 
 def _ago(when: datetime | None, now: datetime) -> str:

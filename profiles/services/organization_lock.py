@@ -41,6 +41,11 @@ def lock_organizations(organization_ids: Sequence[UUID]) -> None:
             )
 
 
+def lock_timed_out(exc: Exception) -> bool:
+    """Whether a database error is PostgreSQL's ``lock_timeout`` (SQLSTATE 55P03)."""
+    return getattr(exc.__cause__, "sqlstate", None) == "55P03"
+
+
 def _signed_int32(organization_id: UUID) -> int:
     # Two organizations sharing these 32 bits only wait for each other; never a wrong result.
     value = organization_id.int & 0xFFFFFFFF

@@ -32,7 +32,14 @@ from profiles.models import (
     AuditTrigger,
     ShardStatus,
 )
-from profiles.services.lease import FixingLease, LeaseHeld, current_epoch, prove
+from profiles.services.lease import (
+    FixingLease,
+    LeaseHeld,
+    current_epoch,
+    process_alive,
+    prove,
+    this_process,
+)
 from profiles.services.recording import (
     ABANDONED_AFTER,
     FindingRow,
@@ -41,7 +48,7 @@ from profiles.services.recording import (
     record_findings,
     shard_failures,
 )
-from profiles.services.run_lock import RunLockUnavailable
+from profiles.services.run_lock import RunLockUnavailable, fixing_run_lock
 
 SYNC_NOT_SENT = "profile sync not sent"
 
@@ -124,7 +131,7 @@ def create_run(
             organizations_total=organizations_total,
             lock_token=lease.token if lease else "",
             lock_epoch=lease.epoch if lease else None,
-            process=_this_process() if in_process else "",
+            process=this_process() if in_process else "",
         )
         AuditShard.objects.bulk_create(
             AuditShard(run=run, index=i, first_organization_id=first, end_organization_id=end)
@@ -146,18 +153,6 @@ def record_unstarted(*, fields: dict[str, object], status: str, error: str) -> A
         duration_seconds=0.0,
         error=error,
     )
-
-
-def mark_in_process(run: AuditRun) -> None:
-    """This process works the whole run: it is alive exactly as long as this process."""
-    run.process = _this_process()
-    AuditRun.objects.filter(id=run.id).update(process=run.process)
-
-
-def _this_process() -> str:
-    from profiles.services.lease import this_process
-
-    return this_process()
 
 
 # --- Shards -------------------------------------------------------------------------------------
@@ -369,8 +364,6 @@ def cut_short(run: AuditRun) -> str | None:
 def close_fenced_runs(*, epoch: int | None, log) -> list[AuditRun]:
     """Close as ``interrupted`` every run that can no longer commit: fixing runs whose epoch is
     below the lease's (``epoch``, just taken or read), and dry runs silent for an hour."""
-    from profiles.services.lease import process_alive
-
     stale_before = timezone.now() - ABANDONED_AFTER
     closed = []
     for run in AuditRun.objects.filter(status=AuditStatus.RUNNING):
@@ -404,8 +397,6 @@ def _close_interrupted(run: AuditRun, *, log) -> bool:
         total_issues_fixed=run.fixed,
     )
     if token:  # its lock, if it somehow still holds it, is freed with it
-        from profiles.services.run_lock import fixing_run_lock
-
         with contextlib.suppress(RunLockUnavailable):
             fixing_run_lock().force_release(token=token)
     return True
