@@ -191,13 +191,26 @@ class RevertSnapshot:
     connection_owners: Mapping[UUID, UUID] = field(default_factory=dict)
     audit_deletions: frozenset[tuple[UUID, datetime]] = frozenset()
 
-    def with_rows(self, rows: RevertRows) -> RevertSnapshot:
-        """This snapshot as ``rows`` (an earlier part of the same revert) left it."""
+    def with_rows(self, rows: RevertRows, *, keys: Iterable[Key] = ()) -> RevertSnapshot:
+        """This snapshot as ``rows`` (what an earlier part of the same dry revert would have
+        written) left it: its rows replaced, and the profiles of its keys and of ``keys``
+        added (a profile brought back alive holds its key)."""
+        if not rows:
+            return self
+        profiles = dict(self.profiles)
+        wanted = {p.key for p in profiles.values()} | set(keys)
+        for id_, profile in rows.profiles.items():
+            if id_ in profiles or profile.key in wanted:
+                profiles[id_] = profile
+
+        def replaced(mine: Mapping[UUID, Row], theirs: Mapping[UUID, Row]) -> dict[UUID, Any]:
+            return {id_: theirs.get(id_, row) for id_, row in mine.items()}
+
         return replace(
             self,
-            profiles={**self.profiles, **rows.profiles},
-            queue_settings={**self.queue_settings, **rows.queue_settings},
-            boost_rules={**self.boost_rules, **rows.boost_rules},
+            profiles=profiles,
+            queue_settings=replaced(self.queue_settings, rows.queue_settings),
+            boost_rules=replaced(self.boost_rules, rows.boost_rules),
         )
 
 

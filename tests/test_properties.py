@@ -20,6 +20,7 @@ from connections.models import PlatformConnection
 from profiles.models import FindingOutcome, SocialProfile
 from profiles.plan import ALL_TYPES, Guard, plan_organization
 from profiles.selectors import load_snapshots
+from profiles.services import revert as revert_service
 from profiles.services.audit import ProfileConnectionAuditService
 from profiles.services.chunks import plan_chunk
 from profiles.services.revert import revert_run
@@ -87,10 +88,12 @@ def test_property_the_plan_is_what_fix_applies(mine, theirs, committed):
 
 @PROPERTY_SETTINGS
 @given(state=org_states())
-def test_property_the_revert_plan_is_what_revert_fix_applies(state, committed):
+def test_property_the_revert_plan_is_what_revert_fix_applies(state, committed, monkeypatch):
     """A dry revert records what ``--revert --fix`` then does, and that gives back the state
     before the fix: but for the profiles the sync created (soft-deleted) and those the fix moved
-    off another organization's connection (they stay: rule 5)."""
+    off another organization's connection (they stay: rule 5). Chunks of two findings: later
+    chunks see what earlier ones wrote (or, dry, would have written)."""
+    monkeypatch.setattr(revert_service, "CHUNK_SIZE", 2)
     audit = ProfileConnectionAuditService()
     with rolled_back():
         org = build_org(state)

@@ -22,7 +22,7 @@ from typing import Any
 from uuid import UUID
 
 from django.db import connection, transaction
-from django.db.models import Q, TextField
+from django.db.models import TextField
 from django.db.models.functions import Cast
 from django.utils import timezone
 
@@ -40,6 +40,7 @@ from profiles.models import (
     StaleQueueSettingDeletion,
 )
 from profiles.revert_plan import (
+    BOOST_RULE,
     PROFILE,
     QUEUE_SETTING,
     ProfileNow,
@@ -257,8 +258,9 @@ def perform_revert(*, revert_run_id: UUID, source: str = "task") -> RevertReport
 
 class _OrganizationRevert:
     """One organization's findings, newest first, in one transaction under its lock: per chunk,
-    load, plan, apply (with fix) and record. A dry run carries the rows its earlier chunks would
-    have written into the next chunk's snapshot, so it decides as the fix would."""
+    load, plan, apply (with fix) and record. A fix's later chunks read what its earlier ones
+    wrote; a dry run carries the rows its earlier chunks would have written into the next
+    chunk's snapshot, so it decides as the fix would."""
 
     def __init__(
         self,
@@ -319,13 +321,16 @@ class _OrganizationRevert:
             record_findings(run_id=self.revert.id, rows=rows, organizations=organizations)
             return
         changes = [_recorded_change(f) for f in chunk]
-        snapshot = load_revert_snapshot(
-            organization_id=self.organization_id, wanted=rows_to_load(changes)
-        ).with_rows(self.rows)
+        wanted = rows_to_load(changes)
+        snapshot = load_revert_snapshot(organization_id=self.organization_id, wanted=wanted)
+        if not self.fix:
+            # Nothing was written: what the earlier chunks would have written is carried over.
+            snapshot = snapshot.with_rows(self.rows, keys=wanted.keys)
         plan = plan_revert(changes, snapshot, run_started_at=self.target.started_at, now=self.now)
         if self.fix:
             apply_revert(plan.rows)
-        self.rows.update(plan.rows)
+        else:
+            self.rows.update(plan.rows)
         put_back = FindingOutcome.FIXED if self.fix else FindingOutcome.PLANNED
         rows = []
         for finding, decision in zip(chunk, plan.decisions, strict=True):
@@ -415,23 +420,26 @@ def load_revert_snapshot(*, organization_id: UUID, wanted: RowsToLoad) -> Revert
         )
 
     settings: dict[UUID, SettingNow] = {}
-    setting_filter = Q(id__in=list(wanted.ids[QUEUE_SETTING]))
-    if wanted.restorable_profiles:
-        setting_filter |= Q(profile_id__in=list(wanted.restorable_profiles))
-    if wanted.ids[QUEUE_SETTING] or wanted.restorable_profiles:
-        for id_, profile_id, deleted_at in QueueSetting.objects.filter(
-            setting_filter, organization_id=organization_id
-        ).values_list("id", "profile_id", "deleted_at"):
-            settings[id_] = SettingNow(id_, profile_id, deleted_at)
+    of_org_settings = QueueSetting.objects.filter(organization_id=organization_id)
+    # Two reads rather than one with OR: each is an index lookup.
+    for ids, column in (
+        (wanted.ids[QUEUE_SETTING], "id__in"),
+        (wanted.restorable_profiles, "profile_id__in"),
+    ):
+        if ids:
+            for id_, profile_id, deleted_at in of_org_settings.filter(
+                **{column: list(ids)}
+            ).values_list("id", "profile_id", "deleted_at"):
+                settings[id_] = SettingNow(id_, profile_id, deleted_at)
 
     rules = (
         {
             id_: RuleNow(id_, deleted_at, decode_json(text))
             for id_, deleted_at, text in BoostRule.objects.filter(
-                organization_id=organization_id, id__in=list(wanted.ids["boosts.BoostRule"])
+                organization_id=organization_id, id__in=list(wanted.ids[BOOST_RULE])
             ).values_list("id", "deleted_at", Cast("profile_ids", TextField()))
         }
-        if wanted.ids["boosts.BoostRule"]
+        if wanted.ids[BOOST_RULE]
         else {}
     )
 
