@@ -124,8 +124,9 @@ class Unreadable(NamedTuple):
 
 
 class BadData(ValueError):
-    """An organization's data cannot be audited as it is: reported, and left as it is (rule 7).
-    Its organization is recorded as failed with this message; the others go on."""
+    """An organization's data cannot be audited as it is: its organization is recorded as
+    failed with this message; the others go on (rule 6). A single unreadable row is not this:
+    it is left as it is and the rest of its organization is audited (rule 7)."""
 
 
 @dataclass(frozen=True)
@@ -385,15 +386,13 @@ def find_stale_queue_settings(
 
 def find_invalid_boost_refs(snapshot: OrgSnapshot, alive_profiles: frozenset[int]) -> list[Finding]:
     """Alive boost rules with entries that are not the id of an alive profile of O: unknown,
-    dead, another organization's, or malformed. A value that is not a list has no valid entry."""
+    dead, another organization's, or malformed. A value that is not a list has no valid entry.
+    A rule whose value cannot be read or written back (``unreadable_boost_rules``) is left."""
     findings = []
     for rule in sorted(snapshot.boost_rules, key=lambda r: r.id.int):
-        if isinstance(rule.profile_ids, Unreadable):
-            # Its fix could not record what it changed (before), so nothing is changed.
-            raise BadData(
-                f"boost rule {rule.id}: profile_ids cannot be read ({rule.profile_ids.reason}); "
-                "left as it is"
-            )
+        text = _rule_json(rule)
+        if isinstance(text, Unreadable):
+            continue
         entries = rule.profile_ids if isinstance(rule.profile_ids, list) else None
         kept = [e for e in entries or [] if _profile_ref(e) in alive_profiles]
         if entries is not None and len(kept) == len(entries):
@@ -402,11 +401,27 @@ def find_invalid_boost_refs(snapshot: OrgSnapshot, alive_profiles: frozenset[int
             Finding(
                 FindingType.INVALID_BOOST_REF,
                 rule.id,
-                profile_ids=_rule_json(rule),
+                profile_ids=text,
                 kept_profile_ids=tuple(kept),
             )
         )
     return findings
+
+
+def unreadable_boost_rules(snapshot: OrgSnapshot) -> dict[UUID, str]:
+    """O's alive boost rules whose ``profile_ids`` cannot be read or written back here (JSON
+    nested deeper than Python's recursion limit), and why. Rule 7: such a rule is reported and
+    left as it is, since its fix could not record what it changed (before), and nothing else of
+    O depends on it; the rest of O is audited and fixed."""
+    unreadable = {}
+    for rule in sorted(snapshot.boost_rules, key=lambda r: r.id.int):
+        value = rule.profile_ids
+        if isinstance(value, list) and all(isinstance(e, str) for e in value):
+            continue  # the common case: nothing nested, nothing to encode
+        text = _rule_json(rule)
+        if isinstance(text, Unreadable):
+            unreadable[rule.id] = text.reason
+    return unreadable
 
 
 def _profile_ref(entry: Any) -> int | None:
@@ -421,14 +436,14 @@ def _profile_ref(entry: Any) -> int | None:
         return None
 
 
-def _rule_json(rule: BoostRuleRow) -> str:
+def _rule_json(rule: BoostRuleRow) -> str | Unreadable:
+    """The rule's value as canonical JSON text, or why it has none."""
+    if isinstance(rule.profile_ids, Unreadable):
+        return rule.profile_ids
     try:
         return canonical_json(rule.profile_ids)
     except (RecursionError, ValueError) as exc:
-        raise BadData(
-            f"boost rule {rule.id}: profile_ids cannot be written back ({type(exc).__name__}); "
-            "left as it is"
-        ) from None
+        return Unreadable(type(exc).__name__)
 
 
 def canonical_json(value: Any) -> str:
@@ -462,6 +477,8 @@ class OrgPlan:
     deletions: int = 0
     """Profiles the organization's whole plan soft-deletes, whatever types were asked for."""
     unknown_asset_types: Mapping[str, int] = field(default_factory=dict)
+    unreadable_boost_rules: Mapping[UUID, str] = field(default_factory=dict)
+    """Boost rules left as they are because their value cannot be read: {rule id: why}."""
     planning_seconds: float = field(default=0.0, compare=False)
 
     @property
@@ -538,4 +555,7 @@ def plan_organization(
         guarded=guard.trips(deletions=deletions, alive_profiles=alive_count),
         deletions=deletions,
         unknown_asset_types=dict(unknown_asset_types(snapshot)),
+        unreadable_boost_rules=unreadable_boost_rules(snapshot)
+        if FindingType.INVALID_BOOST_REF in types
+        else {},
     )

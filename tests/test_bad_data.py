@@ -5,18 +5,21 @@ import pytest
 from django.db import connection
 
 from boosts.models import BoostRule
-from profiles.models import AuditStatus
+from profiles.models import AuditStatus, FindingOutcome, SocialProfile
 from profiles.services.audit import AuditRequest, run_audit
+from profiles.services.revert import revert_run
 from tests.factories import BoostRuleFactory, OrganizationFactory, ProfileFactory
 
 pytestmark = pytest.mark.django_db
 
 
+DEPTH = 2000
+"""Deeper than Python decodes or encodes (its recursion limit is 1,000); both databases take it."""
+
+
 def nested_too_deep(rule: BoostRule) -> str:
-    """Store profile_ids nested deeper than Python decodes (the database accepts it)."""
-    # SQLite's JSON_VALID accepts up to 1,000 levels; PostgreSQL takes thousands.
-    depth = 5000 if connection.vendor == "postgresql" else 999
-    text = "[" * depth + "]" * depth
+    """Store profile_ids nested ``DEPTH`` levels deep, through SQL: Django cannot write it."""
+    text = "[" * DEPTH + "]" * DEPTH
     with connection.cursor() as cursor:
         cast = "::jsonb" if connection.vendor == "postgresql" else ""
         cursor.execute(
@@ -36,29 +39,108 @@ def stored_text(rule: BoostRule) -> str:
         return cursor.fetchone()[0].replace(" ", "")
 
 
+@pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("fix", [False, True], ids=["dry run", "fix"])
-def test_rule_7_a_boost_rule_nested_too_deep_is_contained_to_its_organization(fix):
+def test_rule_7_a_boost_rule_nested_too_deep_is_left_and_the_rest_of_its_organization_fixed(fix):
+    from tests.test_logging import events_of_run
+
     before, bad, after = sorted((OrganizationFactory() for _ in range(3)), key=lambda o: o.id)
     orphans = [ProfileFactory(organization=org) for org in (before, bad, after)]
     rule = BoostRuleFactory(organization=bad)
     text = nested_too_deep(rule)
+    # The same organization's other rule is still cleaned up.
+    junk = BoostRuleFactory(organization=bad, profile_ids=["junk"])
 
     run = run_audit(AuditRequest(fix=fix)).run
 
-    assert run.status == AuditStatus.PARTIAL
+    assert run.status == AuditStatus.SUCCEEDED
+    assert run.failed_organizations == {}
     assert run.organizations_audited == 3
-    assert list(run.failed_organizations) == [str(bad.id)]
-    assert (
-        "profile_ids cannot be read (RecursionError); left as it is"
-        in (run.failed_organizations[str(bad.id)])
-    )
-    # The organizations before and after it are audited (and, with --fix, fixed).
-    assert run.found == 2
-    assert run.fixed == (2 if fix else 0)
-    for org, profile in zip((before, bad, after), orphans, strict=True):
+    # Three orphans and the junk entry; the unreadable rule is no finding: nothing can be done.
+    assert run.found == 4
+    assert run.fixed == (4 if fix else 0)
+    for profile in orphans:
         profile.refresh_from_db()
-        assert (profile.deleted_at is not None) == (fix and org != bad)
+        assert (profile.deleted_at is not None) == fix
+    junk.refresh_from_db()
+    assert junk.profile_ids == ([] if fix else ["junk"])
     assert stored_text(rule) == text, "the unreadable row is left exactly as it was"
+    [warning] = [
+        e for e in events_of_run(str(run.id)) if e["event"] == "profile_audit.boost_rule_unreadable"
+    ]
+    assert warning["org_id"] == str(bad.id)
+    assert warning["boost_rule_id"] == str(rule.id)
+    assert warning["reason"] == "RecursionError"
+
+
+def set_json_null(rule: BoostRule) -> None:
+    """JSON ``null`` (not SQL NULL: the column is NOT NULL), as another program could write it."""
+    with connection.cursor() as cursor:
+        value = "'null'::jsonb" if connection.vendor == "postgresql" else "'null'"
+        cursor.execute(
+            f"UPDATE boosts_boostrule SET profile_ids = {value} WHERE id = %s",
+            [rule.id.hex if connection.vendor == "sqlite" else rule.id],
+        )
+
+
+def test_a_json_null_rule_is_fixed_to_empty_and_its_revert_puts_back_json_null():
+    org = OrganizationFactory()
+    orphans = [ProfileFactory(organization=org) for _ in range(8)]
+    rule = BoostRuleFactory(organization=org)
+    set_json_null(rule)
+    assert stored_text(rule) == "null"
+
+    run = run_audit(AuditRequest(fix=True, organization_id=org.id, force=True)).run
+    assert (run.found, run.fixed) == (9, 9)
+    assert stored_text(rule) == "[]"
+
+    report = revert_run(run_id=run.id, fix=True)
+
+    assert report.run.status == AuditStatus.SUCCEEDED
+    assert (report.put_back, report.conflicts, report.failed) == (9, 0, 0)
+    assert stored_text(rule) == "null", "exactly the JSON that was there: JSON null"
+    assert SocialProfile.objects.filter(id__in=[p.id for p in orphans]).alive().count() == 8
+    # And the revert of that revert fixes it again, exactly.
+    again = revert_run(run_id=report.run.id, fix=True)
+    assert (again.put_back, again.conflicts) == (9, 0)
+    assert stored_text(rule) == "[]"
+
+
+def test_a_revert_puts_back_exactly_the_json_that_was_there():
+    org = OrganizationFactory()
+    values = {'{"a":1}': {"a": 1}, '"text"': "text", "3": 3, "1.5": 1.5, "true": True}
+    rules = {text: BoostRuleFactory(organization=org, profile_ids=v) for text, v in values.items()}
+    listed = BoostRuleFactory(organization=org, profile_ids=["junk", 1, None, [2], {"b": 2}])
+    run = run_audit(AuditRequest(fix=True, organization_id=org.id)).run
+    assert run.fixed == len(rules) + 1
+
+    revert_run(run_id=run.id, fix=True)
+
+    for text, rule in rules.items():
+        assert stored_text(rule) == text
+    listed.refresh_from_db()
+    assert listed.profile_ids == ["junk", 1, None, [2], {"b": 2}]
+
+
+def test_a_rule_nested_too_deep_since_the_fix_is_a_conflict_and_the_rest_is_put_back():
+    org = OrganizationFactory()
+    orphan = ProfileFactory(organization=org)
+    rule = BoostRuleFactory(organization=org, profile_ids=["junk"])
+    run = run_audit(AuditRequest(fix=True, organization_id=org.id)).run
+    assert run.fixed == 2
+    text = nested_too_deep(rule)
+
+    report = revert_run(run_id=run.id, fix=True)
+
+    assert report.run.status == AuditStatus.PARTIAL
+    assert report.run.failed_organizations == {}
+    assert (report.put_back, report.conflicts) == (1, 1)
+    conflict = report.run.findings.get(outcome=FindingOutcome.CONFLICT)
+    assert conflict.object_id == rule.id
+    assert "profile_ids is unreadable JSON (RecursionError)" in conflict.detail
+    assert stored_text(rule) == text
+    orphan.refresh_from_db()
+    assert orphan.deleted_at is None
 
 
 @pytest.mark.django_db(transaction=True)

@@ -25,8 +25,9 @@ from profiles.models import (
     FindingType,
     SocialProfile,
 )
+from profiles.services import revert as revert_service
 from profiles.services.audit import ProfileConnectionAuditService
-from profiles.services.revert import RevertRejected, _Objects, revert_run
+from profiles.services.revert import RevertRejected, revert_run
 from queues.models import QueueSetting
 from tests.factories import (
     AssetFactory,
@@ -544,7 +545,7 @@ def test_a_large_revert_reads_and_writes_in_chunks_with_a_bounded_number_of_quer
 
     assert report.put_back == 1200 and report.conflicts == 0
     assert SocialProfile.objects.filter(organization=org).alive().count() == 1200
-    # Three chunks of 500: a fixed number of reads and writes each, never one per finding.
+    # Two chunks: a fixed number of reads and writes each, never one per finding.
     assert len(captured) < 60
 
 
@@ -552,14 +553,14 @@ def test_an_organization_that_fails_is_contained_and_its_revert_can_be_retried(f
     broken, fine = deselected(), deselected()
     run = ProfileConnectionAuditService().run_audit_for_all_orgs(fix=True).run
     after_fix = domain_state()
-    real_write = _Objects.write
+    real_write = revert_service.apply_revert
 
-    def write(self):
-        if self.organization_id == broken.id:
+    def write(rows):
+        if SocialProfile.objects.filter(id__in=list(rows.profiles), organization=broken).exists():
             raise RuntimeError("the disk is full")
-        real_write(self)
+        real_write(rows)
 
-    monkeypatch.setattr(_Objects, "write", write)
+    monkeypatch.setattr(revert_service, "apply_revert", write)
     first = revert(run)
 
     assert first.run.status == AuditStatus.PARTIAL and first.failed == 1
@@ -570,7 +571,7 @@ def test_an_organization_that_fails_is_contained_and_its_revert_can_be_retried(f
     assert SocialProfile.objects.filter(organization=broken).alive().count() == 0
     assert domain_state() != after_fix
 
-    monkeypatch.setattr(_Objects, "write", real_write)
+    monkeypatch.setattr(revert_service, "apply_revert", real_write)
     second = revert(run)
 
     assert second.put_back == 1 and second.conflicts == 1  # the fine one was put back already

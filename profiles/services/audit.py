@@ -451,6 +451,15 @@ def _log_organizations(log, outcome: ChunkOutcome) -> None:
                 org_id=org_id,
                 asset_types=dict(plan.unknown_asset_types),
             )
+        for rule_id, reason in plan.unreadable_boost_rules.items():
+            # Rule 7: left as it is, the rest of the organization audited; a person must
+            # correct it, so it is a warning in every run that meets it.
+            log.warning(
+                "profile_audit.boost_rule_unreadable",
+                org_id=org_id,
+                boost_rule_id=str(rule_id),
+                reason=reason,
+            )
         if org.over_budget:
             log.warning(
                 "profile_audit.org_over_budget",
