@@ -157,3 +157,44 @@ def test_an_interrupted_run_is_reverted_from_its_findings_not_its_totals():
 
     profile.refresh_from_db()
     assert profile.deleted_at is None
+
+
+def test_kill_9_then_revert_fix_closes_the_dead_run_and_reverts_exactly_what_it_committed(
+    tmp_path,
+):
+    """A revert is a fixing run: it takes the lease (the killed command's run was worked in one
+    process of this host, which is gone, so at once), closes the dead run as interrupted, and
+    puts back exactly what it committed — not "still running; wait for it to finish"."""
+    total = 200
+    orphaned_organizations(total)
+    before = domain_state()
+
+    def committed_three():
+        return AuditRun.objects.filter(status=AuditStatus.RUNNING, fixed__gte=3).first()
+
+    postgres = connection.vendor == "postgresql"
+    command = None if postgres else start_command(tmp_path, "--fix", PROFILE_AUDIT_CHUNK_SIZE="1")
+    with stopped_midway(uuid.UUID(int=4), progressed=committed_three):
+        command = command or start_command(tmp_path, "--fix", PROFILE_AUDIT_CHUNK_SIZE="1")
+        killed = wait_for(committed_three, what="the command to commit three organizations")
+        os.kill(command.pid, signal.SIGKILL)
+        command.wait(timeout=30)
+    killed.refresh_from_db()
+    assert killed.status == AuditStatus.RUNNING  # nobody has closed it yet
+
+    out = StringIO()
+    call_command(
+        "profiles_audit_sync", "--revert", str(killed.id), "--fix", "--format", "json", stdout=out
+    )
+
+    killed.refresh_from_db()
+    assert killed.status == AuditStatus.INTERRUPTED
+    report = json.loads(out.getvalue())
+    assert report["status"] == "succeeded"
+    assert (
+        report["put_back"]
+        == killed.fixed
+        == AuditFinding.objects.filter(run=killed, outcome=FindingOutcome.FIXED).count()
+    )
+    assert domain_state() == before
+    assert not redis_client().exists(settings.PROFILE_AUDIT_LOCK_KEY)  # the revert gave it back

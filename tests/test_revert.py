@@ -26,7 +26,12 @@ from profiles.models import (
     SocialProfile,
 )
 from profiles.services import revert as revert_service
-from profiles.services.audit import ProfileConnectionAuditService
+from profiles.services.audit import (
+    AuditRequest,
+    ProfileConnectionAuditService,
+    start_run,
+    work_shard,
+)
 from profiles.services.revert import RevertRejected, revert_run
 from queues.models import QueueSetting
 from tests.factories import (
@@ -499,8 +504,13 @@ def test_a_revert_in_progress_blocks_another_until_it_is_abandoned(fix):
 
 
 def test_reverting_a_running_run_or_one_that_changed_nothing_is_rejected(fix):
-    running = AuditRun.objects.create(trigger=AuditTrigger.COMMAND, fix=True)
-    _rejected(str(running.id), "still running; wait for it to finish")
+    running = start_run(AuditRequest(fix=True))  # alive: it holds the fixing-run lease
+    # A revert is a fixing run: it waits for the running one like any other (exit 75)...
+    _rejected(str(running.id), "^skipped: another fixing run holds the lock")
+    # ...and its dry run says why it cannot be reverted yet.
+    with pytest.raises(CommandError, match="still running; wait for it to finish"):
+        call_command("profiles_audit_sync", "--revert", str(running.id), stdout=StringIO())
+    work_shard(shard_id=running.shards.get().id)  # it finishes, and gives the lease back
     org = deselected()
     SocialProfile.objects.update(deleted_at=timezone.now())
     quiet = fix(org).run

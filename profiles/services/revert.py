@@ -60,9 +60,11 @@ from profiles.selectors import (
     decode_json,
     fixed_findings_newest_first,
 )
+from profiles.services import runs
 from profiles.services.bulk import update_rows
+from profiles.services.lease import FixingLease, LeaseHeld, LeaseLost, prove
 from profiles.services.organization_lock import lock_organization
-from profiles.services.recording import ABANDONED_AFTER, FindingRow, close_run, record_findings
+from profiles.services.recording import ABANDONED_AFTER, FindingRow, record_findings
 from queues.models import QueueSetting
 
 # Findings read, decided and written per step; keeps IN lists and memory small.
@@ -75,6 +77,11 @@ REVERT_ABANDONED_AFTER = ABANDONED_AFTER
 
 class RevertRejected(ValueError):
     """This run cannot be reverted; the message says why and what to do. Nothing was written."""
+
+
+class RevertLockHeld(RevertRejected):
+    """Another fixing run holds the fixing-run lease: a revert is a fixing run, so it waits for
+    that one to finish (the command exits 75, as for any fixing run)."""
 
 
 @dataclass
@@ -150,7 +157,12 @@ def claim_revert(
 
 
 def _claim_run(
-    *, run_id: UUID | str, fix: bool, requested_by: str = "", requested_host: str = ""
+    *,
+    run_id: UUID | str,
+    fix: bool,
+    requested_by: str = "",
+    requested_host: str = "",
+    in_process: bool = False,
 ) -> tuple[AuditRun, AuditRun]:
     """Check the run can be reverted and record the revert run, atomically: two reverts of one
     run started at once are serialized on the run's row, and the second is rejected."""
@@ -158,37 +170,63 @@ def _claim_run(
         run_id = run_id if isinstance(run_id, UUID) else UUID(str(run_id))
     except ValueError:
         raise RevertRejected(f"{run_id!r} is not an audit run id (a UUID); {RUNS_HINT}") from None
-    with transaction.atomic():
-        target = AuditRun.objects.select_for_update().filter(id=run_id).first()
-        if target is None:
-            raise RevertRejected(f"no audit run with id {run_id}; {RUNS_HINT}")
-        reason = revert_blocker(run=target)
-        if reason:
-            raise RevertRejected(reason)
-        run = create_revert_run(
-            target=target,
-            fix=fix,
-            requested_by=requested_by,
-            requested_host=requested_host or socket.gethostname(),
-        )
+    if not AuditRun.objects.filter(id=run_id).exists():
+        raise RevertRejected(f"no audit run with id {run_id}; {RUNS_HINT}")
+    # A revert that fixes is a fixing run: it takes the lease first, which closes the runs that
+    # can no longer commit (a killed command's run among them) before the target is judged.
+    lease = None
+    if fix:
+        taken = runs.take_lease(log=audit_logger().bind(trigger=AuditTrigger.REVERT))
+        if isinstance(taken, LeaseHeld):
+            raise RevertLockHeld(
+                f"skipped: another fixing run holds the lock ({taken.reason}); nothing was "
+                "changed: revert when it has finished"
+            )
+        lease = taken.lease
+    try:
+        with transaction.atomic():
+            target = AuditRun.objects.select_for_update().get(id=run_id)
+            reason = revert_blocker(run=target)
+            if reason:
+                raise RevertRejected(reason)
+            run = create_revert_run(
+                target=target,
+                fix=fix,
+                requested_by=requested_by,
+                requested_host=requested_host or socket.gethostname(),
+                lease=lease,
+                in_process=in_process,
+            )
+    except BaseException:
+        if lease is not None:
+            lease.release()
+        raise
     return target, run
 
 
 def create_revert_run(
-    *, target: AuditRun, fix: bool, requested_by: str, requested_host: str
+    *,
+    target: AuditRun,
+    fix: bool,
+    requested_by: str,
+    requested_host: str,
+    lease: FixingLease | None = None,
+    in_process: bool = False,
 ) -> AuditRun:
-    """The revert's own run record, ``running`` (the one place a revert run is created)."""
-    now = timezone.now()
-    return AuditRun.objects.create(
-        trigger=AuditTrigger.REVERT,
-        organization_id=target.organization_id,
-        types=target.types,
-        fix=fix,
-        reverted_run=target,
-        started_at=now,
-        last_progress_at=now,
-        requested_by=requested_by,
-        requested_host=requested_host,
+    """The revert's own run record, ``running``, holding ``lease`` when it fixes;
+    ``in_process``: carried out by this process (the command), alive exactly as long as it."""
+    return runs.create_run(
+        fields={
+            "trigger": AuditTrigger.REVERT,
+            "organization_id": target.organization_id,
+            "types": target.types,
+            "fix": fix,
+            "reverted_run": target,
+            "requested_by": requested_by,
+            "requested_host": requested_host,
+        },
+        lease=lease,
+        in_process=in_process,
     )
 
 
@@ -202,7 +240,7 @@ def finish_revert_run(
     else:
         status = AuditStatus.PARTIAL if report.conflicts or failed else AuditStatus.SUCCEEDED
         error = "; ".join(f"organization {o}: {e}" for o, e in failed.items())
-    close_run(run, status=status, error=error, failed_organizations=failed)
+    runs.finish_run(run, status=status, error=error, failed=failed)
 
 
 # --- The revert -----------------------------------------------------------------------------
@@ -214,7 +252,7 @@ def revert_run(
     """Put back what run ``run_id`` changed (with ``fix``; without, record what would be put
     back and change nothing). Raises ``RevertRejected`` before writing anything when the run is
     unknown, a dry run, still running, already reverted or changed nothing."""
-    _, run = _claim_run(run_id=run_id, fix=fix, requested_by=requested_by)
+    _, run = _claim_run(run_id=run_id, fix=fix, requested_by=requested_by, in_process=True)
     return perform_revert(revert_run_id=run.id, source=source)
 
 
@@ -229,10 +267,13 @@ def perform_revert(*, revert_run_id: UUID, source: str = "task") -> RevertReport
     failed: dict[str, str] = {}
     log = audit_logger().bind(run_id=str(run.id), reverted_run_id=str(target.id), fix_mode=run.fix)
     log.info("profile_audit.revert_started", source=source, requested_by=run.requested_by or None)
+    lease = runs.lease_of(run) if run.fix else None
     try:
         findings = fixed_findings_newest_first(run_id=target.id, page_size=CHUNK_SIZE)
         # A run records organization after organization, so each group is one organization.
         for org_id, group in itertools.groupby(findings, key=lambda f: f.organization_id):
+            if lease is not None and (lost := lease.renew()):
+                raise LeaseLost(lost)
             error = _OrganizationRevert(
                 target=target, run=run, organization_id=org_id, report=report
             ).run(group, log)
@@ -291,6 +332,10 @@ class _OrganizationRevert:
                 for index, chunk in enumerate(_chunks(findings, CHUNK_SIZE)):
                     seen += chunk
                     self._revert_chunk(chunk, organizations=1 if index == 0 else 0)
+                if self.fix:  # DESIGN "Fencing": commits only while the lease has its epoch
+                    prove(epoch=self.revert.lock_epoch)
+        except LeaseLost:
+            raise
         except Exception as exc:
             # Contained: this organization's transaction rolled back; record what was intended.
             error = f"{type(exc).__name__}: {exc}"

@@ -32,7 +32,7 @@ from profiles.services.audit import (
     send_shards,
     start_run,
 )
-from profiles.services.revert import RevertRejected, RevertReport, revert_run
+from profiles.services.revert import RevertLockHeld, RevertRejected, RevertReport, revert_run
 from profiles.services.run_lock import RunLockUnavailable
 from profiles.services.runs import cut_short, stale_shards
 
@@ -341,6 +341,8 @@ class Command(AuditCommand):
     def _revert(self, run_id: str, *, fix: bool) -> RevertReport:
         try:
             return revert_run(run_id=run_id, fix=fix, source="command", requested_by=_os_user())
+        except RevertLockHeld as exc:
+            raise CommandError(str(exc), returncode=EXIT_LOCK_HELD) from None
         except RevertRejected as exc:
             raise CommandError(str(exc), returncode=EXIT_FAILED) from None
         except Exception as exc:
