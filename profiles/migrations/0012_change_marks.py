@@ -41,59 +41,45 @@ ASSETS = "connections_connectionasset"
 
 # --- PostgreSQL ---------------------------------------------------------------------------------
 
-PG_FUNCTIONS = [
-    "CREATE SEQUENCE profiles_changemark_version_seq AS bigint",
-    # This statement's writer: who connected (application_name) and what the application says
-    # it is doing (the transaction-local tag; '' once a tag set earlier in the session is gone).
-    """
-    CREATE FUNCTION profile_sync_writer_entry() RETURNS jsonb LANGUAGE sql STABLE AS $$
-      SELECT jsonb_build_object(
-        'application_name', current_setting('application_name'),
-        'writer', nullif(current_setting('profile_sync.writer', true), ''),
-        'at', statement_timestamp())
-    $$
-    """,
-    # Writers oldest first, one entry per (application_name, writer), the newest last; bounded.
-    f"""
-    CREATE FUNCTION profile_sync_push_writer(writers jsonb, entry jsonb) RETURNS jsonb
-    LANGUAGE sql IMMUTABLE AS $$
-      SELECT CASE
-        WHEN writers -> -1 -> 'application_name' = entry -> 'application_name'
-             AND writers -> -1 -> 'writer' = entry -> 'writer'
-          THEN jsonb_set(writers, '{{-1}}', entry)
-        ELSE (
-          SELECT coalesce(jsonb_agg(kept.e ORDER BY kept.o), '[]'::jsonb) || jsonb_build_array(entry)
-          FROM (
-            SELECT t.e, t.o FROM jsonb_array_elements(writers) WITH ORDINALITY AS t(e, o)
-            WHERE t.e -> 'application_name' IS DISTINCT FROM entry -> 'application_name'
-               OR t.e -> 'writer' IS DISTINCT FROM entry -> 'writer'
-            ORDER BY t.o DESC
-            LIMIT {MAX_WRITERS - 1}
-          ) kept)
-      END
-    $$
-    """,
-    # One upsert over the distinct organizations a statement touched, in id order (so two
-    # statements marking overlapping sets take the marks' row locks in the same order).
-    """
-    CREATE FUNCTION profile_sync_mark(orgs uuid[], counts bigint[]) RETURNS void
-    LANGUAGE sql AS $$
+PG_SEQUENCE = "CREATE SEQUENCE profiles_changemark_version_seq AS bigint"
+
+# One upsert over the distinct organizations a statement touched, {marks} being (org, n) rows,
+# in id order (so two statements marking overlapping sets take the marks' row locks in the same
+# order). The writer: who connected (application_name) and what the application says it is
+# doing (the transaction-local tag; '' once a tag set earlier in the session has ended). The
+# writers stay oldest first, one entry per (application_name, writer), the newest last; bounded.
+# Inlined in each trigger function, not a function of its own: PL/pgSQL keeps the plan of every
+# statement for the session, where an SQL function with an INSERT is planned at every call.
+PG_UPSERT = f"""
       INSERT INTO profiles_changemark AS m
         (organization_id, first_marked_at, last_marked_at, writes, writers, version)
-      SELECT t.org, statement_timestamp(), statement_timestamp(), t.n,
-             jsonb_build_array(profile_sync_writer_entry()),
+      SELECT s.org, statement_timestamp(), statement_timestamp(), s.n,
+             jsonb_build_array(jsonb_build_object(
+               'application_name', current_setting('application_name'),
+               'writer', nullif(current_setting('profile_sync.writer', true), ''),
+               'at', statement_timestamp())),
              nextval('profiles_changemark_version_seq')
-      FROM unnest(orgs, counts) AS t(org, n)
-      WHERE t.org IS NOT NULL
-      ORDER BY t.org
+      FROM ({{marks}}) s
+      WHERE s.org IS NOT NULL
+      ORDER BY s.org
       ON CONFLICT (organization_id) DO UPDATE SET
         last_marked_at = excluded.last_marked_at,
         writes = m.writes + excluded.writes,
-        writers = profile_sync_push_writer(m.writers, excluded.writers -> 0),
-        version = excluded.version
-    $$
-    """,
-]
+        version = excluded.version,
+        writers = CASE
+          WHEN m.writers -> -1 -> 'application_name' = excluded.writers -> 0 -> 'application_name'
+               AND m.writers -> -1 -> 'writer' = excluded.writers -> 0 -> 'writer'
+            THEN jsonb_set(m.writers, '{{{{-1}}}}', excluded.writers -> 0)
+          ELSE (
+            SELECT coalesce(jsonb_agg(kept.e ORDER BY kept.o), '[]'::jsonb) || excluded.writers
+            FROM (
+              SELECT t.e, t.o FROM jsonb_array_elements(m.writers) WITH ORDINALITY AS t(e, o)
+              WHERE t.e -> 'application_name' IS DISTINCT FROM excluded.writers -> 0 -> 'application_name'
+                 OR t.e -> 'writer' IS DISTINCT FROM excluded.writers -> 0 -> 'writer'
+              ORDER BY t.o DESC
+              LIMIT {MAX_WRITERS - 1}
+            ) kept)
+        END;"""
 
 
 def _pg_trigger_function(name: str, org_rows: str) -> str:
@@ -104,22 +90,15 @@ def _pg_trigger_function(name: str, org_rows: str) -> str:
     """
     inserted = org_rows.format(rows="new_rows")
     deleted = org_rows.format(rows="old_rows")
+    updated = (
+        f"SELECT u.org, max(u.n) AS n FROM ({inserted} UNION ALL {deleted}) u GROUP BY u.org"
+    )
     return f"""
     CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN
-      IF TG_OP = 'INSERT' THEN
-        PERFORM profile_sync_mark(array_agg(s.org), array_agg(s.n))
-        FROM ({inserted}) s;
-      ELSIF TG_OP = 'DELETE' THEN
-        PERFORM profile_sync_mark(array_agg(s.org), array_agg(s.n))
-        FROM ({deleted}) s;
-      ELSE
-        PERFORM profile_sync_mark(array_agg(s.org), array_agg(s.n))
-        FROM (
-          SELECT u.org, max(u.n) AS n
-          FROM ({inserted} UNION ALL {deleted}) u
-          GROUP BY u.org
-        ) s;
+      IF TG_OP = 'INSERT' THEN {PG_UPSERT.format(marks=inserted)}
+      ELSIF TG_OP = 'DELETE' THEN {PG_UPSERT.format(marks=deleted)}
+      ELSE {PG_UPSERT.format(marks=updated)}
       END IF;
       RETURN NULL;
     END
@@ -149,7 +128,7 @@ def _pg_triggers(table: str, function: str) -> list[str]:
 
 
 PG_INSTALL = [
-    *PG_FUNCTIONS,
+    PG_SEQUENCE,
     _pg_trigger_function("profile_sync_mark_rows", PG_DIRECT_ROWS),
     _pg_trigger_function("profile_sync_mark_asset_rows", PG_ASSET_ROWS),
     *(sql for table in DIRECT for sql in _pg_triggers(table, "profile_sync_mark_rows")),
@@ -164,9 +143,6 @@ PG_UNINSTALL = [
     ),
     "DROP FUNCTION IF EXISTS profile_sync_mark_rows()",
     "DROP FUNCTION IF EXISTS profile_sync_mark_asset_rows()",
-    "DROP FUNCTION IF EXISTS profile_sync_mark(uuid[], bigint[])",
-    "DROP FUNCTION IF EXISTS profile_sync_push_writer(jsonb, jsonb)",
-    "DROP FUNCTION IF EXISTS profile_sync_writer_entry()",
     "DROP SEQUENCE IF EXISTS profiles_changemark_version_seq",
 ]
 
