@@ -31,8 +31,9 @@ def writer(tag: str, *, using: str = DEFAULT_DB_ALIAS) -> Iterator[None]:
             with writer("billing"):
                 ...
 
-    The block runs in a transaction of its own (a savepoint when one is open already), and the
-    tag lives exactly as long as the block: on PostgreSQL it is the transaction-local setting
+    The block runs in a transaction of its own (a savepoint when one is open already: so a
+    block that is the whole transaction needs no ``atomic()`` inside), and the tag lives exactly
+    as long as the block: on PostgreSQL it is the transaction-local setting
     ``profile_sync.writer`` (``set_config(..., true)``), on SQLite an uncommitted row of
     ``profiles_changemark_writer`` that no other connection can see (SQLite has one writer at a
     time). Blocks nest: the inner tag applies inside, the outer one again after it; an exception
@@ -43,12 +44,16 @@ def writer(tag: str, *, using: str = DEFAULT_DB_ALIAS) -> Iterator[None]:
     if not tag:
         raise ValueError("a writer tag names the code that writes; it cannot be empty")
     connection = connections[using]
+    # A transaction this block opens ends the tag with it on PostgreSQL (set_config's is_local);
+    # SQLite's row must go before the commit would make it everyone's.
+    ends_with_transaction = not connection.in_atomic_block and connection.vendor == "postgresql"
     with transaction.atomic(using=using):
         with connection.cursor() as cursor:
             previous = _swap(cursor, connection.vendor, tag)
         yield
-        with connection.cursor() as cursor:
-            _swap(cursor, connection.vendor, previous)
+        if not ends_with_transaction:
+            with connection.cursor() as cursor:
+                _swap(cursor, connection.vendor, previous)
 
 
 def current_writer(*, using: str = DEFAULT_DB_ALIAS) -> str | None:

@@ -3,12 +3,13 @@
 # QuerySet.update, bulk writes, Django's cascades and SET NULLs, raw SQL and other programs are
 # all seen, and a write that rolls back marks nothing.
 #
-# Hand-written SQL, one operation for both databases: django-pgtrigger declares PostgreSQL
-# triggers only (SQLite would need a second library or a second path of our own), installs them
-# from model Meta on models other apps own, and its Meta-declared triggers would have to be
-# re-declared for the transition tables anyway. Here each vendor gets its own SQL from one
-# RunPython: PostgreSQL statement-level triggers with transition tables (one upsert per
-# statement over the organizations it touched), SQLite row-level triggers.
+# Hand-written SQL, one operation for both databases, rather than django-pgtrigger: it installs
+# PostgreSQL triggers only (on SQLite nothing), so SQLite would need a second library or a second
+# path of our own; it declares triggers in Meta of models that four other apps own, and adds an
+# app of its own; and the bodies here (an upsert over transition tables) would be the same
+# hand-written SQL inside its Trigger objects. Here one RunPython picks each vendor's SQL:
+# PostgreSQL statement-level triggers with transition tables (one upsert per statement over the
+# organizations it touched), SQLite row-level triggers, behind the same tests.
 #
 # Writers. PostgreSQL: current_setting('application_name') and the transaction-local
 # profile_sync.writer that profiles.change_marks.writer() sets. SQLite has neither, so the
