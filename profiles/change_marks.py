@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
+from django.db.backends.utils import CursorWrapper
 
 SETTING = "profile_sync.writer"
 # The project's own writers: the real-time selection change, the audit's fixes, its reverts.
@@ -68,7 +69,7 @@ def current_writer(*, using: str = DEFAULT_DB_ALIAS) -> str | None:
     return row[0] if row else None
 
 
-def _swap(cursor, vendor: str, tag: str | None) -> str | None:
+def _swap(cursor: CursorWrapper, vendor: str, tag: str | None) -> str | None:
     """Set the tag (None: no tag) and return the one it replaces."""
     if vendor == "postgresql":
         # One round trip: the CTE reads the tag before set_config replaces it. '' is what the
