@@ -91,11 +91,11 @@ def run(args: argparse.Namespace) -> None:
     trigger_ms, share = measure_in_statement(state, repeat=args.bulk_repeat)
     tag = measure_writer_block(calls=args.rounds * args.calls)
 
-    print(f"{'':46} {'wall time, ms':^33}  {'CPU time (ours + backend), ms':^33}  backend CPU")
-    print(f"{'writer':46} " + f"{'off':>7} {'on':>7} {'medians':>8} {'paired':>8}  " * 2, end="")
+    print(f"{'':52} {'wall time, ms':^33}  {'CPU time (ours + backend), ms':^33}  backend CPU")
+    print(f"{'writer':52} " + f"{'off':>7} {'on':>7} {'medians':>8} {'paired':>8}  " * 2, end="")
     print(f"{'off':>7} {'on':>7} {'cost':>7}")
     for name, samples, mode in [*realtime, *bulk]:
-        line = f"{name:46} "
+        line = f"{name:52} "
         for measure in (0, 3):
             off, on, ratio = _paired(samples, mode, measure)
             line += f"{off:7.2f} {on:7.2f} {_pct(on / off):>8} {_pct(ratio):>8}  "
