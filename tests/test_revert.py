@@ -586,3 +586,16 @@ def test_an_organization_that_fails_is_contained_and_its_revert_can_be_retried(f
 
     assert second.put_back == 1 and second.conflicts == 1  # the fine one was put back already
     assert SocialProfile.objects.alive().count() == 2
+
+
+def test_a_revert_tags_its_writes_as_the_audits_revert(fix):
+    from profiles.models import ChangeMark
+
+    org = deselected()
+    run = fix(org).run
+    ChangeMark.objects.all().delete()
+
+    revert(run)
+
+    mark = ChangeMark.objects.get(organization_id=org.id)
+    assert {w["writer"] for w in mark.writers} == {"audit-revert"}

@@ -28,6 +28,7 @@ from django.utils import timezone
 
 from audit_project.log_config import audit_logger
 from boosts.models import BoostRule
+from profiles.change_marks import AUDIT_REVERT, writer
 from profiles.models import (
     AuditFinding,
     AuditRun,
@@ -326,7 +327,9 @@ class _OrganizationRevert:
         report_before = (self.report.put_back, self.report.conflicts)
         findings = iter(findings)
         try:
-            with transaction.atomic():
+            # The revert's writes are tagged: their change marks name it (and a later finding
+            # never takes it for another writer undoing the audit's fix).
+            with writer(AUDIT_REVERT):
                 if self.organization_id:
                     lock_organization(self.organization_id)
                 for index, chunk in enumerate(_chunks(findings, CHUNK_SIZE)):
