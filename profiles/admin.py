@@ -16,7 +16,7 @@ from django.contrib.admin.views.main import ChangeList
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db.models import Count, Q, QuerySet
-from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import NoReverseMatch, path, reverse
@@ -27,7 +27,14 @@ from django.utils.http import urlencode
 from audit_project.admin import AliveListFilter, InputFilter, OrganizationFilter
 from audit_project.log_config import audit_logger
 from profiles import run_state
-from profiles.dashboard import build_dashboard
+from profiles.dashboard import (
+    STATUS_COLOURS,
+    build_dashboard,
+    moment,
+    moment_html,
+    plural,
+    status_reason,
+)
 from profiles.models import (
     OPEN_SHARD_STATUSES,
     AuditFinding,
@@ -35,6 +42,7 @@ from profiles.models import (
     AuditStatus,
     AuditTrigger,
     FindingOutcome,
+    ShardStatus,
     SocialProfile,
 )
 from profiles.plan import ALL_TYPES
@@ -52,14 +60,20 @@ FINDINGS_PER_PAGE = 100
 # filtered to the run has them all).
 ORGANIZATIONS_NAMED = 50
 
-STATUS_COLOURS = {
-    AuditStatus.RUNNING: "#417690",
-    AuditStatus.SUCCEEDED: "#2e7d32",
-    AuditStatus.PARTIAL: "#b26a00",
-    AuditStatus.FAILED: "#c62828",
-    AuditStatus.SKIPPED: "#757575",
-    AuditStatus.INTERRUPTED: "#c62828",
+# A run's page lists at most this many shards (an all-organization run of a million
+# organizations has a thousand); the rest are counted.
+SHARDS_SHOWN = 200
+SHARD_COLOURS = {
+    ShardStatus.PENDING: "#757575",
+    ShardStatus.RUNNING: "#417690",
+    ShardStatus.DONE: "#2e7d32",
+    ShardStatus.SKIPPED: "#b26a00",
+    ShardStatus.FAILED: "#c62828",
 }
+# Before/after values longer than this are cut on the run page and on a finding's page (a
+# boost rule of 20 MB made its run's page 45 MB); the whole value is one link away, as JSON.
+VALUE_SHOWN_CHARS = 2_000
+VALUE_SHOWN_CHARS_DETAIL = 20_000
 OUTCOME_COLOURS = {
     FindingOutcome.PLANNED: "#417690",
     FindingOutcome.FIXED: "#2e7d32",
@@ -163,16 +177,20 @@ class AuditRunAdmin(ReadOnlyAdmin):
                 "fields": [
                     "id",
                     "status_badge",
+                    "status_reason_text",
                     "trigger",
                     "scope",
                     "fix_mode",
-                    "forced",
+                    "forced_text",
                     "reverted_run_link",
                     "reverted_by",
                 ]
             },
         ),
-        ("When", {"fields": ["started_at", "finished_at", "duration", "progress"]}),
+        (
+            "When",
+            {"fields": ["started_at_text", "finished_at_text", "duration", "progress"]},
+        ),
         ("Who asked", {"fields": ["requested_by_text", "requested_host", "task_id"]}),
         (
             "What it found and fixed",
@@ -182,6 +200,7 @@ class AuditRunAdmin(ReadOnlyAdmin):
             "Organizations not fixed",
             {"fields": ["guarded_organizations_list", "failed_organizations_list"]},
         ),
+        ("Shards", {"fields": ["shards_table"], "classes": ["audit-shards"]}),
     ]
     # Every field shown is read-only: a run is history.
     readonly_fields = [name for _, options in fieldsets for name in options["fields"]]
@@ -194,10 +213,82 @@ class AuditRunAdmin(ReadOnlyAdmin):
     @admin.display(description="started", ordering="started_at")
     def started(self, run: AuditRun) -> str:
         # Compact and unambiguous (UTC), so the list keeps its counts in view at 1366 px.
+        return moment_html(run.started_at)
+
+    @admin.display(description="started")
+    def started_at_text(self, run: AuditRun) -> str:
+        return moment_html(run.started_at)
+
+    @admin.display(description="finished")
+    def finished_at_text(self, run: AuditRun) -> str:
+        return moment_html(run.finished_at)
+
+    @admin.display(description="why")
+    def status_reason_text(self, run: AuditRun) -> str:
+        """Why the run is not a success (partial, failed, interrupted, skipped), in one line."""
+        return status_reason(run) or "-"
+
+    @admin.display(description="forced")
+    def forced_text(self, run: AuditRun) -> str:
+        # The model's help text next to a bare "no" icon read "✖ The mass-deletion guard was
+        # overridden": say what applied, in words.
+        if run.forced:
+            return "yes: the mass-deletion guard and the run budget were overridden (--force)"
+        return "no: the mass-deletion guard and the run budget applied"
+
+    @admin.display(description="shards")
+    def shards_table(self, run: AuditRun) -> str:
+        """Each shard of an all-organization run: its id (as Celery's tools show it), its range
+        of organizations, where it is and who worked it. One query, at most SHARDS_SHOWN rows."""
+        shards = list(run.shards.order_by("index")[: SHARDS_SHOWN + 1])
+        if not shards:
+            return "none (one organization, or a run that was not cut into shards)"
+        more = ""
+        if len(shards) > SHARDS_SHOWN:
+            shards = shards[:SHARDS_SHOWN]
+            more = format_html(
+                '<p class="help">The first {} shards are shown; {} has {} in all.</p>',
+                SHARDS_SHOWN,
+                "the run",
+                run.shards.count(),
+            )
+        rows = format_html_join(
+            "",
+            '<tr class="shard-{}"><td>{}</td><td><code class="shard-id">{}</code></td>'
+            '<td class="range">{}</td><td>{}</td><td><code>{}</code></td><td>{}</td>'
+            "<td>{} / {}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            (
+                (
+                    shard.status,
+                    shard.index,
+                    shard.id,
+                    _organization_range(shard.first_organization_id, shard.end_organization_id),
+                    _badge(
+                        shard.status,
+                        SHARD_COLOURS.get(shard.status, "#757575"),
+                        title=shard.get_status_display(),
+                    ),
+                    shard.cursor or "-",
+                    f"{shard.organizations_audited:,}",
+                    f"{shard.found:,}",
+                    f"{shard.fixed:,}" if run.fix else "-",
+                    shard.attempts,
+                    shard.worker or "-",
+                    moment_html(shard.started_at),
+                    moment_html(shard.finished_at),
+                    _shard_problem(shard),
+                )
+                for shard in shards
+            ),
+        )
         return format_html(
-            '<span title="{}">{}</span>',
-            run.started_at.isoformat(),
-            f"{run.started_at:%Y-%m-%d %H:%M}",
+            '<table class="audit-shard-table" id="audit-shards"><thead><tr><th>#</th><th>id</th>'
+            "<th>organizations (ids from, up to)</th><th>status</th><th>cursor (last done)</th>"
+            "<th>audited</th><th>found / fixed</th><th>deliveries</th><th>worker</th>"
+            "<th>started</th><th>finished</th><th>error</th></tr></thead><tbody>{}</tbody>"
+            "</table>{}",
+            rows,
+            more,
         )
 
     @admin.display(description="scope", ordering="organization__name")
@@ -276,14 +367,26 @@ class AuditRunAdmin(ReadOnlyAdmin):
             return "-"
         since = run.last_progress_at or run.started_at
         if run.trigger == AuditTrigger.REVERT:
+            if run.findings_recorded == 0:
+                # The request records the revert with last progress = start; a worker that takes
+                # it moves last progress on as it goes.
+                if run.last_progress_at is None or run.last_progress_at <= run.started_at:
+                    return (
+                        f"queued since {moment(run.started_at)}: waiting for a worker on the "
+                        "maintenance queue; nothing put back yet (refreshes itself)"
+                    )
+                return (
+                    f"started: working on its first organization; last progress "
+                    f"{moment(since)} (refreshes itself)"
+                )
             total = run.reverted_run.fixed if run.reverted_run_id else 0
             done = f"{run.findings_recorded} of {total} findings"
         else:
             total = run.organizations_total or 0
             done = f"{run.organizations_audited} of {total} organizations"
             open_shards = run.shards.filter(status__in=OPEN_SHARD_STATUSES).count()
-            done += f", {open_shards} shard{'s' if open_shards != 1 else ''} open"
-        return f"running: {done}; last progress {since:%Y-%m-%d %H:%M:%S} UTC (refreshes itself)"
+            done += f", {plural(open_shards, 'shard')} open"
+        return f"running: {done}; last progress {moment(since)} (refreshes itself)"
 
     @admin.display(description="reverts run")
     def reverted_run_link(self, run: AuditRun) -> str:
@@ -440,6 +543,23 @@ class AuditRunAdmin(ReadOnlyAdmin):
         if not (self.has_view_permission(request) and self.has_run_permission(request)):
             raise PermissionDenied
         fix = request.POST.get("mode") == "fix"
+        if fix and request.POST.get("confirmed") != "yes":
+            # A fixing run changes every organization: one click asks, the second sends.
+            return self._confirm(
+                request,
+                title="Fix every organization now?",
+                action_url=reverse("admin:profiles_auditrun_run_now"),
+                fields={"mode": "fix"},
+                lines=[
+                    "This sends a fixing run of every organization to the workers, as the "
+                    "schedule does: it soft-deletes, relinks and restores profiles and cleans "
+                    "queue settings and boost rules, within the mass-deletion guard and the "
+                    "run budget.",
+                    "A dry run (the other button) records what it would do and changes nothing.",
+                ],
+                button="Yes, fix every organization",
+                button_id="confirm-run-now-fix",
+            )
         user = request.user.get_username()
         # Imported here: the admin sends the task, the services never import the task module.
         from profiles.tasks import audit_sync_task
@@ -477,6 +597,28 @@ class AuditRunAdmin(ReadOnlyAdmin):
         token = request.POST.get("token", "")
         state = fixing_run_lock_state()
         holding = run_state.run_holding_lock(token)
+        if request.POST.get("confirmed") != "yes":
+            holder = token.rsplit(":", 1)[0] or "nobody"
+            lines = [
+                f"The fixing-run lock is held by {holder}"
+                + (
+                    f", run {holding.id} (started {moment(holding.started_at)})."
+                    if holding
+                    else "."
+                ),
+                "Release it only when its holder is gone (its host or process died): a run "
+                "that is still alive stops before its next organization, and another fixing "
+                "run may start at once.",
+            ]
+            return self._confirm(
+                request,
+                title="Release the fixing-run lock?",
+                action_url=reverse("admin:profiles_auditrun_release_lock"),
+                fields={"token": token},
+                lines=lines,
+                button="Yes, release the lock",
+                button_id="confirm-release-lock",
+            )
         user = request.user.get_username()
         try:
             released = force_release_fixing_run_lock(token=token)
@@ -508,6 +650,31 @@ class AuditRunAdmin(ReadOnlyAdmin):
         )
         return HttpResponseRedirect(changelist)
 
+    def _confirm(
+        self,
+        request: HttpRequest,
+        *,
+        title: str,
+        action_url: str,
+        fields: dict[str, str],
+        lines: list[str],
+        button: str,
+        button_id: str,
+    ) -> HttpResponse:
+        """A page that asks before an action acts: the same POST again, with ``confirmed``."""
+        context = {
+            **self.admin_site.each_context(request),
+            "title": title,
+            "opts": self.model._meta,
+            "action_url": action_url,
+            "fields": fields,
+            "lines": lines,
+            "button": button,
+            "button_id": button_id,
+            "cancel_url": reverse("admin:profiles_auditrun_changelist"),
+        }
+        return TemplateResponse(request, "admin/profiles/auditrun/confirm_action.html", context)
+
     def revert_view(self, request: HttpRequest, run_id: uuid.UUID) -> HttpResponse:
         """GET: what a revert of this run would do. POST: revert it (or record a dry run)."""
         if not (self.has_view_permission(request) and self.has_revert_permission(request)):
@@ -521,6 +688,7 @@ class AuditRunAdmin(ReadOnlyAdmin):
             "opts": self.model._meta,
             "run": run,
             "scope": self.scope(run),
+            "started": moment_html(run.started_at),
             "by_type_table": self.by_type_table(run),
             "blocked": revert_blocker(run=run),
             "run_url": _run_url(run.id),
@@ -695,11 +863,33 @@ class AuditFindingAdmin(ReadOnlyAdmin):
 
     @admin.display(description="before")
     def before_json(self, finding: AuditFinding) -> str:
-        return _pretty_json(finding.before)
+        return _pretty_json(finding, "before")
 
     @admin.display(description="after")
     def after_json(self, finding: AuditFinding) -> str:
-        return _pretty_json(finding.after)
+        return _pretty_json(finding, "after")
+
+    def get_urls(self):
+        return [
+            path(
+                "<uuid:finding_id>/value/<str:side>/",
+                self.admin_site.admin_view(self.value_view),
+                name="profiles_auditfinding_value",
+            ),
+            *super().get_urls(),
+        ]
+
+    def value_view(self, request: HttpRequest, finding_id: uuid.UUID, side: str) -> HttpResponse:
+        """The whole before or after value of one finding, as JSON (the pages show it cut)."""
+        if side not in ("before", "after"):
+            raise Http404("a finding has a before and an after value")
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        finding = get_object_or_404(AuditFinding.objects.only("id", side), id=finding_id)
+        return HttpResponse(
+            json.dumps(getattr(finding, side), indent=2, sort_keys=True),
+            content_type="application/json",
+        )
 
 
 # --- Rendering helpers ----------------------------------------------------------------------
@@ -741,18 +931,65 @@ def _object_link(finding: AuditFinding) -> str:
     return _link(url, f"{model_name} {str(finding.object_id)[:8]}")
 
 
-def _pretty_json(value: Any) -> str:
-    if value is None:
-        return "-"
+def _organization_range(first: uuid.UUID | None, end: uuid.UUID | None) -> str:
     return format_html(
-        '<pre class="audit-json">{}</pre>', json.dumps(value, indent=2, sort_keys=True)
+        "from <code>{}</code> to <code>{}</code>",
+        first or "the first organization",
+        f"before {end}" if end else "the last organization",
     )
 
 
-def _compact_json(value: Any) -> str:
+def _shard_problem(shard) -> str:
+    parts = []
+    if shard.error:
+        parts.append(shard.error.strip().splitlines()[0][:200])
+    if shard.failed_organizations:
+        parts.append(plural(len(shard.failed_organizations), "organization") + " failed")
+    return "; ".join(parts) or "-"
+
+
+def _value_url(finding: AuditFinding, side: str) -> str:
+    return reverse("admin:profiles_auditfinding_value", args=[finding.id, side])
+
+
+def _size(chars: int) -> str:
+    if chars >= 1_000_000:
+        return f"{chars / 1_000_000:.1f} MB"
+    if chars >= 1_000:
+        return f"{chars / 1_000:.0f} kB"
+    return f"{chars} characters"
+
+
+def _cut(text: str, *, limit: int, url: str) -> str:
+    """``text`` as it is when short; else its first ``limit`` characters and a link to the
+    whole value (the value's size in the link)."""
+    if len(text) <= limit:
+        return text
+    return format_html(
+        '{}… <a class="audit-whole-value" href="{}">whole value ({})</a>',
+        text[:limit],
+        url,
+        _size(len(text)),
+    )
+
+
+def _pretty_json(finding: AuditFinding, side: str) -> str:
+    value = getattr(finding, side)
+    if value is None:
+        return "-"
+    text = json.dumps(value, indent=2, sort_keys=True)
+    return format_html(
+        '<pre class="audit-json">{}</pre>',
+        _cut(text, limit=VALUE_SHOWN_CHARS_DETAIL, url=_value_url(finding, side)),
+    )
+
+
+def _compact_json(finding: AuditFinding, side: str) -> str:
+    value = getattr(finding, side)
     if value is None:
         return ""
-    return json.dumps(value, sort_keys=True, separators=(", ", ": "))
+    text = json.dumps(value, sort_keys=True, separators=(", ", ": "))
+    return _cut(text, limit=VALUE_SHOWN_CHARS, url=_value_url(finding, side))
 
 
 def _finding_row(finding: AuditFinding) -> dict[str, Any]:
@@ -766,7 +1003,7 @@ def _finding_row(finding: AuditFinding) -> dict[str, Any]:
         "action": finding.get_action_display(),
         "outcome": _outcome_badge(finding),
         "object": _object_link(finding),
-        "before": _compact_json(finding.before),
-        "after": _compact_json(finding.after),
+        "before": _compact_json(finding, "before"),
+        "after": _compact_json(finding, "after"),
         "detail": finding.detail,
     }
