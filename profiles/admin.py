@@ -458,7 +458,9 @@ class AuditRunAdmin(ReadOnlyAdmin):
             wanted = int(request.GET.get("findings_page", 1))
         except ValueError:
             wanted = 1
-        rows, pages = run_findings_page(run_id=run.id, page=wanted, per_page=FINDINGS_PER_PAGE)
+        rows, pages = run_findings_page(
+            run_id=run.id, page=wanted, per_page=FINDINGS_PER_PAGE, value_chars=VALUE_SHOWN_CHARS
+        )
         page = min(max(wanted, 1), pages)
 
         def page_url(n: int) -> str:
@@ -737,12 +739,12 @@ class AuditRunAdmin(ReadOnlyAdmin):
         conflicts = outcomes.get(FindingOutcome.CONFLICT, 0)
         failed = outcomes.get(FindingOutcome.FAILED, 0)
         text = format_html(
-            "{} {}: {} {}, {} conflicts (left alone){}. This is the revert's own run, {}.",
+            "{} {}: {} {}, {} (left alone){}. This is the revert's own run, {}.",
             "Reverted run" if fix else "Dry run of a revert of run",
             str(run.id)[:8],
             put_back,
             "put back" if fix else "would be put back",
-            conflicts,
+            plural(conflicts, "conflict"),
             f", {failed} failed" if failed else "",
             str(revert.id)[:8],
         )
@@ -985,11 +987,22 @@ def _pretty_json(finding: AuditFinding, side: str) -> str:
 
 
 def _compact_json(finding: AuditFinding, side: str) -> str:
-    value = getattr(finding, side)
-    if value is None:
+    """One line of JSON, from the head the database cut (``run_findings_page``): whole and
+    with sorted keys when short, else cut with a link to the whole value."""
+    head, chars = getattr(finding, f"{side}_head"), getattr(finding, f"{side}_chars")
+    if head is None:
         return ""
-    text = json.dumps(value, sort_keys=True, separators=(", ", ": "))
-    return _cut(text, limit=VALUE_SHOWN_CHARS, url=_value_url(finding, side))
+    if chars <= VALUE_SHOWN_CHARS:
+        try:
+            return json.dumps(json.loads(head), sort_keys=True, separators=(", ", ": "))
+        except ValueError:
+            return head
+    return format_html(
+        '{}… <a class="audit-whole-value" href="{}">whole value ({})</a>',
+        head,
+        _value_url(finding, side),
+        _size(chars),
+    )
 
 
 def _finding_row(finding: AuditFinding) -> dict[str, Any]:
