@@ -200,7 +200,6 @@ class AuditRunAdmin(ReadOnlyAdmin):
             "Organizations not fixed",
             {"fields": ["guarded_organizations_list", "failed_organizations_list"]},
         ),
-        ("Shards", {"fields": ["shards_table"], "classes": ["audit-shards"]}),
     ]
     # Every field shown is read-only: a run is history.
     readonly_fields = [name for _, options in fieldsets for name in options["fields"]]
@@ -208,12 +207,25 @@ class AuditRunAdmin(ReadOnlyAdmin):
     def get_queryset(self, request):
         return super().get_queryset(request).select_related("organization")
 
+    def get_fieldsets(self, request, obj=None):
+        # "Why" only for a run that has a reason to give (partial, failed, interrupted, skipped).
+        if obj is None or obj.status not in (AuditStatus.SUCCEEDED, AuditStatus.RUNNING):
+            return self.fieldsets
+        first, *rest = self.fieldsets
+        fields = [f for f in first[1]["fields"] if f != "status_reason_text"]
+        return [(first[0], {**first[1], "fields": fields}), *rest]
+
     # --- Columns and fields -------------------------------------------------------------
 
     @admin.display(description="started", ordering="started_at")
     def started(self, run: AuditRun) -> str:
-        # Compact and unambiguous (UTC), so the list keeps its counts in view at 1366 px.
-        return moment_html(run.started_at)
+        # Unambiguous (UTC), and on two lines (date, time), so the list keeps its counts and
+        # duration in view at 1366 px.
+        exact = run.started_at.isoformat(timespec="seconds")
+        date, time_, zone = moment(run.started_at).split(" ")
+        return format_html(
+            '<time datetime="{}" title="{}">{}<br>{} {}</time>', exact, exact, date, time_, zone
+        )
 
     @admin.display(description="started")
     def started_at_text(self, run: AuditRun) -> str:
@@ -252,23 +264,26 @@ class AuditRunAdmin(ReadOnlyAdmin):
                 "the run",
                 run.shards.count(),
             )
+        # The error column only when a shard has one: the table fits beside the admin's menu.
+        errors = any(shard.error or shard.failed_organizations for shard in shards)
         rows = format_html_join(
             "",
-            '<tr class="shard-{}"><td>{}</td><td><code class="shard-id">{}</code></td>'
-            '<td class="range">{}</td><td>{}</td><td><code>{}</code></td><td>{}</td>'
-            "<td>{} / {}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            '<tr class="shard-{}"><td>{}<br><code class="shard-id">{}</code></td>'
+            '<td class="range">{}<br><span class="line">cursor <code class="cursor">{}</code>'
+            "</span></td><td>{}</td>"
+            "<td>{}</td><td>{} / {}</td><td>{}</td><td>{}</td><td>{}<br>{}</td>{}</tr>",
             (
                 (
                     shard.status,
                     shard.index,
                     shard.id,
                     _organization_range(shard.first_organization_id, shard.end_organization_id),
+                    shard.cursor or "none yet",
                     _badge(
                         shard.status,
                         SHARD_COLOURS.get(shard.status, "#757575"),
                         title=shard.get_status_display(),
                     ),
-                    shard.cursor or "-",
                     f"{shard.organizations_audited:,}",
                     f"{shard.found:,}",
                     f"{shard.fixed:,}" if run.fix else "-",
@@ -276,17 +291,18 @@ class AuditRunAdmin(ReadOnlyAdmin):
                     shard.worker or "-",
                     moment_html(shard.started_at),
                     moment_html(shard.finished_at),
-                    _shard_problem(shard),
+                    format_html("<td>{}</td>", _shard_problem(shard)) if errors else "",
                 )
                 for shard in shards
             ),
         )
         return format_html(
-            '<table class="audit-shard-table" id="audit-shards"><thead><tr><th>#</th><th>id</th>'
-            "<th>organizations (ids from, up to)</th><th>status</th><th>cursor (last done)</th>"
-            "<th>audited</th><th>found / fixed</th><th>deliveries</th><th>worker</th>"
-            "<th>started</th><th>finished</th><th>error</th></tr></thead><tbody>{}</tbody>"
-            "</table>{}",
+            '<div class="audit-shard-scroll"><table class="audit-shard-table" id="audit-shards">'
+            "<thead><tr><th>#, id</th><th>organizations by id (to: not included); cursor: the last done</th>"
+            "<th>status</th><th>audited</th><th>found / fixed</th><th>deliveries</th>"
+            "<th>worker</th><th>started, finished</th>{}</tr>"
+            "</thead><tbody>{}</tbody></table></div>{}",
+            format_html("<th>{}</th>", "error") if errors else "",
             rows,
             more,
         )
@@ -451,6 +467,7 @@ class AuditRunAdmin(ReadOnlyAdmin):
             context["can_revert"] = self.has_revert_permission(request)
             context["revert_url"] = reverse("admin:profiles_auditrun_revert", args=[obj.pk])
             context["dry_run_retention_days"] = settings.PROFILE_AUDIT_DRY_RUN_RETENTION_DAYS
+            context["shards_table"] = self.shards_table(obj)
         return super().render_change_form(request, context, add, change, form_url, obj)
 
     def _findings_context(self, request: HttpRequest, run: AuditRun) -> dict[str, Any]:
@@ -789,7 +806,6 @@ class AuditFindingAdmin(ReadOnlyAdmin):
         "run_link",
         "organization",
         "type",
-        "action",
         "outcome_badge",
         "object_link",
         "platform",
@@ -806,6 +822,14 @@ class AuditFindingAdmin(ReadOnlyAdmin):
 
     def get_changelist(self, request, **kwargs):
         return SortableOnlyChangeList
+
+    def get_list_display(self, request):
+        # The External ID stays in view at 1366 px beside the admin's menu and the filters: no
+        # action column (each type has one fix; the filter and the finding's page have it), and
+        # no run column once the list is filtered to one run.
+        if request.GET.get(RunFilter.parameter_name):
+            return [name for name in self.list_display if name != "run_link"]
+        return self.list_display
 
     fields = [
         "run_link",
@@ -935,9 +959,9 @@ def _object_link(finding: AuditFinding) -> str:
 
 def _organization_range(first: uuid.UUID | None, end: uuid.UUID | None) -> str:
     return format_html(
-        "from <code>{}</code> to <code>{}</code>",
-        first or "the first organization",
-        f"before {end}" if end else "the last organization",
+        '<span class="line">from {}</span><br><span class="line">to {}</span>',
+        format_html("<code>{}</code>", first) if first else "the first organization",
+        format_html("<code>{}</code>", end) if end else "the last organization",
     )
 
 

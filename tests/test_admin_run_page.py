@@ -60,16 +60,17 @@ def test_the_run_page_lists_its_shards_with_ids_ranges_cursors_and_deliveries(
     rows = re.findall(r'<tr class="shard-(\w+)">(.*?)</tr>', table)
     assert [status for status, _ in rows] == [ShardStatus.DONE] * 3
     for shard, (_, row) in zip(shards, rows, strict=True):
-        assert f"<td>{shard.index}</td>" in row
-        assert f'<code class="shard-id">{shard.id}</code>' in row  # as `celery inspect` shows it
-        assert f"<code>{shard.cursor}</code>" in row
+        # The index, and the id as `celery inspect active` shows it in the task's arguments.
+        assert f'<td>{shard.index}<br><code class="shard-id">{shard.id}</code></td>' in row
+        assert f'cursor <code class="cursor">{shard.cursor}</code>' in row
         assert f"<td>{shard.attempts}</td>" in row and shard.attempts >= 1
         assert shard.worker and shard.worker in row
-        assert f">{shard.started_at:%Y-%m-%d %H:%M} UTC</time>" in row
+        assert f">{shard.started_at:%Y-%m-%d %H:%M} UTC</time><br><time" in row
     # The ranges: from the first organization, up to (not including) the next shard's first.
-    assert "from <code>the first organization</code> to <code>before " in rows[0][1]
-    assert f"to <code>before {shards[2].first_organization_id}</code>" in rows[1][1]
-    assert "to <code>the last organization</code>" in rows[2][1]
+    assert 'from the first organization</span><br><span class="line">to <code>' in rows[0][1]
+    assert f"to <code>{shards[2].first_organization_id}</code>" in rows[1][1]
+    assert f"from <code>{shards[2].first_organization_id}</code>" in rows[2][1]
+    assert "to the last organization" in rows[2][1]
     assert "2 / 2" in rows[0][1]  # found / fixed
 
 
