@@ -92,13 +92,23 @@ class SocialProfileAdmin(admin.ModelAdmin):
         "external_id",
         "organization",
         "connection",
-        "created_at",
-        "deleted_at",
+        "created",
+        "deleted",
     ]
     list_filter = [AliveListFilter, "platform", "connection__status", OrganizationFilter]
     list_select_related = ["organization", "connection"]
     search_fields = ["name", "external_id", "=id", "=organization__id", "organization__name"]
     raw_id_fields = ["organization", "connection"]
+
+    # Moments as every audit page writes them (zone included), not Django's "Dec. 1, 2026, 8:01
+    # p.m.".
+    @admin.display(description="created at", ordering="created_at")
+    def created(self, profile: SocialProfile) -> str:
+        return moment_html(profile.created_at)
+
+    @admin.display(description="deleted at", ordering="deleted_at")
+    def deleted(self, profile: SocialProfile) -> str:
+        return moment_html(profile.deleted_at)
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):

@@ -204,3 +204,21 @@ def test_the_whole_value_needs_the_view_permission(client):
     client.force_login(User.objects.create(username="nobody", is_staff=True))
     response = client.get(reverse("admin:profiles_auditfinding_value", args=[finding.id, "before"]))
     assert response.status_code == 403
+
+
+def test_every_page_writes_a_moment_the_same_way_with_its_zone(staff, fixed_run):  # noqa: F811
+    moment = f"{fixed_run.started_at:%Y-%m-%d %H:%M} UTC"
+    profile = SocialProfile.objects.get(id=fixed_run.findings.first().object_id)
+    pages = {
+        "run list": text(staff.get(reverse("admin:profiles_auditrun_changelist"))),
+        "run page": text(staff.get(run_url(fixed_run))),
+        "revert page": text(
+            staff.get(reverse("admin:profiles_auditrun_revert", args=[fixed_run.id]))
+        ),
+        "profiles": text(staff.get(reverse("admin:profiles_socialprofile_changelist"))),
+    }
+    for name, page in pages.items():
+        assert re.search(r"\d{4}-\d\d-\d\d(<br>| )\d\d:\d\d UTC", page), name
+        assert not re.search(r"\b(a\.m\.|p\.m\.)", page), name
+    assert moment in pages["run page"] and moment in pages["revert page"]
+    assert f"{profile.deleted_at:%Y-%m-%d %H:%M} UTC" in pages["profiles"]
