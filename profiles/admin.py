@@ -269,9 +269,8 @@ class AuditRunAdmin(ReadOnlyAdmin):
         if len(shards) > SHARDS_SHOWN:
             shards = shards[:SHARDS_SHOWN]
             more = format_html(
-                '<p class="help">The first {} shards are shown; {} has {} in all.</p>',
+                '<p class="help">The first {} shards of {} are shown.</p>',
                 SHARDS_SHOWN,
-                "the run",
                 run.shards.count(),
             )
         # The error column only when a shard has one: the table fits beside the admin's menu.
@@ -393,19 +392,21 @@ class AuditRunAdmin(ReadOnlyAdmin):
             return "-"
         since = run.last_progress_at or run.started_at
         if run.trigger == AuditTrigger.REVERT:
+            total = run.reverted_run.fixed if run.reverted_run_id else 0
             if run.findings_recorded == 0:
-                # The request records the revert with last progress = start; a worker that takes
-                # it moves last progress on as it goes.
+                # The request records the revert (last progress = its start) and sends the task;
+                # nothing moves until a worker takes it and its first organization commits, so
+                # until then it is queued as far as anyone can tell from its record.
                 if run.last_progress_at is None or run.last_progress_at <= run.started_at:
                     return (
                         f"queued since {moment(run.started_at)}: waiting for a worker on the "
-                        "maintenance queue; nothing put back yet (refreshes itself)"
+                        f"maintenance queue (or for its first organization to commit); nothing "
+                        f"of {total:,} findings put back yet (refreshes itself)"
                     )
                 return (
-                    f"started: working on its first organization; last progress "
-                    f"{moment(since)} (refreshes itself)"
+                    f"started: working on its first organization, nothing of {total:,} findings "
+                    f"put back yet; last progress {moment(since)} (refreshes itself)"
                 )
-            total = run.reverted_run.fixed if run.reverted_run_id else 0
             done = f"{run.findings_recorded} of {total} findings"
         else:
             total = run.organizations_total or 0

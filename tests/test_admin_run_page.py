@@ -111,6 +111,7 @@ def test_a_revert_not_yet_taken_by_a_worker_says_queued(staff, fixed_run):  # no
     page = text(staff.get(run_url(revert)))
 
     assert f"queued since {revert.started_at:%Y-%m-%d %H:%M} UTC: waiting for a worker" in page
+    assert "nothing of 2 findings put back yet" in page
     assert "running: 0 of" not in page
 
 

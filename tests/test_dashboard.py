@@ -403,12 +403,16 @@ def test_release_asks_before_it_frees_the_lock(client, held_lock):
 def test_an_unreachable_lock_names_the_configured_host_and_port_never_the_password(
     client, settings
 ):
-    login(client)
+    login(client, "release_lock_auditrun")
     settings.PROFILE_AUDIT_LOCK_REDIS_URL = "redis://:s3cret@127.0.0.1:6391/4"
     page = text(client.get(RUNS))
     assert "Cannot be read:" in page
     assert "redis-server --daemonize yes --bind 127.0.0.1 --port 6391 --save &quot;&quot;" in page
     assert "--port 6379" not in page and "s3cret" not in page
+    # Release says the same when it cannot reach the lock.
+    released = text(client.post(RELEASE, {"token": "h:1:x", "confirmed": "yes"}, follow=True))
+    assert "Not released: cannot reach Redis at redis://:***@127.0.0.1:6391/4" in released
+    assert "--port 6391" in released and "--port 6379" not in released
 
     settings.PROFILE_AUDIT_LOCK_REDIS_URL = "redis://cache.internal:6400/0"
     page = text(client.get(RUNS))

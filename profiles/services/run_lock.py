@@ -29,6 +29,8 @@ def redis_start_hint(url: str) -> str:
     (never its password): on this machine, the command that starts it there."""
     try:
         parts = urlsplit(url)
+        if parts.scheme == "unix":
+            return f"check that Redis listens on the socket {parts.path}"
         host, port = parts.hostname or "127.0.0.1", parts.port or 6379
     except ValueError:  # a port that is not a number: the URL itself is what to fix
         return f"fix the URL ({_redacted(url)})"
