@@ -819,8 +819,7 @@ class AuditFindingAdmin(ReadOnlyAdmin):
         "type",
         "outcome_badge",
         "object_link",
-        "platform",
-        "external_id",
+        "external_key",
     ]
     list_filter = ["type", "action", FixedFilter, "outcome", RunFilter, OrganizationFilter]
     list_select_related = ["organization"]
@@ -836,8 +835,8 @@ class AuditFindingAdmin(ReadOnlyAdmin):
 
     def get_list_display(self, request):
         # The External ID stays in view at 1366 px beside the admin's menu and the filters: no
-        # action column (each type has one fix; the filter and the finding's page have it), and
-        # no run column once the list is filtered to one run.
+        # action column (each type has one fix; the filter and the finding's page have it), the
+        # platform under the external id, and no run column once the list is filtered to one run.
         if request.GET.get(RunFilter.parameter_name):
             return [name for name in self.list_display if name != "run_link"]
         return self.list_display
@@ -897,6 +896,14 @@ class AuditFindingAdmin(ReadOnlyAdmin):
     @admin.display(description="object")
     def object_link(self, finding: AuditFinding) -> str:
         return _object_link(finding)
+
+    @admin.display(description="external id")
+    def external_key(self, finding: AuditFinding) -> str:
+        if not finding.external_id:
+            return "-"
+        return format_html(
+            '{}<br><span class="quiet">{}</span>', finding.external_id, finding.platform or "-"
+        )
 
     @admin.display(description="before")
     def before_json(self, finding: AuditFinding) -> str:
