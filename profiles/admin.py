@@ -16,7 +16,7 @@ from django.contrib.admin.views.main import ChangeList
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db.models import Count, Q, QuerySet
-from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import NoReverseMatch, path, reverse
@@ -27,7 +27,14 @@ from django.utils.http import urlencode
 from audit_project.admin import AliveListFilter, InputFilter, OrganizationFilter
 from audit_project.log_config import audit_logger
 from profiles import run_state
-from profiles.dashboard import build_dashboard
+from profiles.dashboard import (
+    STATUS_COLOURS,
+    build_dashboard,
+    moment,
+    moment_html,
+    plural,
+    status_reason,
+)
 from profiles.models import (
     OPEN_SHARD_STATUSES,
     AuditFinding,
@@ -35,6 +42,7 @@ from profiles.models import (
     AuditStatus,
     AuditTrigger,
     FindingOutcome,
+    ShardStatus,
     SocialProfile,
 )
 from profiles.plan import ALL_TYPES
@@ -52,14 +60,20 @@ FINDINGS_PER_PAGE = 100
 # filtered to the run has them all).
 ORGANIZATIONS_NAMED = 50
 
-STATUS_COLOURS = {
-    AuditStatus.RUNNING: "#417690",
-    AuditStatus.SUCCEEDED: "#2e7d32",
-    AuditStatus.PARTIAL: "#b26a00",
-    AuditStatus.FAILED: "#c62828",
-    AuditStatus.SKIPPED: "#757575",
-    AuditStatus.INTERRUPTED: "#c62828",
+# A run's page lists at most this many shards (an all-organization run of a million
+# organizations has a thousand); the rest are counted.
+SHARDS_SHOWN = 200
+SHARD_COLOURS = {
+    ShardStatus.PENDING: "#757575",
+    ShardStatus.RUNNING: "#417690",
+    ShardStatus.DONE: "#2e7d32",
+    ShardStatus.SKIPPED: "#b26a00",
+    ShardStatus.FAILED: "#c62828",
 }
+# Before/after values longer than this are cut on the run page and on a finding's page (a
+# boost rule of 20 MB made its run's page 45 MB); the whole value is one link away, as JSON.
+VALUE_SHOWN_CHARS = 2_000
+VALUE_SHOWN_CHARS_DETAIL = 20_000
 OUTCOME_COLOURS = {
     FindingOutcome.PLANNED: "#417690",
     FindingOutcome.FIXED: "#2e7d32",
@@ -78,13 +92,23 @@ class SocialProfileAdmin(admin.ModelAdmin):
         "external_id",
         "organization",
         "connection",
-        "created_at",
-        "deleted_at",
+        "created",
+        "deleted",
     ]
     list_filter = [AliveListFilter, "platform", "connection__status", OrganizationFilter]
     list_select_related = ["organization", "connection"]
     search_fields = ["name", "external_id", "=id", "=organization__id", "organization__name"]
     raw_id_fields = ["organization", "connection"]
+
+    # Moments as every audit page writes them (zone included), not Django's "Dec. 1, 2026, 8:01
+    # p.m.".
+    @admin.display(description="created at", ordering="created_at")
+    def created(self, profile: SocialProfile) -> str:
+        return moment_html(profile.created_at)
+
+    @admin.display(description="deleted at", ordering="deleted_at")
+    def deleted(self, profile: SocialProfile) -> str:
+        return moment_html(profile.deleted_at)
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -163,16 +187,20 @@ class AuditRunAdmin(ReadOnlyAdmin):
                 "fields": [
                     "id",
                     "status_badge",
+                    "status_reason_text",
                     "trigger",
                     "scope",
                     "fix_mode",
-                    "forced",
+                    "forced_text",
                     "reverted_run_link",
                     "reverted_by",
                 ]
             },
         ),
-        ("When", {"fields": ["started_at", "finished_at", "duration", "progress"]}),
+        (
+            "When",
+            {"fields": ["started_at_text", "finished_at_text", "duration", "progress"]},
+        ),
         ("Who asked", {"fields": ["requested_by_text", "requested_host", "task_id"]}),
         (
             "What it found and fixed",
@@ -189,15 +217,103 @@ class AuditRunAdmin(ReadOnlyAdmin):
     def get_queryset(self, request):
         return super().get_queryset(request).select_related("organization")
 
+    def get_fieldsets(self, request, obj=None):
+        # "Why" only for a run that has a reason to give (partial, failed, interrupted, skipped).
+        if obj is None or obj.status not in (AuditStatus.SUCCEEDED, AuditStatus.RUNNING):
+            return self.fieldsets
+        first, *rest = self.fieldsets
+        fields = [f for f in first[1]["fields"] if f != "status_reason_text"]
+        return [(first[0], {**first[1], "fields": fields}), *rest]
+
     # --- Columns and fields -------------------------------------------------------------
 
     @admin.display(description="started", ordering="started_at")
     def started(self, run: AuditRun) -> str:
-        # Compact and unambiguous (UTC), so the list keeps its counts in view at 1366 px.
+        # Unambiguous (UTC), and on two lines (date, time), so the list keeps its counts and
+        # duration in view at 1366 px.
+        exact = run.started_at.isoformat(timespec="seconds")
+        date, time_, zone = moment(run.started_at).split(" ")
         return format_html(
-            '<span title="{}">{}</span>',
-            run.started_at.isoformat(),
-            f"{run.started_at:%Y-%m-%d %H:%M}",
+            '<time datetime="{}" title="{}">{}<br>{} {}</time>', exact, exact, date, time_, zone
+        )
+
+    @admin.display(description="started")
+    def started_at_text(self, run: AuditRun) -> str:
+        return moment_html(run.started_at)
+
+    @admin.display(description="finished")
+    def finished_at_text(self, run: AuditRun) -> str:
+        return moment_html(run.finished_at)
+
+    @admin.display(description="why")
+    def status_reason_text(self, run: AuditRun) -> str:
+        """Why the run is not a success (partial, failed, interrupted, skipped), in one line."""
+        return status_reason(run) or "-"
+
+    @admin.display(description="forced")
+    def forced_text(self, run: AuditRun) -> str:
+        # The model's help text next to a bare "no" icon read "✖ The mass-deletion guard was
+        # overridden": say what applied, in words.
+        if run.forced:
+            return "yes: the mass-deletion guard and the run budget were overridden (--force)"
+        return "no: the mass-deletion guard and the run budget applied"
+
+    @admin.display(description="shards")
+    def shards_table(self, run: AuditRun) -> str:
+        """Each shard of an all-organization run: its id (as Celery's tools show it), its range
+        of organizations, where it is and who worked it. One query, at most SHARDS_SHOWN rows."""
+        shards = list(run.shards.order_by("index")[: SHARDS_SHOWN + 1])
+        if not shards:
+            return "none (one organization, or a run that was not cut into shards)"
+        more = ""
+        if len(shards) > SHARDS_SHOWN:
+            shards = shards[:SHARDS_SHOWN]
+            more = format_html(
+                '<p class="help">The first {} shards of {} are shown.</p>',
+                SHARDS_SHOWN,
+                run.shards.count(),
+            )
+        # The error column only when a shard has one: the table fits beside the admin's menu.
+        errors = any(shard.error or shard.failed_organizations for shard in shards)
+        rows = format_html_join(
+            "",
+            '<tr class="shard-{}"><td>{}<br><code class="shard-id">{}</code></td>'
+            '<td class="range">{}<br><span class="line">cursor <code class="cursor">{}</code>'
+            "</span></td><td>{}</td>"
+            "<td>{}</td><td>{} / {}</td><td>{}</td><td>{}</td><td>{}<br>{}</td>{}</tr>",
+            (
+                (
+                    shard.status,
+                    shard.index,
+                    shard.id,
+                    _organization_range(shard.first_organization_id, shard.end_organization_id),
+                    shard.cursor or "none yet",
+                    _badge(
+                        shard.status,
+                        SHARD_COLOURS.get(shard.status, "#757575"),
+                        title=shard.get_status_display(),
+                    ),
+                    f"{shard.organizations_audited:,}",
+                    f"{shard.found:,}",
+                    f"{shard.fixed:,}" if run.fix else "-",
+                    shard.attempts,
+                    shard.worker or "-",
+                    moment_html(shard.started_at),
+                    moment_html(shard.finished_at),
+                    format_html("<td>{}</td>", _shard_problem(shard)) if errors else "",
+                )
+                for shard in shards
+            ),
+        )
+        return format_html(
+            '<div class="audit-shard-scroll"><table class="audit-shard-table" id="audit-shards">'
+            "<thead><tr><th>#, id</th><th>organizations by id (to: not included); cursor: the last done</th>"
+            "<th>status</th><th>audited</th><th>found / fixed</th><th>deliveries</th>"
+            "<th>worker</th><th>started, finished</th>{}</tr>"
+            "</thead><tbody>{}</tbody></table></div>{}",
+            format_html("<th>{}</th>", "error") if errors else "",
+            rows,
+            more,
         )
 
     @admin.display(description="scope", ordering="organization__name")
@@ -277,13 +393,27 @@ class AuditRunAdmin(ReadOnlyAdmin):
         since = run.last_progress_at or run.started_at
         if run.trigger == AuditTrigger.REVERT:
             total = run.reverted_run.fixed if run.reverted_run_id else 0
+            if run.findings_recorded == 0:
+                # The request records the revert (last progress = its start) and sends the task;
+                # nothing moves until a worker takes it and its first organization commits, so
+                # until then it is queued as far as anyone can tell from its record.
+                if run.last_progress_at is None or run.last_progress_at <= run.started_at:
+                    return (
+                        f"queued since {moment(run.started_at)}: waiting for a worker on the "
+                        f"maintenance queue (or for its first organization to commit); nothing "
+                        f"of {total:,} findings put back yet (refreshes itself)"
+                    )
+                return (
+                    f"started: working on its first organization, nothing of {total:,} findings "
+                    f"put back yet; last progress {moment(since)} (refreshes itself)"
+                )
             done = f"{run.findings_recorded} of {total} findings"
         else:
             total = run.organizations_total or 0
             done = f"{run.organizations_audited} of {total} organizations"
             open_shards = run.shards.filter(status__in=OPEN_SHARD_STATUSES).count()
-            done += f", {open_shards} shard{'s' if open_shards != 1 else ''} open"
-        return f"running: {done}; last progress {since:%Y-%m-%d %H:%M:%S} UTC (refreshes itself)"
+            done += f", {plural(open_shards, 'shard')} open"
+        return f"running: {done}; last progress {moment(since)} (refreshes itself)"
 
     @admin.display(description="reverts run")
     def reverted_run_link(self, run: AuditRun) -> str:
@@ -348,6 +478,7 @@ class AuditRunAdmin(ReadOnlyAdmin):
             context["can_revert"] = self.has_revert_permission(request)
             context["revert_url"] = reverse("admin:profiles_auditrun_revert", args=[obj.pk])
             context["dry_run_retention_days"] = settings.PROFILE_AUDIT_DRY_RUN_RETENTION_DAYS
+            context["shards_table"] = self.shards_table(obj)
         return super().render_change_form(request, context, add, change, form_url, obj)
 
     def _findings_context(self, request: HttpRequest, run: AuditRun) -> dict[str, Any]:
@@ -355,7 +486,9 @@ class AuditRunAdmin(ReadOnlyAdmin):
             wanted = int(request.GET.get("findings_page", 1))
         except ValueError:
             wanted = 1
-        rows, pages = run_findings_page(run_id=run.id, page=wanted, per_page=FINDINGS_PER_PAGE)
+        rows, pages = run_findings_page(
+            run_id=run.id, page=wanted, per_page=FINDINGS_PER_PAGE, value_chars=VALUE_SHOWN_CHARS
+        )
         page = min(max(wanted, 1), pages)
 
         def page_url(n: int) -> str:
@@ -440,6 +573,23 @@ class AuditRunAdmin(ReadOnlyAdmin):
         if not (self.has_view_permission(request) and self.has_run_permission(request)):
             raise PermissionDenied
         fix = request.POST.get("mode") == "fix"
+        if fix and request.POST.get("confirmed") != "yes":
+            # A fixing run changes every organization: one click asks, the second sends.
+            return self._confirm(
+                request,
+                title="Fix every organization now?",
+                action_url=reverse("admin:profiles_auditrun_run_now"),
+                fields={"mode": "fix"},
+                lines=[
+                    "This sends a fixing run of every organization to the workers, as the "
+                    "schedule does: it soft-deletes, relinks and restores profiles and cleans "
+                    "queue settings and boost rules, within the mass-deletion guard and the "
+                    "run budget.",
+                    "A dry run (the other button) records what it would do and changes nothing.",
+                ],
+                button="Yes, fix every organization",
+                button_id="confirm-run-now-fix",
+            )
         user = request.user.get_username()
         # Imported here: the admin sends the task, the services never import the task module.
         from profiles.tasks import audit_sync_task
@@ -477,6 +627,28 @@ class AuditRunAdmin(ReadOnlyAdmin):
         token = request.POST.get("token", "")
         state = fixing_run_lock_state()
         holding = run_state.run_holding_lock(token)
+        if request.POST.get("confirmed") != "yes":
+            holder = token.rsplit(":", 1)[0] or "nobody"
+            lines = [
+                f"The fixing-run lock is held by {holder}"
+                + (
+                    f", run {holding.id} (started {moment(holding.started_at)})."
+                    if holding
+                    else "."
+                ),
+                "Release it only when its holder is gone (its host or process died): a run "
+                "that is still alive stops before its next organization, and another fixing "
+                "run may start at once.",
+            ]
+            return self._confirm(
+                request,
+                title="Release the fixing-run lock?",
+                action_url=reverse("admin:profiles_auditrun_release_lock"),
+                fields={"token": token},
+                lines=lines,
+                button="Yes, release the lock",
+                button_id="confirm-release-lock",
+            )
         user = request.user.get_username()
         try:
             released = force_release_fixing_run_lock(token=token)
@@ -508,6 +680,31 @@ class AuditRunAdmin(ReadOnlyAdmin):
         )
         return HttpResponseRedirect(changelist)
 
+    def _confirm(
+        self,
+        request: HttpRequest,
+        *,
+        title: str,
+        action_url: str,
+        fields: dict[str, str],
+        lines: list[str],
+        button: str,
+        button_id: str,
+    ) -> HttpResponse:
+        """A page that asks before an action acts: the same POST again, with ``confirmed``."""
+        context = {
+            **self.admin_site.each_context(request),
+            "title": title,
+            "opts": self.model._meta,
+            "action_url": action_url,
+            "fields": fields,
+            "lines": lines,
+            "button": button,
+            "button_id": button_id,
+            "cancel_url": reverse("admin:profiles_auditrun_changelist"),
+        }
+        return TemplateResponse(request, "admin/profiles/auditrun/confirm_action.html", context)
+
     def revert_view(self, request: HttpRequest, run_id: uuid.UUID) -> HttpResponse:
         """GET: what a revert of this run would do. POST: revert it (or record a dry run)."""
         if not (self.has_view_permission(request) and self.has_revert_permission(request)):
@@ -521,6 +718,7 @@ class AuditRunAdmin(ReadOnlyAdmin):
             "opts": self.model._meta,
             "run": run,
             "scope": self.scope(run),
+            "started": moment_html(run.started_at),
             "by_type_table": self.by_type_table(run),
             "blocked": revert_blocker(run=run),
             "run_url": _run_url(run.id),
@@ -569,12 +767,12 @@ class AuditRunAdmin(ReadOnlyAdmin):
         conflicts = outcomes.get(FindingOutcome.CONFLICT, 0)
         failed = outcomes.get(FindingOutcome.FAILED, 0)
         text = format_html(
-            "{} {}: {} {}, {} conflicts (left alone){}. This is the revert's own run, {}.",
+            "{} {}: {} {}, {} (left alone){}. This is the revert's own run, {}.",
             "Reverted run" if fix else "Dry run of a revert of run",
             str(run.id)[:8],
             put_back,
             "put back" if fix else "would be put back",
-            conflicts,
+            plural(conflicts, "conflict"),
             f", {failed} failed" if failed else "",
             str(revert.id)[:8],
         )
@@ -619,11 +817,9 @@ class AuditFindingAdmin(ReadOnlyAdmin):
         "run_link",
         "organization",
         "type",
-        "action",
         "outcome_badge",
         "object_link",
-        "platform",
-        "external_id",
+        "external_key",
     ]
     list_filter = ["type", "action", FixedFilter, "outcome", RunFilter, OrganizationFilter]
     list_select_related = ["organization"]
@@ -636,6 +832,14 @@ class AuditFindingAdmin(ReadOnlyAdmin):
 
     def get_changelist(self, request, **kwargs):
         return SortableOnlyChangeList
+
+    def get_list_display(self, request):
+        # The External ID stays in view at 1366 px beside the admin's menu and the filters: no
+        # action column (each type has one fix; the filter and the finding's page have it), the
+        # platform under the external id, and no run column once the list is filtered to one run.
+        if request.GET.get(RunFilter.parameter_name):
+            return [name for name in self.list_display if name != "run_link"]
+        return self.list_display
 
     fields = [
         "run_link",
@@ -693,13 +897,43 @@ class AuditFindingAdmin(ReadOnlyAdmin):
     def object_link(self, finding: AuditFinding) -> str:
         return _object_link(finding)
 
+    @admin.display(description="external id")
+    def external_key(self, finding: AuditFinding) -> str:
+        if not finding.external_id:
+            return "-"
+        return format_html(
+            '{}<br><span class="quiet">{}</span>', finding.external_id, finding.platform or "-"
+        )
+
     @admin.display(description="before")
     def before_json(self, finding: AuditFinding) -> str:
-        return _pretty_json(finding.before)
+        return _pretty_json(finding, "before")
 
     @admin.display(description="after")
     def after_json(self, finding: AuditFinding) -> str:
-        return _pretty_json(finding.after)
+        return _pretty_json(finding, "after")
+
+    def get_urls(self):
+        return [
+            path(
+                "<uuid:finding_id>/value/<str:side>/",
+                self.admin_site.admin_view(self.value_view),
+                name="profiles_auditfinding_value",
+            ),
+            *super().get_urls(),
+        ]
+
+    def value_view(self, request: HttpRequest, finding_id: uuid.UUID, side: str) -> HttpResponse:
+        """The whole before or after value of one finding, as JSON (the pages show it cut)."""
+        if side not in ("before", "after"):
+            raise Http404("a finding has a before and an after value")
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        finding = get_object_or_404(AuditFinding.objects.only("id", side), id=finding_id)
+        return HttpResponse(
+            json.dumps(getattr(finding, side), indent=2, sort_keys=True),
+            content_type="application/json",
+        )
 
 
 # --- Rendering helpers ----------------------------------------------------------------------
@@ -741,18 +975,76 @@ def _object_link(finding: AuditFinding) -> str:
     return _link(url, f"{model_name} {str(finding.object_id)[:8]}")
 
 
-def _pretty_json(value: Any) -> str:
-    if value is None:
-        return "-"
+def _organization_range(first: uuid.UUID | None, end: uuid.UUID | None) -> str:
     return format_html(
-        '<pre class="audit-json">{}</pre>', json.dumps(value, indent=2, sort_keys=True)
+        '<span class="line">from {}</span><br><span class="line">to {}</span>',
+        format_html("<code>{}</code>", first) if first else "the first organization",
+        format_html("<code>{}</code>", end) if end else "the last organization",
     )
 
 
-def _compact_json(value: Any) -> str:
+def _shard_problem(shard) -> str:
+    parts = []
+    if shard.error:
+        parts.append(shard.error.strip().splitlines()[0][:200])
+    if shard.failed_organizations:
+        parts.append(plural(len(shard.failed_organizations), "organization") + " failed")
+    return "; ".join(parts) or "-"
+
+
+def _value_url(finding: AuditFinding, side: str) -> str:
+    return reverse("admin:profiles_auditfinding_value", args=[finding.id, side])
+
+
+def _size(chars: int) -> str:
+    if chars >= 1_000_000:
+        return f"{chars / 1_000_000:.1f} MB"
+    if chars >= 1_000:
+        return f"{chars / 1_000:.0f} kB"
+    return f"{chars} characters"
+
+
+def _cut(text: str, *, limit: int, url: str) -> str:
+    """``text`` as it is when short; else its first ``limit`` characters and a link to the
+    whole value (the value's size in the link)."""
+    if len(text) <= limit:
+        return text
+    return format_html(
+        '{}… <a class="audit-whole-value" href="{}">whole value ({})</a>',
+        text[:limit],
+        url,
+        _size(len(text)),
+    )
+
+
+def _pretty_json(finding: AuditFinding, side: str) -> str:
+    value = getattr(finding, side)
     if value is None:
+        return "-"
+    text = json.dumps(value, indent=2, sort_keys=True)
+    return format_html(
+        '<pre class="audit-json">{}</pre>',
+        _cut(text, limit=VALUE_SHOWN_CHARS_DETAIL, url=_value_url(finding, side)),
+    )
+
+
+def _compact_json(finding: AuditFinding, side: str) -> str:
+    """One line of JSON, from the head the database cut (``run_findings_page``): whole and
+    with sorted keys when short, else cut with a link to the whole value."""
+    head, chars = getattr(finding, f"{side}_head"), getattr(finding, f"{side}_chars")
+    if head is None:
         return ""
-    return json.dumps(value, sort_keys=True, separators=(", ", ": "))
+    if chars <= VALUE_SHOWN_CHARS:
+        try:
+            return json.dumps(json.loads(head), sort_keys=True, separators=(", ", ": "))
+        except ValueError:
+            return head
+    return format_html(
+        '{}… <a class="audit-whole-value" href="{}">whole value ({})</a>',
+        head,
+        _value_url(finding, side),
+        _size(chars),
+    )
 
 
 def _finding_row(finding: AuditFinding) -> dict[str, Any]:
@@ -766,7 +1058,7 @@ def _finding_row(finding: AuditFinding) -> dict[str, Any]:
         "action": finding.get_action_display(),
         "outcome": _outcome_badge(finding),
         "object": _object_link(finding),
-        "before": _compact_json(finding.before),
-        "after": _compact_json(finding.after),
+        "before": _compact_json(finding, "before"),
+        "after": _compact_json(finding, "after"),
         "detail": finding.detail,
     }

@@ -12,7 +12,7 @@ from uuid import UUID
 
 from django.db import connection, transaction
 from django.db.models import Exists, Max, OuterRef, Q, QuerySet, TextField
-from django.db.models.functions import Cast
+from django.db.models.functions import Cast, Length, Substr
 
 from boosts.models import BoostRule
 from connections.models import ConnectionAsset, PlatformConnection
@@ -449,8 +449,15 @@ def connection_organizations(*, connection_ids: Collection[UUID]) -> dict[UUID, 
     )
 
 
-def run_findings_page(*, run_id: UUID, page: int, per_page: int) -> tuple[list[AuditFinding], int]:
+def run_findings_page(
+    *, run_id: UUID, page: int, per_page: int, value_chars: int | None = None
+) -> tuple[list[AuditFinding], int]:
     """One page of a run's findings, in ``seq`` order, and the number of pages.
+
+    With ``value_chars``, before/after are not loaded: each row has ``before_head`` and
+    ``after_head`` (the value's JSON text, its first ``value_chars`` characters, cut by the
+    database) and ``before_chars``/``after_chars`` (its whole length): a value of 20 MB costs
+    the page a few kilobytes.
 
     A run's ``seq`` runs 1..n without gaps (``RunRecorder``), so page p is the ``seq`` range
     ((p-1) x per_page, p x per_page]: two index lookups whatever the page and the run's size, where
@@ -459,7 +466,7 @@ def run_findings_page(*, run_id: UUID, page: int, per_page: int) -> tuple[list[A
     last_seq = AuditFinding.objects.filter(run_id=run_id).aggregate(last=Max("seq"))["last"] or 0
     pages = max(1, -(-last_seq // per_page))
     page = min(max(page, 1), pages)
-    rows = list(
+    rows = (
         AuditFinding.objects.filter(
             run_id=run_id, seq__gt=(page - 1) * per_page, seq__lte=page * per_page
         )
@@ -467,7 +474,14 @@ def run_findings_page(*, run_id: UUID, page: int, per_page: int) -> tuple[list[A
         .only(*REVERT_FINDING_FIELDS, "organization__name", "outcome", "detail")
         .order_by("seq")
     )
-    return rows, pages
+    if value_chars is not None:
+        cut = {}
+        for side in ("before", "after"):
+            text = Cast(side, TextField())
+            cut[f"{side}_head"] = Substr(text, 1, value_chars)
+            cut[f"{side}_chars"] = Length(text)
+        rows = rows.defer("before", "after").annotate(**cut)
+    return list(rows), pages
 
 
 def prunable_runs(*, cutoff: datetime) -> QuerySet[AuditRun]:

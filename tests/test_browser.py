@@ -3,7 +3,9 @@ its findings and reverts it. Drives the distribution's Chromium (``apt-get insta
 through Playwright; ``make test-browser`` runs it (``.ci/run`` installs Chromium first).
 
 The run page is saved as a screenshot (``PROFILE_AUDIT_SCREENSHOT``, default
-``var/browser/audit-run.png``; ``docs/audit-run.png`` in the README is one of these).
+``var/browser/audit-run.png``; ``docs/audit-run.png`` in the README is one of these), and so are
+the top of the run page down to its shards (``audit-run-shards.png``) and the dashboard's trend
+chart (``trend-chart.png``), next to it in the same directory.
 """
 
 import os
@@ -40,8 +42,9 @@ SCREENSHOT = Path(
 
 
 @pytest.fixture
-def fixed_demo_run(django_capture_on_commit_callbacks):
-    """The demo organizations, fixed by one all-organization run."""
+def fixed_demo_run(django_capture_on_commit_callbacks, settings):
+    """The demo organizations, fixed by one all-organization run cut into shards of two."""
+    settings.PROFILE_AUDIT_SHARD_SIZE = 2
     call_command("seed_demo", stdout=StringIO())
     with django_capture_on_commit_callbacks(execute=True):
         report = ProfileConnectionAuditService().run_audit_for_all_orgs(
@@ -58,6 +61,9 @@ def test_an_operator_opens_a_run_sees_its_findings_and_reverts_it(
 
     User.objects.create_superuser("oncall", "oncall@example.com", "a long test password")
     run = fixed_demo_run
+    # A real page id can be 20 digits with nowhere to wrap.
+    missing = run.findings.filter(object_id=None).order_by("seq").first()
+    run.findings.filter(id=missing.id).update(external_id="1234567890" * 3)
     # Playwright's sync API runs an event loop in this thread; the ORM is not used meanwhile.
     monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
 
@@ -66,7 +72,7 @@ def test_an_operator_opens_a_run_sees_its_findings_and_reverts_it(
             executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
         )
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page = browser.new_page(viewport={"width": 1366, "height": 900})
             page.set_default_timeout(20_000)
 
             page.goto(f"{live_server.url}/admin/login/?next=/admin/profiles/auditrun/")
@@ -86,6 +92,33 @@ def test_an_operator_opens_a_run_sees_its_findings_and_reverts_it(
             expect(page.locator(".audit-by-type")).to_be_visible()
             SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+            # Its shards, each with the id `celery inspect active` shows for its task.
+            shards = page.locator("#audit-shards tbody tr")
+            expect(shards).to_have_count(run.shards.count())
+            for shard in run.shards.all():
+                expect(page.locator("#audit-shards")).to_contain_text(str(shard.id))
+            page.locator("#shards").screenshot(
+                path=str(SCREENSHOT.with_name("audit-run-shards.png"))
+            )
+            assert in_view(page, "#audit-shards"), "the shards table is cut off at 1366 px"
+            page.locator("#shards").screenshot(
+                path=str(SCREENSHOT.with_name("audit-run-shards.png"))
+            )
+
+            # The findings list keeps its last column in view at 1366 and 1400 pixels.
+            for width, query in ((1366, f"?run={run.id}"), (1400, ""), (1366, "")):
+                page.goto(f"{live_server.url}/admin/profiles/auditfinding/{query}")
+                page.set_viewport_size({"width": width, "height": 900})
+                expect(page.locator("#result_list th.column-external_key")).to_be_visible()
+                assert page.evaluate("document.documentElement.scrollWidth") <= width
+                page.screenshot(
+                    path=str(SCREENSHOT.with_name(f"findings-{width}{bool(query)}.png"))
+                )
+                assert in_view(page, "#result_list th.column-external_key"), width
+                assert in_view(page, "#result_list td.field-external_key"), width
+            page.set_viewport_size({"width": 1366, "height": 900})
+            page.goto(f"{live_server.url}/admin/profiles/auditrun/{run.id}/change/")
 
             # A finding links to the object it concerns.
             page.locator("table.audit-findings tbody tr").first.locator("a").first.click()
@@ -123,6 +156,23 @@ def right_edge(page, selector: str) -> float:
     return box["x"] + box["width"]
 
 
+# Whether the element's right edge is in view: inside the window and inside every ancestor that
+# clips or scrolls sideways (the admin's results table scrolls inside its own box).
+IN_VIEW = """sel => {
+  const el = document.querySelector(sel);
+  let right = window.innerWidth;
+  for (let p = el.parentElement; p; p = p.parentElement) {
+    if (["auto", "scroll", "hidden"].includes(getComputedStyle(p).overflowX))
+      right = Math.min(right, p.getBoundingClientRect().right);
+  }
+  return el.getBoundingClientRect().right <= right + 0.5;
+}"""
+
+
+def in_view(page, selector: str) -> bool:
+    return page.evaluate(IN_VIEW, selector)
+
+
 def test_an_operator_reads_the_dashboard_and_runs_the_audit_now(
     live_server, fixed_demo_run, monkeypatch
 ):
@@ -132,7 +182,8 @@ def test_an_operator_reads_the_dashboard_and_runs_the_audit_now(
 
     User.objects.create_superuser("oncall", "oncall@example.com", "a long test password")
     run = fixed_demo_run
-    # Two days of history before it, for the chart: scheduled runs every six hours.
+    # Two days of history before it, for the chart: scheduled runs every six hours, one of
+    # them large, one failed, one that found nothing, and a dry run.
     for n in range(1, 9):
         started = run.started_at - timedelta(hours=6 * n)
         AuditRun.objects.create(
@@ -145,6 +196,13 @@ def test_an_operator_reads_the_dashboard_and_runs_the_audit_now(
             found=3 + (n * 5) % 11,
             fixed=2 + (n * 5) % 11,
         )
+    history = AuditRun.objects.exclude(id=run.id).order_by("started_at")
+    AuditRun.objects.filter(id=history[1].id).update(found=4_200, fixed=4_100)
+    AuditRun.objects.filter(id=history[3].id).update(
+        status=AuditStatus.FAILED, found=0, fixed=0, error="OperationalError: server closed"
+    )
+    AuditRun.objects.filter(id=history[5].id).update(found=0, fixed=0)
+    AuditRun.objects.filter(id=history[6].id).update(fix=False, trigger=AuditTrigger.COMMAND)
     # Long cells, as in real life: a revert of one organization, a run skipped on the lock.
     AuditRun.objects.create(
         trigger=AuditTrigger.REVERT,
@@ -186,9 +244,31 @@ def test_an_operator_reads_the_dashboard_and_runs_the_audit_now(
                 width = page.evaluate("window.innerWidth")
                 assert page.evaluate("document.documentElement.scrollWidth") <= width
                 for column in ("found", "fixed", "duration"):
-                    assert right_edge(page, f"#result_list th.column-{column}") <= width, column
+                    assert in_view(page, f"#result_list th.column-{column}"), column
                 DASHBOARD_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
                 page.screenshot(path=str(DASHBOARD_SCREENSHOT), full_page=True)
+                page.locator("section.trend").screenshot(
+                    path=str(DASHBOARD_SCREENSHOT.with_name("trend-chart.png"))
+                )
+                # The chart: log scale with its ticks, failed and empty runs marked, dry runs apart.
+                expect(page.locator("section.trend h2")).to_contain_text("(log scale)")
+                expect(page.locator("#audit-trend .audit-chart-run.failed")).to_have_count(1)
+                expect(page.locator("#audit-trend .nothing-found")).to_have_count(2)
+                expect(page.locator("#audit-trend rect.found.dry")).to_have_count(1)
+                tick = page.locator("#audit-trend text", has_text="1,000").first
+                expect(tick).to_be_visible()
+
+                # Fix asks first: one click shows a question and sends nothing.
+                page.click("#run-now-fix")
+                expect(page.locator("#confirm-run-now-fix")).to_be_visible()
+                page.click("#cancel-action")
+                expect(page.locator("#audit-dashboard")).to_be_visible()
+                assert not AuditRun.objects.filter(trigger=AuditTrigger.ADMIN).exists()
+                # And so does Release.
+                page.click("#release-lock")
+                expect(page.locator("#confirm-release-lock")).to_be_visible()
+                assert lock.client.get(lock.key).decode() == token
+                page.click("#cancel-action")
 
                 # Run now (a dry run: the fixing lock is held) sends a run that appears.
                 page.click("#run-now-dry")

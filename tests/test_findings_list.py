@@ -52,3 +52,15 @@ def test_only_indexed_columns_sort(staff):  # noqa: F811
     assert [f.seq for f in by_seq_desc] == sorted((f.seq for f in by_seq_desc), reverse=True)
     page = staff.get(FINDINGS).content.decode()
     assert 'class="sortable column-seq' in page and 'class="sortable column-type' not in page
+
+
+def test_the_list_keeps_the_external_id_in_few_columns(staff):  # noqa: F811
+    """Beside the admin's menu and the filters, at 1366 px (the browser test measures it): no
+    action column, the platform under the external id, no run column within one run."""
+    run = recorded_run(findings=4)
+    page = staff.get(FINDINGS).content.decode()
+    assert 'class="column-external_key"' in page and "column-action" not in page
+    assert 'ext-1<br><span class="quiet">facebook</span>' in page
+    assert "column-run_link" in page
+    within = staff.get(FINDINGS, {"run": run.id}).content.decode()
+    assert "column-run_link" not in within and 'class="column-external_key"' in within

@@ -21,10 +21,25 @@ from redis.backoff import NoBackoff
 from redis.exceptions import LockError, LockNotOwnedError
 from redis.retry import Retry
 
-REDIS_START_HINT = (
-    'start it with: redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save ""'
-    " --appendonly no"
-)
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def redis_start_hint(url: str) -> str:
+    """What to do when the lock's Redis does not answer, for the host and port the URL names
+    (never its password): on this machine, the command that starts it there."""
+    try:
+        parts = urlsplit(url)
+        if parts.scheme == "unix":
+            return f"check that Redis listens on the socket {parts.path}"
+        host, port = parts.hostname or "127.0.0.1", parts.port or 6379
+    except ValueError:  # a port that is not a number: the URL itself is what to fix
+        return f"fix the URL ({_redacted(url)})"
+    if host not in LOOPBACK_HOSTS:
+        return f"check that Redis on {host} port {port} is up and reachable from this host"
+    return (
+        f'start it with: redis-server --daemonize yes --bind {host} --port {port} --save ""'
+        " --appendonly no"
+    )
 
 
 class RunLockUnavailable(RuntimeError):
@@ -208,7 +223,7 @@ class RedisRunLock:
         return RunLockUnavailable(
             f"cannot reach Redis at {_redacted(self._url)} for the fixing-run lock "
             f"({type(exc).__name__}: {exc}). Check "
-            f"PROFILE_AUDIT_LOCK_REDIS_URL / REDIS_URL, or {REDIS_START_HINT}"
+            f"PROFILE_AUDIT_LOCK_REDIS_URL / REDIS_URL, or {redis_start_hint(self._url)}"
         )
 
 
