@@ -15,7 +15,7 @@ from django.contrib import admin, messages
 from django.contrib.admin.views.main import ChangeList
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
-from django.db.models import Count, Q, QuerySet
+from django.db.models import Q, QuerySet
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
@@ -47,13 +47,18 @@ from profiles.models import (
 )
 from profiles.plan import ALL_TYPES
 from profiles.selectors import run_findings_page
-from profiles.services.recording import close_run
-from profiles.services.revert import RevertRejected, claim_revert, revert_blocker
+from profiles.services.revert import (
+    RevertRejected,
+    claim_revert,
+    revert_blocker,
+    revert_outcomes,
+)
 from profiles.services.run_lock import (
     RunLockUnavailable,
     fixing_run_lock_state,
     force_release_fixing_run_lock,
 )
+from profiles.services.runs import finish_run
 
 FINDINGS_PER_PAGE = 100
 # A run's page names at most this many guarded or failed organizations (the findings list
@@ -308,7 +313,9 @@ class AuditRunAdmin(ReadOnlyAdmin):
         return format_html(
             '<div class="audit-shard-scroll"><table class="audit-shard-table" id="audit-shards">'
             "<thead><tr><th>#, id</th><th>organizations by id (to: not included); cursor: the last done</th>"
-            "<th>status</th><th>audited</th><th>found / fixed</th><th>deliveries</th>"
+            "<th>status</th><th>audited</th><th>found / fixed</th>"
+            '<th title="Deliveries that died working it (a kill, a lost worker); continuations '
+            'do not count. At PROFILE_AUDIT_SHARD_MAX_ATTEMPTS it is failed.">deliveries died</th>'
             "<th>worker</th><th>started, finished</th>{}</tr>"
             "</thead><tbody>{}</tbody></table></div>{}",
             format_html("<th>{}</th>", "error") if errors else "",
@@ -746,7 +753,7 @@ class AuditRunAdmin(ReadOnlyAdmin):
             revert_run_task.delay(str(revert.id))
         except Exception as exc:
             error = f"the revert task could not be sent: {type(exc).__name__}: {exc}"
-            close_run(revert, status=AuditStatus.FAILED, error=error)
+            finish_run(revert, status=AuditStatus.FAILED, error=error)  # and frees its lease
             self.message_user(request, f"Not reverted: {error}", messages.ERROR)
             return HttpResponseRedirect(_run_url(revert.id))
         if fix:
@@ -762,10 +769,7 @@ class AuditRunAdmin(ReadOnlyAdmin):
             self.message_user(request, text, messages.SUCCESS)
             return HttpResponseRedirect(_run_url(revert.id))
         # Done already (no broker: tasks run in the request): say what it did.
-        outcomes = dict(revert.findings.order_by().values_list("outcome").annotate(n=Count("id")))
-        put_back = outcomes.get(FindingOutcome.FIXED if fix else FindingOutcome.PLANNED, 0)
-        conflicts = outcomes.get(FindingOutcome.CONFLICT, 0)
-        failed = outcomes.get(FindingOutcome.FAILED, 0)
+        put_back, conflicts, failed = revert_outcomes(revert)
         text = format_html(
             "{} {}: {} {}, {} (left alone){}. This is the revert's own run, {}.",
             "Reverted run" if fix else "Dry run of a revert of run",

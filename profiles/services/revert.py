@@ -22,7 +22,7 @@ from typing import Any
 from uuid import UUID
 
 from django.db import connection, transaction
-from django.db.models import TextField
+from django.db.models import Count, TextField
 from django.db.models.functions import Cast
 from django.utils import timezone
 
@@ -115,6 +115,23 @@ class RevertReport:
             "duration_seconds": run.duration_seconds,
             "error": run.error or None,
         }
+
+
+def revert_outcomes(run: AuditRun) -> tuple[int, int, int]:
+    """(put back, conflicts, failed) of a revert's run, counted from its findings (a dry run's
+    put-backs are its planned ones)."""
+    outcomes = dict(
+        AuditFinding.objects.filter(run_id=run.id)
+        .order_by()
+        .values_list("outcome")
+        .annotate(n=Count("id"))
+    )
+    put_back = outcomes.get(FindingOutcome.FIXED if run.fix else FindingOutcome.PLANNED, 0)
+    return (
+        put_back,
+        outcomes.get(FindingOutcome.CONFLICT, 0),
+        outcomes.get(FindingOutcome.FAILED, 0),
+    )
 
 
 # --- Which runs can be reverted -------------------------------------------------------------
@@ -269,6 +286,8 @@ def perform_revert(*, revert_run_id: UUID, source: str = "task") -> RevertReport
     log = audit_logger().bind(run_id=str(run.id), reverted_run_id=str(target.id), fix_mode=run.fix)
     log.info("profile_audit.revert_started", source=source, requested_by=run.requested_by or None)
     lease = runs.lease_of(run) if run.fix else None
+    # Taken by a worker: its page says started, not queued, from now on.
+    AuditRun.objects.filter(id=run.id).update(last_progress_at=timezone.now())
     try:
         findings = fixed_findings_newest_first(run_id=target.id, page_size=CHUNK_SIZE)
         # A run records organization after organization, so each group is one organization.
