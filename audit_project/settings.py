@@ -100,6 +100,9 @@ SQLITE_PATH = Path(env.str("SQLITE_PATH", str(BASE_DIR / "var" / "profile_sync_a
 
 if env.is_set("DATABASE_URL"):
     DATABASES = {"default": env.db_url("DATABASE_URL", CONN_MAX_AGE=60)}
+    DATABASES["default"].setdefault("OPTIONS", {}).setdefault(
+        "application_name", "profile-sync-audit"
+    )
 else:
     SQLITE_PATH.parent.mkdir(parents=True, exist_ok=True)
     DATABASES = {

@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from uuid import UUID
 
-from django.db import transaction
-
 from connections.models import ConnectionAsset, PlatformConnection
 from connections.platforms import ASSET_TYPE_PLATFORM
+from profiles.change_marks import REALTIME_SYNC, writer
 from profiles.services.organization_lock import lock_organization
 from profiles.services.sync import SyncResult, sync_profile
 
@@ -19,7 +18,7 @@ def set_asset_selection(
     """Select (or deselect) assets of a connection, then sync each affected key's profile at
     once, in the same transaction, as the product's real-time sync does."""
     asset_ids = list(asset_ids)
-    with transaction.atomic():
+    with writer(REALTIME_SYNC):  # the transaction, its writes tagged
         lock_organization(connection.organization_id)
         assets = list(
             ConnectionAsset.objects.filter(connection=connection, id__in=asset_ids).values_list(

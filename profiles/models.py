@@ -337,3 +337,44 @@ class FixingRunLease(models.Model):
 
     def __str__(self) -> str:
         return f"Fixing-run lease {self.name} (epoch {self.epoch})"
+
+
+class ChangeMark(models.Model):
+    """An organization written to since it was last audited: the work list of change-driven runs.
+
+    Written only by database triggers (migration ``0012_change_marks``), in the writing
+    transaction, on every insert, update and delete of the audited tables (connections, assets,
+    profiles, queue settings, boost rules), never by Python. A run takes marks with their
+    ``version`` and clears only those: ``DELETE ... WHERE organization_id = %s AND version = %s``
+    leaves a mark written after the take, since every write raises its version.
+    """
+
+    # Not checked by the database: the triggers write a mark in the same transaction that may
+    # go on to delete the organization (Django deletes its rows first, marking it, then the
+    # organization), and a checked reference would fail that commit. A mark can so outlive its
+    # organization; the run that takes it finds nothing to audit and clears it.
+    organization = models.OneToOneField(
+        "orgs.Organization",
+        primary_key=True,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        related_name="change_mark",
+    )
+    first_marked_at = models.DateTimeField(help_text="The first write since the last audit.")
+    last_marked_at = models.DateTimeField(help_text="The latest write.")
+    writes = models.BigIntegerField(
+        default=0, help_text="Rows written since the first mark (a row moved counts in both)."
+    )
+    # [{"application_name": ..., "writer": ... or null, "at": ISO time}, ...], oldest first:
+    # the last CHANGE_MARK_WRITERS distinct (application_name, writer) pairs.
+    writers = models.JSONField(default=list, blank=True)
+    # Raised on every write from one counter that never goes back (a PostgreSQL sequence; a
+    # one-row counter on SQLite), so a mark cleared and written again never repeats a version a
+    # run may still hold. No index: the triggers update it on every write.
+    version = models.BigIntegerField()
+
+    class Meta:
+        ordering = ["first_marked_at"]
+
+    def __str__(self) -> str:
+        return f"Change mark of {self.organization_id} (version {self.version})"
