@@ -316,3 +316,13 @@ def _write(kind: str, org) -> None:
             SocialProfile.objects.filter(id=first.id).update(deleted_at=timezone.now())
     else:
         SocialProfile.objects.filter(organization=org).update(name="renamed")
+
+
+def test_the_audits_own_fixes_are_tagged_as_its_writes():
+    _, profile = healthy_org()
+    audited_and_clean()
+    orphan(profile)
+    changed("--fix")
+
+    mark = ChangeMark.objects.get(organization_id=profile.organization_id)
+    assert "audit-fix" in {w["writer"] for w in mark.writers}
