@@ -140,6 +140,7 @@ CELERY_TASK_DEFAULT_QUEUE = "celery"
 CELERY_TASK_ROUTES = {
     "profiles.audit_sync": {"queue": "maintenance"},
     "profiles.audit_shard": {"queue": "maintenance"},
+    "profiles.audit_changes": {"queue": "maintenance"},
     "profiles.revert_run": {"queue": "maintenance"},
     "profiles.prune_audit_runs": {"queue": "maintenance"},
     "profiles.sync_profile": {"queue": "celery"},
@@ -198,9 +199,7 @@ PROFILE_AUDIT_ORG_LOCK_WAIT = env.float("PROFILE_AUDIT_ORG_LOCK_WAIT", 30, minim
 # restarted without persistence) or their workers: its open shards are sent again (by the
 # waiting command and the daily maintenance). The waiting command gives up (exit 2) after it
 # saw no progress for twice as long.
-PROFILE_AUDIT_SHARD_STALE_AFTER = env.float(
-    "PROFILE_AUDIT_SHARD_STALE_AFTER", 600, minimum=0.001
-)
+PROFILE_AUDIT_SHARD_STALE_AFTER = env.float("PROFILE_AUDIT_SHARD_STALE_AFTER", 600, minimum=0.001)
 # The scheduled task: at the soft limit it stops after the organization in progress; the hard
 # limit (10 minutes) kills it. soft < hard < lock TTL < the six-hour interval.
 PROFILE_AUDIT_SOFT_TIME_LIMIT = env.int("PROFILE_AUDIT_SOFT_TIME_LIMIT", 540, minimum=1)
@@ -228,6 +227,15 @@ PROFILE_AUDIT_BEAT_ENTRIES = {
         "kwargs": {"fix": True, "trigger": "schedule"},
         "options": {"queue": "maintenance", "expire_seconds": PROFILE_AUDIT_SCHEDULE_EXPIRES},
         "description": "The scheduled audit of every organization, with fixes.",
+    },
+    # Change-driven runs, every minute: audit (and fix) what changed since the last audit; the
+    # six-hourly sweep above stays as the resync. Expires before the next minute's message.
+    "profile-connection-sync-audit-changes": {
+        "task": "profiles.audit_changes",
+        "schedule": crontab(minute="*"),
+        "kwargs": {"fix": True},
+        "options": {"queue": "maintenance", "expire_seconds": 55},
+        "description": "Change-driven audit of the organizations written to since their last audit.",
     },
     # Retention, daily at 03:30 UTC: prune audit runs older than PROFILE_AUDIT_RETENTION_DAYS
     # (never the latest run of an organization). Expires long before the next day's entry.

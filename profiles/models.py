@@ -77,6 +77,7 @@ class AuditTrigger(models.TextChoices):
     SCHEDULE = "schedule", "Schedule"
     ADMIN = "admin", "Admin"
     REVERT = "revert", "Revert"
+    CHANGES = "changes", "Changes (change-driven run)"
 
 
 class AuditStatus(models.TextChoices):
@@ -148,6 +149,14 @@ class AuditRun(models.Model):
         blank=True,
         help_text="The fencing epoch of the lease this fixing run took: its transactions commit "
         "only while the lease still has it.",
+    )
+    missed_by_changes = models.PositiveIntegerField(
+        default=0,
+        help_text="A sweep's findings in organizations that carried no change mark: drift the "
+        "change-driven runs could not have seen. Should be 0.",
+    )
+    oldest_mark_at = models.DateTimeField(
+        null=True, blank=True, help_text="A change-driven run: when its oldest mark was written."
     )
     process = models.CharField(
         max_length=255,
@@ -221,6 +230,10 @@ class AuditShard(models.Model):
     heartbeat_at = models.DateTimeField(
         null=True, blank=True, help_text="When a delivery last claimed it or committed a chunk."
     )
+    # A change-driven run's shard: exactly these organizations (null: the id range above), and
+    # the versions of their change marks it took; a fixing chunk clears those and only those.
+    organization_ids = models.JSONField(null=True, blank=True)
+    taken_marks = models.JSONField(default=dict, blank=True)
 
     class Meta:
         ordering = ["run", "index"]
@@ -378,3 +391,32 @@ class ChangeMark(models.Model):
 
     def __str__(self) -> str:
         return f"Change mark of {self.organization_id} (version {self.version})"
+
+
+class UnsettledOrganization(models.Model):
+    """An organization whose last fixing audit left something not done (a failed, guarded or
+    stale finding, or a sync job not yet confirmed): change-driven runs audit it again, marked
+    or not, until an audit settles it. Written by the audit, in each chunk's transaction."""
+
+    organization_id = models.UUIDField(primary_key=True)
+    since = models.DateTimeField(default=timezone.now)
+    reason = models.CharField(max_length=20, help_text="The first outcome left not done.")
+
+    def __str__(self) -> str:
+        return f"Unsettled organization {self.organization_id} ({self.reason})"
+
+
+class ChangeLoop(models.Model):
+    """The change-driven loop's heartbeat, for /metrics and /health/: kept even when a check
+    found nothing marked and so recorded no run."""
+
+    name = models.CharField(max_length=50, primary_key=True, default="changes")
+    last_checked_at = models.DateTimeField(null=True, blank=True)
+    backlog = models.PositiveIntegerField(default=0, help_text="Organizations marked or unsettled.")
+    oldest_mark_at = models.DateTimeField(null=True, blank=True)
+    last_run = models.ForeignKey(
+        AuditRun, null=True, blank=True, on_delete=models.SET_NULL, db_constraint=False
+    )
+
+    def __str__(self) -> str:
+        return f"Change-driven loop (checked {self.last_checked_at})"

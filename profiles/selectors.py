@@ -21,10 +21,12 @@ from orgs.models import Organization
 from profiles.models import (
     AuditFinding,
     AuditRun,
+    ChangeMark,
     FindingAction,
     FindingOutcome,
     FindingType,
     SocialProfile,
+    UnsettledOrganization,
 )
 from profiles.plan import (
     AssetRow,
@@ -45,10 +47,20 @@ def organization_id_chunks(
     first: UUID | None = None,
     end: UUID | None = None,
     after: UUID | None = None,
+    among: Sequence[UUID] | None = None,
 ) -> Iterator[list[UUID]]:
     """Organization ids in [first, end) (None: unbounded), after ``after``, in chunks ordered
     by id (keyset pagination: one query a chunk, and organizations created meanwhile are still
-    reached if their id sorts later)."""
+    reached if their id sorts later). ``among``: only these (a change-driven run's shard); an
+    organization deleted since it was marked is left out."""
+    if among is not None:
+        wanted = sorted(o for o in among if after is None or o > after)
+        for start in range(0, len(wanted), chunk_size):
+            part = wanted[start : start + chunk_size]
+            existing = set(Organization.objects.filter(id__in=part).values_list("id", flat=True))
+            if chunk := [o for o in part if o in existing]:
+                yield chunk
+        return
     last = after
     while True:
         ids = Organization.objects.order_by("id")
@@ -518,3 +530,29 @@ def stale_queue_setting_deletions(
     if after_finding is not None:
         findings = findings.filter(id__gt=after_finding)
     return list(findings.order_by("id").values_list("id", "object_id", "after", "run_id")[:limit])
+
+
+# --- Change-driven runs: what is marked, what is unsettled ---------------------------------------
+
+
+def change_marks(organization_ids: Sequence[UUID] | None = None) -> dict[UUID, int]:
+    """{organization: version} of the change marks (of these organizations; None: all)."""
+    marks = ChangeMark.objects.order_by()
+    if organization_ids is not None:
+        marks = marks.filter(organization_id__in=list(organization_ids))
+    return dict(marks.values_list("organization_id", "version"))
+
+
+def oldest_change_mark() -> datetime | None:
+    return (
+        ChangeMark.objects.order_by("first_marked_at")
+        .values_list("first_marked_at", flat=True)
+        .first()
+    )
+
+
+def unsettled_organizations(organization_ids: Sequence[UUID] | None = None) -> set[UUID]:
+    rows = UnsettledOrganization.objects.order_by()
+    if organization_ids is not None:
+        rows = rows.filter(organization_id__in=list(organization_ids))
+    return set(rows.values_list("organization_id", flat=True))

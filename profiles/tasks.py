@@ -22,10 +22,12 @@ from profiles.services.audit import (
     CONTINUE,
     AuditRequest,
     Budget,
+    NoRun,
     close_dead_runs,
     fail_shard,
     resend_stale_shards,
     send_shards,
+    start_change_run,
     start_run,
     work_shard,
 )
@@ -130,6 +132,42 @@ def audit_sync_task(
         "shards": shards,
         "total_issues_found": run.found,
         "total_issues_fixed": run.fixed,
+    }
+
+
+@shared_task(
+    bind=True,
+    base=AuditTask,
+    name="profiles.audit_changes",  # queue: maintenance (CELERY_TASK_ROUTES)
+    **RETRYING,
+)
+def audit_changes_task(self: AuditTask, fix: bool = True) -> dict[str, Any]:
+    """The change-driven run (beat entry "profile-connection-sync-audit-changes", every
+    minute): audit what changed since the last audit, fanned out like the sweep. Nothing
+    changed, or a fixing run holding the lease: no run is recorded, only the heartbeat."""
+    with structlog.contextvars.bound_contextvars(task_id=self.request.id):
+        started = start_change_run(
+            AuditRequest(fix=fix, changed=True, task_id=self.request.id or "")
+        )
+        if isinstance(started, NoRun):
+            return {
+                "run_id": None,
+                "status": "idle",
+                "fix_mode": fix,
+                "reason": started.reason,
+                "shards": 0,
+                "total_issues_found": 0,
+                "total_issues_fixed": 0,
+            }
+        shards = send_shards(started) if started.status == AuditStatus.RUNNING else 0
+    started.refresh_from_db()
+    return {
+        "run_id": str(started.id),
+        "status": started.status,
+        "fix_mode": started.fix,
+        "shards": shards,
+        "total_issues_found": started.found,
+        "total_issues_fixed": started.fixed,
     }
 
 

@@ -22,7 +22,7 @@ from uuid import UUID
 from celery import signature
 from django.conf import settings
 from django.db import DatabaseError
-from django.db.models import Count
+from django.db.models import Count, Sum
 from django.utils import timezone
 
 from audit_project.celery import app as celery_app
@@ -39,8 +39,15 @@ from profiles.models import (
     ShardStatus,
 )
 from profiles.plan import SCOPES, Finding, Guard, OrgPlan, plan_organization, types_for_scopes
-from profiles.selectors import load_snapshots, organization_id_chunks, shard_starts
+from profiles.selectors import (
+    change_marks,
+    load_snapshots,
+    organization_id_chunks,
+    shard_starts,
+    unsettled_organizations,
+)
 from profiles.services import runs
+from profiles.services.change_runs import beat, shard_lists, take_work_list
 from profiles.services.chunks import (
     ChunkOutcome,
     RunBudget,
@@ -99,8 +106,12 @@ class AuditRequest:
     task_id: str = ""
     deadline: timedelta | None = None
     """Shards not finished this long after the start are skipped (scheduled runs)."""
+    changed: bool = False
+    """A change-driven run: only the organizations marked or unsettled (trigger ``changes``)."""
 
     def __post_init__(self) -> None:
+        if self.changed and self.organization_id is not None:
+            raise ValueError("a change-driven run audits what changed; it takes no organization")
         unknown = set(self.scopes) - set(SCOPES)
         if unknown:
             raise ValueError(f"unknown finding types: {', '.join(sorted(unknown))}")
@@ -195,11 +206,36 @@ class RunReport:
             "organization": str(run.organization_id) if run.organization_id else None,
             "types": run.types,
             "organizations_audited": run.organizations_audited,
+            "missed_by_changes": run.missed_by_changes,
             "totals": {"found": run.found, "fixed": run.fixed},
             "by_type": run.by_type,
             "organizations": [o.as_json() for o in self.organizations],
             "duration_seconds": run.duration_seconds,
             "error": run.error or None,
+        }
+
+
+@dataclass(frozen=True)
+class NoRun:
+    """A change-driven check that recorded no run: nothing was marked or unsettled, or a fixing
+    run holds the lease (it takes the marks of what it audits; the next check goes on)."""
+
+    fix: bool
+    reason: str
+    backlog: int
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "run_id": None,
+            "fix": self.fix,
+            "status": "idle",
+            "reason": self.reason,
+            "backlog": self.backlog,
+            "organizations_audited": 0,
+            "totals": {"found": 0, "fixed": 0},
+            "by_type": empty_counts(),
+            "organizations": [],
+            "duration_seconds": 0.0,
         }
 
 
@@ -260,6 +296,56 @@ def start_run(request: AuditRequest, *, in_process: bool = False) -> AuditRun:
     return run
 
 
+def start_change_run(request: AuditRequest, *, in_process: bool = False) -> AuditRun | NoRun:
+    """Start a change-driven run: take the lease (fixing), then the work list — the marks with
+    their versions and the unsettled organizations — and record the run over exactly those, in
+    shards that carry the marks they may clear. Nothing to audit, or the lease held by another
+    fixing run: no run is recorded, only the loop's heartbeat."""
+    log = audit_logger().bind(fix_mode=request.fix, trigger=AuditTrigger.CHANGES)
+    lease = None
+    if request.fix:
+        taken = take_lease(log=log)  # RunLockUnavailable: the caller's retry
+        if isinstance(taken, LeaseHeld):
+            work = take_work_list()
+            beat(work=work, run=None)
+            log.info("profile_audit.changes_waiting", held_by=taken.reason)
+            return NoRun(
+                fix=True,
+                reason=f"another fixing run holds the lease ({taken.reason}); marks wait",
+                backlog=len(work.organizations),
+            )
+        lease = taken.lease
+    try:
+        work = take_work_list()
+        if not work.organizations:
+            beat(work=work, run=None)
+            if lease is not None:
+                lease.release()
+            return NoRun(fix=request.fix, reason="nothing changed since the last audit", backlog=0)
+        run = create_run(
+            fields={**_run_fields(request), "oldest_mark_at": work.oldest_mark_at},
+            lease=lease,
+            lists=list(shard_lists(work, shard_size=settings.PROFILE_AUDIT_SHARD_SIZE)),
+            organizations_total=len(work.organizations),
+            in_process=in_process,
+        )
+        beat(work=work, run=run)
+    except BaseException:
+        if lease is not None:
+            lease.release()
+        raise
+    log.info(
+        "profile_audit.started",
+        run_id=str(run.id),
+        organizations=run.organizations_total,
+        marked=len(work.marks),
+        unsettled=len(work.unsettled),
+        oldest_mark_at=work.oldest_mark_at.isoformat() if work.oldest_mark_at else None,
+        lock_epoch=run.lock_epoch,
+    )
+    return run
+
+
 def _create_run(request: AuditRequest, *, lease, in_process: bool) -> AuditRun:
     if request.organization_id is not None:
         org = request.organization_id
@@ -283,7 +369,7 @@ def _create_run(request: AuditRequest, *, lease, in_process: bool) -> AuditRun:
 def _run_fields(request: AuditRequest) -> dict[str, object]:
     """What every record of a run takes from the request that asked for it."""
     return {
-        "trigger": request.trigger,
+        "trigger": AuditTrigger.CHANGES if request.changed else request.trigger,
         "organization_id": request.organization_id,
         "types": list(request.scopes),
         "fix": request.fix,
@@ -367,10 +453,11 @@ def work_shard(
     )
     lease = lease_of(run) if run.fix else None
     budget_of_run = (
-        RunBudget(run_id=run.id, limit=settings.PROFILE_AUDIT_RUN_MAX_DELETIONS)
-        if run.fix and not run.forced
-        else None
+        RunBudget(run_id=run.id, limit=deletions_left(run)) if run.fix and not run.forced else None
     )
+    among = None if shard.organization_ids is None else [UUID(o) for o in shard.organization_ids]
+    # A sweep (every organization) counts what the change marks missed.
+    sweep = among is None and run.organization_id is None
     worked = False
     try:
         for chunk in organization_id_chunks(
@@ -378,9 +465,30 @@ def work_shard(
             first=shard.first_organization_id,
             end=shard.end_organization_id,
             after=shard.cursor,
+            among=among,
         ):
             with collector_paused():
+                # Marks are taken before the snapshot: the audit sees at least their writes.
+                if among is not None:
+                    marks = {
+                        o: shard.taken_marks[str(o)] for o in chunk if str(o) in shard.taken_marks
+                    }
+                else:
+                    marks = change_marks(chunk) if run.fix or sweep else {}
+                unsettled = unsettled_organizations(chunk) if sweep else set()
                 plans = plan_chunk(chunk, types=types, guard=guard)
+                position.take_chunk(
+                    chunk,
+                    marks=marks,
+                    missed={
+                        p.organization_id: len(p.findings)
+                        for p in plans
+                        if sweep
+                        and p.findings
+                        and p.organization_id not in marks
+                        and p.organization_id not in unsettled
+                    },
+                )
                 reason = budget.spent() if budget else None
                 if reason and worked:
                     return _paused(shard, reason=reason, position=position, log=log)
@@ -419,6 +527,20 @@ def work_shard(
         return STOPPED
     end_shard(shard, ShardStatus.DONE, log=log)
     return DONE
+
+
+def deletions_left(run: AuditRun) -> int:
+    """What the run may soft-delete: one PROFILE_AUDIT_RUN_MAX_DELETIONS per schedule period for
+    all fixing runs together (sweep and change-driven), so a platform-wide revocation costs one
+    budget, not one a minute. Fixing runs never overlap (the lease): the others' reservations
+    are final."""
+    since = run.started_at - timedelta(seconds=settings.PROFILE_AUDIT_SCHEDULE_PERIOD)
+    used = (
+        AuditRun.objects.filter(fix=True, forced=False, started_at__gte=since)
+        .exclude(id=run.id)
+        .aggregate(n=Sum("deletions_reserved"))["n"]
+    )
+    return max(0, settings.PROFILE_AUDIT_RUN_MAX_DELETIONS - (used or 0))
 
 
 def _paused(shard: AuditShard, *, reason: str, position: ShardCursor, log) -> str:
@@ -541,10 +663,13 @@ def run_audit(
     *,
     progress: ProgressCallback | None = None,
     budget: Budget | None = None,
-) -> RunReport:
+) -> RunReport | NoRun:
     """Start the run and work all its shards here, one after another. A spent budget stops the
     run there (``partial``); an error that is not contained fails it and is raised."""
-    run = start_run(request, in_process=True)
+    started = (start_change_run if request.changed else start_run)(request, in_process=True)
+    if isinstance(started, NoRun):
+        return started
+    run = started
     if run.status != AuditStatus.RUNNING:
         return RunReport(run)
     done = 0

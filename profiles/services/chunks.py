@@ -24,6 +24,7 @@ from django.db import InterfaceError, OperationalError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
+from profiles.change_marks import AUDIT_FIX, writer
 from profiles.models import (
     AuditRun,
     FindingAction,
@@ -368,7 +369,8 @@ def _fix_in_one_transaction(
     now = timezone.now()
     org_ids = [p.organization_id for p in plans]
     outcome = ChunkOutcome()
-    with transaction.atomic():
+    # The fix's writes are tagged: its change marks (and later findings) name the audit.
+    with transaction.atomic(), writer(AUDIT_FIX):
         _lock_within_bound(org_ids, epoch=position.epoch)
         fresh = load_snapshots(org_ids)
         decided: list[tuple[OrgPlan, list[tuple[Finding, str, str]]]] = []

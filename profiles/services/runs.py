@@ -13,7 +13,7 @@ import contextlib
 import enum
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from uuid import UUID
@@ -32,6 +32,7 @@ from profiles.models import (
     AuditTrigger,
     ShardStatus,
 )
+from profiles.services.change_runs import clear_marks, settle
 from profiles.services.lease import (
     FixingLease,
     LeaseHeld,
@@ -115,12 +116,14 @@ def create_run(
     fields: dict[str, object],
     lease: FixingLease | None,
     ranges: Sequence[tuple[UUID | None, UUID | None]] = (),
+    lists: Sequence[tuple[Sequence[UUID], Mapping[str, int]]] = (),
     organizations_total: int | None = None,
     deadline: timedelta | None = None,
     in_process: bool = False,
 ) -> AuditRun:
     """Record a run that starts now (an audit with its shards, or a revert without), holding
-    ``lease`` if it fixes."""
+    ``lease`` if it fixes. Shards are id ``ranges``, or ``lists`` of organizations with the change
+    marks taken for them (a change-driven run)."""
     now = timezone.now()
     with transaction.atomic():
         run = AuditRun.objects.create(
@@ -134,8 +137,23 @@ def create_run(
             process=this_process() if in_process else "",
         )
         AuditShard.objects.bulk_create(
-            AuditShard(run=run, index=i, first_organization_id=first, end_organization_id=end)
-            for i, (first, end) in enumerate(ranges)
+            [
+                *(
+                    AuditShard(
+                        run=run, index=i, first_organization_id=first, end_organization_id=end
+                    )
+                    for i, (first, end) in enumerate(ranges)
+                ),
+                *(
+                    AuditShard(
+                        run=run,
+                        index=i,
+                        organization_ids=[str(o) for o in organizations],
+                        taken_marks=dict(marks),
+                    )
+                    for i, (organizations, marks) in enumerate(lists, start=len(ranges))
+                ),
+            ]
         )
     if lease is not None:
         hold(run, lease)
@@ -227,13 +245,34 @@ class ShardCursor:
     fixing run's chunks only while its lease has the run's epoch."""
 
     def __init__(
-        self, *, run_id: UUID, shard_id: UUID, cursor: UUID | None, epoch: int | None = None
+        self,
+        *,
+        run_id: UUID,
+        shard_id: UUID,
+        cursor: UUID | None,
+        epoch: int | None = None,
+        fix: bool | None = None,
     ) -> None:
         self.run_id = run_id
         self.shard_id = shard_id
         self.cursor = cursor
         self.epoch = epoch
         self.fencing = epoch is not None
+        self.fix = self.fencing if fix is None else fix
+        # Set for each chunk (work_shard): its organizations, the change marks taken for them
+        # (a fixing chunk clears those), and a sweep's findings in unmarked organizations.
+        self.chunk: Sequence[UUID] = ()
+        self.marks: Mapping[UUID, int] = {}
+        self.missed: Mapping[UUID, int] = {}
+
+    def take_chunk(
+        self,
+        chunk: Sequence[UUID],
+        *,
+        marks: Mapping[UUID, int],
+        missed: Mapping[UUID, int] | None = None,
+    ) -> None:
+        self.chunk, self.marks, self.missed = chunk, marks, missed or {}
 
     def commit(
         self,
@@ -266,8 +305,28 @@ class ShardCursor:
             shard = AuditShard.objects.get(id=self.shard_id)
             shard.failed_organizations = {**shard.failed_organizations, **failed}
             shard.save(update_fields=["failed_organizations"])
+        covered = [o for o in self.chunk if (self.cursor is None or o > self.cursor) and o <= last]
+        if self.fix and covered:
+            clear_marks({o: self.marks[o] for o in covered if o in self.marks})
+            settle(organization_ids=covered, left_undone=_left_undone(rows, failed or {}))
+        if missed := sum(self.missed.get(o, 0) for o in covered):
+            AuditRun.objects.filter(id=self.run_id).update(
+                missed_by_changes=F("missed_by_changes") + missed
+            )
         if self.fencing:
             prove(epoch=self.epoch)
+
+
+# Outcomes that leave an organization unsettled: change-driven runs audit it again.
+NOT_DONE = ("failed", "guarded", "stale", "sent", "held")
+
+
+def _left_undone(rows: Sequence[FindingRow], failed: Mapping[str, str]) -> dict[UUID, str]:
+    undone = {UUID(org): "failed" for org in failed}
+    for row in rows:
+        if row.outcome in NOT_DONE and row.organization_id is not None:
+            undone.setdefault(row.organization_id, str(row.outcome))
+    return undone
 
 
 def add_shard_failure(*, run_id: UUID, organization_id: UUID, error: str) -> None:

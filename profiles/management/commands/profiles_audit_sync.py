@@ -26,10 +26,12 @@ from profiles.plan import ALL_TYPES, SCOPES
 from profiles.selectors import FINDING_CHANGE_FIELDS
 from profiles.services.audit import (
     AuditRequest,
+    NoRun,
     RunReport,
     resend_shards,
     run_audit,
     send_shards,
+    start_change_run,
     start_run,
 )
 from profiles.services.revert import RevertLockHeld, RevertRejected, RevertReport, revert_run
@@ -104,6 +106,14 @@ class Command(AuditCommand):
             "the same report. Without a broker (no REDIS_URL) the shards run here anyway.",
         )
         parser.add_argument(
+            "--changed",
+            action="store_true",
+            help="Audit only what changed: the organizations written to since they were last "
+            "audited (the database triggers' change marks) and those whose last fixing audit "
+            "left something not done. Recorded with trigger `changes`; with nothing to audit, "
+            "no run is recorded. Not with --org.",
+        )
+        parser.add_argument(
             "--check",
             action="store_true",
             help="For monitoring: exit with status 1 when issues remain (found by a dry run, "
@@ -131,9 +141,15 @@ class Command(AuditCommand):
             raise CommandError("conflicts remain (--check)", returncode=EXIT_CHECK)
 
     def _handle_audit(
-        self, *, fix, org, scopes, output_format, force, check, verbosity, fan_out, **_
+        self, *, fix, org, scopes, output_format, force, check, verbosity, fan_out, changed, **_
     ) -> None:
+        if changed and org:
+            raise CommandError(
+                "--changed audits the organizations that changed; drop --org (or --changed)",
+                returncode=EXIT_FAILED,
+            )
         request = AuditRequest(
+            changed=changed,
             fix=fix,
             organization_id=self.organization_id(org),
             scopes=tuple(scopes or ()),
@@ -158,6 +174,9 @@ class Command(AuditCommand):
             ) from exc
         if progress:
             progress.done()
+        if isinstance(report, NoRun):
+            self._write_no_run(report, output_format=output_format, verbosity=verbosity)
+            return
 
         run = report.run
         if output_format == "json":
@@ -187,14 +206,25 @@ class Command(AuditCommand):
         if check and _issues_remain(report):
             raise CommandError("issues remain (--check)", returncode=EXIT_CHECK)
 
-    def _fan_out(self, request: AuditRequest, progress: Progress | None) -> RunReport:
+    def _write_no_run(self, report: NoRun, *, output_format: str, verbosity: int) -> None:
+        if output_format == "json":
+            self.stdout.write(
+                json.dumps({"schema_version": JSON_SCHEMA_VERSION, **report.as_json()})
+            )
+        elif verbosity > 0:
+            self.stdout.write(f"Nothing audited: {report.reason}; no run recorded.")
+
+    def _fan_out(self, request: AuditRequest, progress: Progress | None) -> RunReport | NoRun:
         """Start the run, send its shards to the workers, and wait for whoever finishes it.
 
         Shards are durable in the database, their messages are not: after
         PROFILE_AUDIT_SHARD_STALE_AFTER without progress the open shards are sent again; after
         as long again, the command says what it saw and exits 2 (the run stays open for the
         workers). A database that stops answering is waited out for as long."""
-        run = start_run(request)
+        started = start_change_run(request) if request.changed else start_run(request)
+        if isinstance(started, NoRun):
+            return started
+        run = started
         if run.status != AuditStatus.RUNNING:
             return RunReport(run)
         send_shards(run)
