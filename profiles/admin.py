@@ -67,6 +67,7 @@ OUTCOME_COLOURS = {
     FindingOutcome.GUARDED: "#b26a00",
     FindingOutcome.FAILED: "#c62828",
     FindingOutcome.CONFLICT: "#b26a00",
+    FindingOutcome.SENT: "#417690",
 }
 
 

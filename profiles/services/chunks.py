@@ -51,6 +51,7 @@ from profiles.services.changes import (
 from profiles.services.organization_lock import lock_organizations
 from profiles.services.recording import FindingRow, record_findings
 from profiles.services.soft_delete import ProfileSoftDeleteService
+from profiles.services.sync import confirm_sent_findings
 
 STALE = "no longer held when re-checked under the organization's lock"
 GUARDED = "mass-deletion guard"
@@ -59,8 +60,8 @@ OVER_BUDGET = (
 )
 
 SyncSender = Callable[[Sequence["FindingRow"]], None]
-"""Sends the profile sync job for a chunk's fixed ``missing`` findings (one message); findings
-whose job cannot be sent are turned into failures."""
+"""Sends the profile sync job for a chunk's ``missing`` findings, recorded ``sent`` (one
+message); findings whose job cannot be sent are turned into failures."""
 
 
 class ShardMoved(Exception):
@@ -353,6 +354,8 @@ def fix_chunk(
     finally:
         if budget:
             budget.give_back(reserved - outcome.deleted)
+    # Earlier runs' missing profiles that exist by now are confirmed fixed (usually none).
+    confirm_sent_findings(organization_ids=[p.organization_id for p in plans])
     return outcome
 
 
@@ -425,7 +428,7 @@ def _fix_in_one_transaction(
                 (
                     plan,
                     [
-                        (f, FindingOutcome.FIXED, "")
+                        (f, _applied_outcome(f), "")
                         if id(f) in applied
                         else (f, FindingOutcome.STALE, STALE)
                         for f in plan.findings
@@ -467,12 +470,18 @@ def _fix_in_one_transaction(
                 )
             )
         position.commit(last=org_ids[-1], organizations=len(plans), rows=rows, failed=failed)
-        missing = [r for r in rows if r.type == FindingType.MISSING and r.fixed]
+        missing = [r for r in rows if r.outcome == FindingOutcome.SENT]
         if missing:
             transaction.on_commit(lambda: send_sync(missing))
     position.cursor = org_ids[-1]
     _time_shares(outcome, since=started, organizations=len(plans))
     return outcome
+
+
+def _applied_outcome(finding: Finding) -> str:
+    """A missing profile is only sent to its sync job here: its finding is fixed once the
+    profile exists (the job confirms it), never before."""
+    return FindingOutcome.SENT if finding.type == FindingType.MISSING else FindingOutcome.FIXED
 
 
 def _record_failure(plan: OrgPlan, *, position: ShardCursor, exc: Exception) -> ChunkOutcome:
