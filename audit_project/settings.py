@@ -111,7 +111,11 @@ else:
             "NAME": SQLITE_PATH,
             # IMMEDIATE takes the write lock when a transaction starts, so a fix's re-check and
             # its writes are serialized with every other writer (DESIGN rule 4 on SQLite).
-            "OPTIONS": {"transaction_mode": "IMMEDIATE", "timeout": 30},
+            # timeout: how long a writer waits for the write lock before "database is locked".
+            "OPTIONS": {
+                "transaction_mode": "IMMEDIATE",
+                "timeout": env.float("SQLITE_BUSY_TIMEOUT", 30, minimum=0),
+            },
             # A file, not Django's in-memory default: tests that run fixes from several threads
             # (or a worker process) need SQLite's real file locking.
             "TEST": {"NAME": SQLITE_PATH.with_name(f"test_{SQLITE_PATH.name}")},
@@ -207,6 +211,16 @@ PROFILE_AUDIT_TIME_LIMIT = env.int("PROFILE_AUDIT_TIME_LIMIT", 600, minimum=1)
 # Two retries, a fixed two minutes apart, on transient errors only.
 PROFILE_AUDIT_MAX_RETRIES = 2
 PROFILE_AUDIT_RETRY_DELAY = 120
+# The missing-profile sync job retries the same way (overridable: a test's worker retries fast).
+PROFILE_AUDIT_SYNC_MAX_RETRIES = env.int(
+    "PROFILE_AUDIT_SYNC_MAX_RETRIES", PROFILE_AUDIT_MAX_RETRIES, minimum=0
+)
+PROFILE_AUDIT_SYNC_RETRY_DELAY = env.int(
+    "PROFILE_AUDIT_SYNC_RETRY_DELAY", PROFILE_AUDIT_RETRY_DELAY, minimum=0
+)
+# The daily maintenance sends the sync job again for findings still "sent" this long after
+# their run went quiet (the job was lost with a broker that restarted, or gave up retrying).
+PROFILE_AUDIT_SYNC_RESEND_AFTER = env.int("PROFILE_AUDIT_SYNC_RESEND_AFTER", 30 * 60, minimum=0)
 # A scheduled message not started within 3 hours is dropped, so a worker outage leaves at most
 # one run waiting, never a backlog. Retries inherit the message's absolute expiry, so this must
 # also outlast the longest retry chain (2 x (600 s + 120 s)), which it does with room to queue.

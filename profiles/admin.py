@@ -86,6 +86,7 @@ OUTCOME_COLOURS = {
     FindingOutcome.GUARDED: "#b26a00",
     FindingOutcome.FAILED: "#c62828",
     FindingOutcome.CONFLICT: "#b26a00",
+    FindingOutcome.SENT: "#417690",
 }
 
 

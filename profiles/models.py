@@ -70,6 +70,9 @@ class FindingOutcome(models.TextChoices):
     GUARDED = "guarded", "Not fixed: mass-deletion guard"
     FAILED = "failed", "Not fixed: the organization's fix failed"
     CONFLICT = "conflict", "Not put back: changed since the run"
+    # A missing profile's sync job was sent; the finding counts as fixed once the profile exists
+    # (the job confirms it, or a later fixing audit sees it), never before.
+    SENT = "sent", "Sync sent: fixed once the profile exists"
 
 
 class AuditTrigger(models.TextChoices):
@@ -294,6 +297,13 @@ class AuditFinding(models.Model):
             # what the audit recorded of an object (an id names one object, whatever its model).
             models.Index(fields=["object_id"], name="finding_object_id_idx"),
             models.Index(fields=["external_id"], name="finding_external_id_idx"),
+            # The few findings whose sync job has not confirmed yet, by organization: looked up by
+            # every sync and every fixing chunk, and by the daily re-send.
+            models.Index(
+                fields=["organization"],
+                condition=Q(outcome="sent"),
+                name="finding_sync_sent_idx",
+            ),
         ]
 
     def __str__(self) -> str:

@@ -35,7 +35,7 @@ from profiles.services.retention import prune_audit_runs
 from profiles.services.revert import perform_revert
 from profiles.services.run_lock import RunLockUnavailable
 from profiles.services.runs import pause_shard
-from profiles.services.sync import sync_profile
+from profiles.services.sync import resend_unconfirmed_syncs, sync_profile, sync_profiles
 
 # Worth a retry two minutes later: the database or Redis did not answer. Nothing else is — not a
 # held lock (a normal, skipped run) and not a time limit.
@@ -244,21 +244,82 @@ def revert_run_task(revert_run_id: str) -> dict[str, object]:
     return report.as_json()
 
 
-@shared_task(name="profiles.sync_profiles", acks_late=True)
-def sync_profiles_task(keys: list[list[str]]) -> dict[str, int]:
-    """The sync job the audit sends for a chunk's missing profiles: ``sync_profile`` for each
-    (organization, platform, external_id), each in its own transaction (idempotent: a job
-    delivered twice creates each profile once). One message per chunk, not per profile."""
+class SyncTask(Task):
+    """Logs the sync job's retries and its failure for good (its findings stay ``sent``: the
+    daily maintenance sends it again)."""
+
+    def on_retry(self, exc, task_id, args, kwargs, einfo) -> None:
+        audit_logger().warning(
+            "profile_sync.retrying",
+            task_id=task_id,
+            error=f"{type(exc).__name__}: {exc}",
+            retry=self.request.retries + 1,
+            max_retries=self.max_retries,
+            countdown=self.default_retry_delay,
+        )
+
+    def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
+        audit_logger().error(
+            "profile_sync.failed",
+            task_id=task_id,
+            error=f"{type(exc).__name__}: {exc}",
+            retries=self.request.retries,
+        )
+
+
+@shared_task(
+    bind=True,
+    base=SyncTask,
+    name="profiles.sync_profiles",  # queue: celery (CELERY_TASK_ROUTES)
+    autoretry_for=TRANSIENT_ERRORS,
+    max_retries=settings.PROFILE_AUDIT_SYNC_MAX_RETRIES,
+    default_retry_delay=settings.PROFILE_AUDIT_SYNC_RETRY_DELAY,
+    retry_backoff=False,
+    retry_jitter=False,
+    acks_late=True,
+    # A worker that dies mid-job puts the message back; the job is idempotent.
+    reject_on_worker_lost=True,
+    soft_time_limit=settings.PROFILE_AUDIT_SOFT_TIME_LIMIT,
+    time_limit=settings.PROFILE_AUDIT_TIME_LIMIT,
+)
+def sync_profiles_task(
+    self: SyncTask, keys: list[list[str]], run_id: str | None = None
+) -> dict[str, int]:
+    """The sync job the audit sends for a chunk's missing profiles, one message per chunk:
+    ``keys`` are [organization id, platform, external id]; ``run_id`` the run that sent it (for
+    the log). Syncs them set-based in one transaction, which also turns their ``sent`` findings
+    into ``fixed`` (or ``stale``). Idempotent: delivered twice, it creates each profile once."""
+    results = sync_profiles(keys=[(UUID(org), platform, ext) for org, platform, ext in keys])
     actions: dict[str, int] = {}
-    for organization_id, platform, external_id in keys:
-        result = sync_profile_task(organization_id, platform, external_id)
-        actions[result["action"]] = actions.get(result["action"], 0) + 1
+    for result in results.values():
+        actions[result.action] = actions.get(result.action, 0) + 1
+    audit_logger().info(
+        "profile_sync.completed",
+        task_id=self.request.id,
+        run_id=run_id,
+        keys=len(keys),
+        org_ids=len({k[0] for k in keys}),
+        **actions,
+    )
     return actions
 
 
-@shared_task(name="profiles.sync_profile", acks_late=True)
-def sync_profile_task(organization_id: str, platform: str, external_id: str) -> dict[str, str]:
-    """The profile sync job the audit dispatches for a missing profile (idempotent)."""
+@shared_task(
+    bind=True,
+    base=SyncTask,
+    name="profiles.sync_profile",  # queue: celery (CELERY_TASK_ROUTES)
+    autoretry_for=TRANSIENT_ERRORS,
+    max_retries=settings.PROFILE_AUDIT_SYNC_MAX_RETRIES,
+    default_retry_delay=settings.PROFILE_AUDIT_SYNC_RETRY_DELAY,
+    retry_backoff=False,
+    retry_jitter=False,
+    acks_late=True,
+    reject_on_worker_lost=True,
+)
+def sync_profile_task(
+    self: SyncTask, organization_id: str, platform: str, external_id: str
+) -> dict[str, str]:
+    """Sync one key (kept for messages sent by earlier versions; the audit sends batches)."""
     result = sync_profile(
         organization_id=UUID(organization_id), platform=platform, external_id=external_id
     )
@@ -282,15 +343,30 @@ def sync_profile_task(organization_id: str, platform: str, external_id: str) -> 
 )
 def prune_audit_runs_task() -> dict[str, object]:
     """Daily maintenance: close runs whose process died (``interrupted``, so they can be
-    reverted), then retention: delete audit runs (and findings) older than
+    reverted), send the sync job again for findings still unconfirmed (``sent``) after
+    PROFILE_AUDIT_SYNC_RESEND_AFTER, then retention: delete audit runs (and findings) older than
     PROFILE_AUDIT_RETENTION_DAYS, keeping the latest run of each organization."""
     interrupted = close_dead_runs()
-    resent = resend_stale_shards()
+    shards_resent = resend_stale_shards()
+    resent = resend_unconfirmed_syncs(
+        older_than=timedelta(seconds=settings.PROFILE_AUDIT_SYNC_RESEND_AFTER),
+        send=send_sync_job,
+    )
     report = prune_audit_runs(
         older_than_days=settings.PROFILE_AUDIT_RETENTION_DAYS,
         batch_size=settings.PROFILE_AUDIT_PRUNE_BATCH_SIZE,
     )
-    return {**report.as_json(), "runs_interrupted": len(interrupted), "shards_resent": resent}
+    return {
+        **report.as_json(),
+        **resent.as_json(),
+        "runs_interrupted": len(interrupted),
+        "shards_resent": shards_resent,
+    }
+
+
+def send_sync_job(keys: list[list[str]], run_id: UUID) -> None:
+    """Send one sync job (the maintenance's re-send of findings still ``sent``)."""
+    sync_profiles_task.apply_async(args=(keys,), kwargs={"run_id": str(run_id)})
 
 
 def _queue(request) -> str | None:

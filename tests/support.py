@@ -115,27 +115,24 @@ class CeleryWorker:
     test Redis database. Prefork with one child: soft time limits are signalled as in
     production, and tasks run one at a time in the order they were queued."""
 
-    def __init__(self, log_dir: Path, *, concurrency: int = 1, **env: str) -> None:
+    def __init__(
+        self, log_dir: Path, *, concurrency: int = 1, queues: str = "maintenance,celery", **env: str
+    ) -> None:
         self.log_dir = log_dir
         self.concurrency = concurrency
+        self.queues = queues
         self.nodename = f"psa-test-{uuid.uuid4().hex[:8]}@localhost"
         self.output = log_dir / "worker-output.log"
         self.env = process_env(log_dir, **env)
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> CeleryWorker:
-        purge_broker()
-        return self._start()
-
-    def start_keeping_queue(self, *, broker_url: str | None = None) -> CeleryWorker:
-        """Start it on what the queue already holds; ``broker_url``: a Redis of the test's own
-        (then readiness is read from the worker's output, not pinged through the test's broker)."""
+    def start(self, *, purge: bool = True, broker_url: str | None = None) -> CeleryWorker:
+        """Start it; ``purge=False`` keeps the messages already queued (for it to take).
+        ``broker_url``: a Redis of the test's own (then readiness is read from the worker's
+        output, not pinged through the test's broker)."""
+        if purge:
+            purge_broker()
         self.broker_url = broker_url
-        return self._start()
-
-    broker_url: str | None = None
-
-    def _start(self) -> CeleryWorker:
         with self.output.open("wb") as out:
             self.proc = subprocess.Popen(
                 [
@@ -146,7 +143,7 @@ class CeleryWorker:
                     "audit_project",
                     "worker",
                     "-Q",
-                    "maintenance,celery",
+                    self.queues,
                     "--pool",
                     "prefork",
                     "--concurrency",

@@ -58,9 +58,18 @@ def test_fix_applies_the_plan(org, committed):
 
     assert "fix, all organizations" in out
     total = next(line for line in out.splitlines() if line.strip().startswith("total"))
-    assert total.split() == ["total", "3", "3"]
+    # The sync job ran (eagerly) once the chunk committed: the missing profile exists, so it
+    # is fixed, and nothing is left only sent.
+    assert total.split() == ["total", "3", "3", "0"]
+    assert "sent to the sync job" not in out
     assert SocialProfile.objects.alive().filter(organization=org).count() == 1
-    assert json.loads(run("--format", "json")[0])["totals"] == {"found": 0, "fixed": 0}
+    assert AuditRun.objects.get(fix=True).by_type["missing"] == {
+        "found": 1,
+        "fixed": 1,
+        "sync_sent": 0,
+    }
+    totals = json.loads(run("--format", "json")[0])["totals"]
+    assert totals == {"found": 0, "fixed": 0, "sync_sent": 0}
 
 
 def test_org_limits_the_run_to_that_organization(org):
@@ -98,11 +107,11 @@ def test_json_output_has_the_documented_shape(org):
     } <= set(payload)
     assert payload["fix"] is False
     assert payload["status"] == "succeeded"
-    assert payload["totals"] == {"found": 3, "fixed": 0}
+    assert payload["totals"] == {"found": 3, "fixed": 0, "sync_sent": 0}
     assert payload["by_type"]["deselected"] == {"found": 1, "fixed": 0}
     [org_report] = payload["organizations"]
     assert org_report["org_id"] == str(org.id)
-    assert org_report["totals"] == {"found": 3, "fixed": 0}
+    assert org_report["totals"] == {"found": 3, "fixed": 0, "sync_sent": 0}
     assert uuid.UUID(payload["run_id"]) == AuditRun.objects.get().id
 
 

@@ -123,7 +123,7 @@ def test_lost_shard_messages_are_sent_again_and_the_run_finishes(tmp_path):
     wait_for(lambda: queued(client) == 3, what="the command to send its three shards")
     client.delete(*BROKER_KEYS)  # the broker restarted without persistence: the messages are gone
     worker = CeleryWorker(tmp_path, PROFILE_AUDIT_SHARD_SIZE="10")
-    worker.start_keeping_queue()  # nothing to take: the messages are lost
+    worker.start(purge=False)  # nothing to take: the messages are lost
     try:
         out, err = command.communicate(timeout=180)
     finally:
@@ -217,7 +217,7 @@ def test_a_redis_restart_mid_run_loses_no_shard(tmp_path, own_redis):  # noqa: F
         "PROFILE_AUDIT_SHARD_STALE_AFTER": "3",
     }
     worker = CeleryWorker(tmp_path, **env)
-    worker.start_keeping_queue(broker_url=url)
+    worker.start(purge=False, broker_url=url)
     restarted = None
 
     def start():

@@ -100,7 +100,10 @@ def test_a_fixing_command_killed_midway_is_closed_interrupted_and_reverted_whole
     assert "closed as interrupted" in killed.error
     assert killed.finished_at is not None
     left = total - committed
-    assert (second["status"], second["totals"]) == ("succeeded", {"found": left, "fixed": left})
+    assert (second["status"], second["totals"]) == (
+        "succeeded",
+        {"found": left, "fixed": left, "sync_sent": 0},
+    )
 
     # Undo both, newest first: every table is as it was before the first fix.
     for run_id in (second["run_id"], str(killed.id)):

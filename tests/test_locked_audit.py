@@ -82,7 +82,7 @@ def test_skipped_fix_still_prints_its_json(lock_held_by_another_run):
     report = json.loads(out)
     assert report["status"] == "skipped"
     assert report["fix"] is True
-    assert report["totals"] == {"found": 0, "fixed": 0}
+    assert report["totals"] == {"found": 0, "fixed": 0, "sync_sent": 0}
     assert "holds the lock" in report["error"]
 
 
@@ -200,7 +200,7 @@ def test_an_error_in_one_organization_rolls_it_back_and_the_others_are_fixed():
     assert not SocialProfile.objects.filter(external_id=asset.external_id).exists()
     report = json.loads(out)
     assert report["status"] == "partial"
-    assert report["totals"] == {"found": 4, "fixed": 2}
+    assert report["totals"] == {"found": 4, "fixed": 2, "sync_sent": 0}
     run = AuditRun.objects.get(id=report["run_id"])
     assert list(run.failed_organizations) == [str(failing)]
     assert "IntegrityError" in run.failed_organizations[str(failing)]

@@ -55,7 +55,7 @@ def test_a_dead_broker_costs_one_refusal_per_chunk_and_the_run_says_so(tmp_path)
     assert command.returncode == 2, err
     report = json.loads(out)
     assert report["status"] == "partial"
-    assert report["totals"] == {"found": 250, "fixed": 0}
+    assert report["totals"] == {"found": 250, "fixed": 0, "sync_sent": 0}
     assert "profile sync not sent" in err and "was cut short" in err
     run = AuditRun.objects.get(id=report["run_id"])
     assert set(run.findings.values_list("outcome", flat=True)) == {FindingOutcome.FAILED}

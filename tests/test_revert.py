@@ -61,14 +61,13 @@ def domain_state() -> dict:
 
 
 @pytest.fixture
-def fix(django_capture_on_commit_callbacks):
+def fix(committed):
     """A fixing audit of one organization, with the missing-profile jobs it sends run."""
 
     def run(org, **options):
-        with django_capture_on_commit_callbacks(execute=True):
-            return ProfileConnectionAuditService().run_full_audit(
-                org_id=org.id, fix=True, **options
-            )
+        return committed(
+            ProfileConnectionAuditService().run_full_audit, org_id=org.id, fix=True, **options
+        )
 
     return run
 

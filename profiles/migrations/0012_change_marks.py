@@ -262,7 +262,7 @@ class Migration(migrations.Migration):
         ('boosts', '0001_initial'),
         ('connections', '0001_initial'),
         ('orgs', '0002_organization_name_upper_idx'),
-        ('profiles', '0010_fencing_lease'),
+        ('profiles', '0011_sync_sent_outcome'),
         ('queues', '0001_initial'),
     ]
 

@@ -141,6 +141,11 @@ class Budget:
 # --- Reports (read back from the records, never kept in memory during a run) ---------------------
 
 
+def sync_sent(by_type: dict[str, dict[str, int]] | None) -> int:
+    """Missing profiles sent to their sync job and not yet confirmed to exist."""
+    return sum(c.get("sync_sent", 0) for c in (by_type or {}).values())
+
+
 @dataclass
 class OrgReport:
     organization_id: UUID
@@ -156,10 +161,14 @@ class OrgReport:
     def fixed(self) -> int:
         return sum(c["fixed"] for c in self.by_type.values())
 
+    @property
+    def sync_sent(self) -> int:
+        return sync_sent(self.by_type)
+
     def as_json(self) -> dict[str, object]:
         return {
             "org_id": str(self.organization_id),
-            "totals": {"found": self.found, "fixed": self.fixed},
+            "totals": {"found": self.found, "fixed": self.fixed, "sync_sent": self.sync_sent},
             "by_type": self.by_type,
             "guarded": self.guarded,
             "error": self.error or None,
@@ -192,6 +201,8 @@ class RunReport:
             counts = report.by_type.setdefault(type_, {"found": 0, "fixed": 0})
             counts["found"] += n
             counts["fixed"] += n if outcome == FindingOutcome.FIXED else 0
+            if outcome == FindingOutcome.SENT:
+                counts["sync_sent"] = counts.get("sync_sent", 0) + n
             report.guarded |= outcome == FindingOutcome.GUARDED
         for org, error in (self.run.failed_organizations or {}).items():
             reports.setdefault(UUID(org), OrgReport(UUID(org))).error = error
@@ -207,7 +218,11 @@ class RunReport:
             "types": run.types,
             "organizations_audited": run.organizations_audited,
             "missed_by_changes": run.missed_by_changes,
-            "totals": {"found": run.found, "fixed": run.fixed},
+            "totals": {
+                "found": run.found,
+                "fixed": run.fixed,
+                "sync_sent": sync_sent(run.by_type),
+            },
             "by_type": run.by_type,
             "organizations": [o.as_json() for o in self.organizations],
             "duration_seconds": run.duration_seconds,
@@ -613,13 +628,15 @@ def _log_organizations(log, outcome: ChunkOutcome) -> None:
 def _sender(run: AuditRun):
     """Sends a chunk's missing profiles to the sync job once the chunk's fix has committed: one
     message, sent once (no publish retries), so a broker that is down costs one refusal per
-    chunk. If it cannot be sent, those findings become failures instead of a false "fixed",
-    and the run goes on."""
+    chunk. Their findings were recorded ``sent``; the job makes them ``fixed`` when it creates
+    the profiles. If it cannot be sent, they become failures, and the run goes on."""
 
     def send(rows) -> None:
         keys = [[str(r.organization_id), r.platform, r.external_id] for r in rows]
         try:
-            signature(SYNC_TASK, args=(keys,), app=celery_app).apply_async(retry=False)
+            signature(
+                SYNC_TASK, args=(keys,), kwargs={"run_id": str(run.id)}, app=celery_app
+            ).apply_async(retry=False)
         except Exception as exc:
             error = f"{SYNC_NOT_SENT}: {type(exc).__name__}: {exc}"
             audit_logger().error(

@@ -53,6 +53,7 @@ from profiles.services.organization_lock import lock_organizations, lock_timed_o
 from profiles.services.recording import FindingRow
 from profiles.services.runs import ShardCursor, ShardMoved
 from profiles.services.soft_delete import ProfileSoftDeleteService
+from profiles.services.sync import confirm_sent_findings
 
 STALE = "no longer held when re-checked under the organization's lock"
 GUARDED = "mass-deletion guard"
@@ -61,8 +62,8 @@ OVER_BUDGET = (
 )
 
 SyncSender = Callable[[Sequence["FindingRow"]], None]
-"""Sends the profile sync job for a chunk's fixed ``missing`` findings (one message); findings
-whose job cannot be sent are turned into failures."""
+"""Sends the profile sync job for a chunk's ``missing`` findings, recorded ``sent`` (one
+message); findings whose job cannot be sent are turned into failures."""
 
 
 # Not an organization's failure, so never recorded as one (rule 6 contains the rest): the
@@ -324,6 +325,8 @@ def fix_chunk(
     finally:
         if budget:
             budget.give_back(reserved - outcome.deleted)
+    # Earlier runs' missing profiles that exist by now are confirmed fixed (usually none).
+    confirm_sent_findings(organization_ids=[p.organization_id for p in plans])
     return outcome
 
 
@@ -403,7 +406,7 @@ def _fix_in_one_transaction(
                 (
                     plan,
                     [
-                        (f, FindingOutcome.FIXED, "")
+                        (f, _applied_outcome(f), "")
                         if id(f) in applied
                         else (f, FindingOutcome.STALE, STALE)
                         for f in plan.findings
@@ -445,7 +448,7 @@ def _fix_in_one_transaction(
                 )
             )
         position.commit(last=org_ids[-1], organizations=len(plans), rows=rows, failed=failed)
-        missing = [r for r in rows if r.type == FindingType.MISSING and r.fixed]
+        missing = [r for r in rows if r.outcome == FindingOutcome.SENT]
         if missing:
             transaction.on_commit(lambda: send_sync(missing))
     position.cursor = org_ids[-1]
@@ -508,6 +511,12 @@ def _record_busy(plans: Sequence[OrgPlan], *, position: ShardCursor, error: str)
         )
     position.cursor = plans[-1].organization_id
     return ChunkOutcome([OrgOutcome(p, found=len(p.findings), error=error) for p in plans])
+
+
+def _applied_outcome(finding: Finding) -> str:
+    """A missing profile is only sent to its sync job here: its finding is fixed once the
+    profile exists (the job confirms it), never before."""
+    return FindingOutcome.SENT if finding.type == FindingType.MISSING else FindingOutcome.FIXED
 
 
 def _record_failure(plan: OrgPlan, *, position: ShardCursor, exc: Exception) -> ChunkOutcome:

@@ -6,7 +6,7 @@ a run is closed by recounting its findings — also a run whose process died (``
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -23,6 +23,7 @@ from profiles.models import (
     AuditShard,
     AuditStatus,
     FindingOutcome,
+    FindingType,
     ShardStatus,
 )
 from profiles.plan import ALL_TYPES
@@ -34,8 +35,11 @@ ABANDONED_AFTER = timedelta(minutes=60)
 
 
 def empty_counts() -> dict[str, dict[str, int]]:
-    """{type: {"found": 0, "fixed": 0}} for every finding type: the shape of ``by_type``."""
-    return {t.value: {"found": 0, "fixed": 0} for t in ALL_TYPES}
+    """{type: {"found": 0, "fixed": 0}} for every finding type: the shape of ``by_type``; a
+    missing profile's also counts ``sync_sent`` (sent to its sync job, not yet confirmed)."""
+    counts = {t.value: {"found": 0, "fixed": 0} for t in ALL_TYPES}
+    counts[FindingType.MISSING]["sync_sent"] = 0
+    return counts
 
 
 # Not frozen (a frozen dataclass pays object.__setattr__ per field, per finding); never changed.
@@ -149,15 +153,63 @@ def _insert(run_id: UUID, rows: Sequence[FindingRow], *, first_seq: int) -> None
 
 
 def mark_findings_failed(*, run_id: UUID, finding_ids: Sequence[UUID], error: str) -> int:
-    """Fixed findings that turned out not fixed after their commit (their sync job could not
-    be sent): failed, and no longer counted as fixed."""
+    """Findings recorded ``sent`` whose sync job could not be sent after their commit: failed
+    (they were never counted as fixed)."""
+    return AuditFinding.objects.filter(
+        id__in=list(finding_ids), outcome=FindingOutcome.SENT
+    ).update(outcome=FindingOutcome.FAILED, detail=error)
+
+
+@dataclass(frozen=True)
+class SentFinding:
+    """A finding recorded ``sent`` (its sync job was sent), and what became of it."""
+
+    id: UUID
+    run_id: UUID
+    type: str
+
+
+def settle_sent_findings(findings: Iterable[SentFinding], *, outcome: str, detail: str = "") -> int:
+    """Turn ``sent`` findings into ``outcome`` (fixed: their profile exists now; stale: their
+    key is no longer selected) and count them on their runs, atomically, whether a run is
+    still going (its ``fixed``; ``by_type`` is recounted when it closes) or already closed (its
+    ``fixed`` and ``by_type`` too). Findings no longer ``sent`` are left as they are, so two
+    confirmations of one finding count it once. Returns how many changed."""
+    groups: dict[tuple[UUID, str], list[UUID]] = {}
+    for f in findings:
+        groups.setdefault((f.run_id, f.type), []).append(f.id)
+    if not groups:
+        return 0
+    changed = 0
     with transaction.atomic():
-        failed = AuditFinding.objects.filter(
-            id__in=list(finding_ids), outcome=FindingOutcome.FIXED
-        ).update(outcome=FindingOutcome.FAILED, detail=error)
-        if failed:
-            AuditRun.objects.filter(id=run_id).update(fixed=F("fixed") - failed)
-    return failed
+        # The runs' rows first, in id order (as close_run takes one): a closing run is either
+        # closed before (its by_type is amended here) or recounts after this commits.
+        runs = {
+            run.id: run
+            for run in AuditRun.objects.select_for_update()
+            .filter(id__in={run_id for run_id, _ in groups})
+            .order_by("id")
+            .only("id", "status", "fixed", "by_type")
+        }
+        for (run_id, type_), ids in sorted(groups.items(), key=lambda g: (g[0][0].int, g[0][1])):
+            n = AuditFinding.objects.filter(id__in=ids, outcome=FindingOutcome.SENT).update(
+                outcome=outcome, detail=detail
+            )
+            changed += n
+            run = runs.get(run_id)
+            if not n or run is None:
+                continue
+            fixed = n if outcome == FindingOutcome.FIXED else 0
+            if run.status == AuditStatus.RUNNING:
+                if fixed:
+                    AuditRun.objects.filter(id=run_id).update(fixed=F("fixed") + fixed)
+                continue
+            counts = (run.by_type or {}).setdefault(type_, {"found": 0, "fixed": 0})
+            counts["fixed"] = counts.get("fixed", 0) + fixed
+            counts["sync_sent"] = max(0, counts.get("sync_sent", 0) - n)
+            run.fixed += fixed
+            run.save(update_fields=["fixed", "by_type"])
+    return changed
 
 
 # --- Closing a run ------------------------------------------------------------------------------
@@ -176,6 +228,8 @@ def counts_from_findings(run_id: UUID) -> dict[str, dict[str, int]]:
         entry["found"] += n
         if outcome == FindingOutcome.FIXED:
             entry["fixed"] += n
+        elif outcome == FindingOutcome.SENT:
+            entry["sync_sent"] = entry.get("sync_sent", 0) + n
     return counts
 
 

@@ -158,7 +158,9 @@ def revert_blocker(*, run: AuditRun) -> str | None:
                 f"revert run {revert.id}"
             )
     # The findings, not the run's totals: a run that died may have fixed more than it counted.
-    if not AuditFinding.objects.filter(run_id=run.id, outcome=FindingOutcome.FIXED).exists():
+    if not AuditFinding.objects.filter(
+        run_id=run.id, outcome__in=(FindingOutcome.FIXED, FindingOutcome.SENT)
+    ).exists():
         return f"run {run.id} changed nothing (no fixed findings); there is nothing to revert"
     return None
 

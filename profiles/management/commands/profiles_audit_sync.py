@@ -33,6 +33,7 @@ from profiles.services.audit import (
     send_shards,
     start_change_run,
     start_run,
+    sync_sent,
 )
 from profiles.services.revert import RevertLockHeld, RevertRejected, RevertReport, revert_run
 from profiles.services.run_lock import RunLockUnavailable
@@ -280,14 +281,28 @@ class Command(AuditCommand):
         if not run.fix:
             out.write("Nothing was changed; run with --fix to apply the plan.")
         out.write("")
-        out.write(f"  {'type':<22}{'found':>7}{'fixed':>7}")
+        # A fix's missing profiles are sent to the sync job: fixed only once they exist.
+        sent_header = f"{'sync sent':>11}" if run.fix else ""
+        out.write(f"  {'type':<22}{'found':>7}{'fixed':>7}{sent_header}")
         for finding_type in ALL_TYPES:
             counts = run.by_type[finding_type]
             fixed = counts["fixed"] if run.fix else "-"
-            out.write(f"  {finding_type.value:<22}{counts['found']:>7}{fixed:>7}")
+            sent = f"{counts.get('sync_sent', ''):>11}" if run.fix else ""
+            out.write(f"  {finding_type.value:<22}{counts['found']:>7}{fixed:>7}{sent}")
         total_fixed = run.fixed if run.fix else "-"
-        out.write(self.style.MIGRATE_LABEL(f"  {'total':<22}{run.found:>7}{total_fixed:>7}"))
+        sync_sent = _sync_sent(run)
+        total_sent = f"{sync_sent:>11}" if run.fix else ""
+        out.write(
+            self.style.MIGRATE_LABEL(f"  {'total':<22}{run.found:>7}{total_fixed:>7}{total_sent}")
+        )
         out.write("")
+        if sync_sent:
+            out.write(
+                f"{sync_sent} missing profiles were sent to the sync job and are not created "
+                "yet: each counts as fixed once its profile exists (the job confirms it, or "
+                "the next fixing audit sees it)."
+            )
+            out.write("")
 
         if verbosity >= 2 and report.findings_recorded:
             self._write_findings(run.id)
@@ -454,8 +469,14 @@ def _os_user() -> str:
 
 
 def _issues_remain(report: RunReport) -> bool:
+    """Issues left that the run did not act on: a missing profile sent to the sync job is being
+    acted on (and sent again by the daily maintenance if its job is lost), not left."""
     run = report.run
-    return run.status != AuditStatus.SUCCEEDED or run.found > run.fixed
+    return run.status != AuditStatus.SUCCEEDED or run.found > run.fixed + _sync_sent(run)
+
+
+def _sync_sent(run) -> int:
+    return sync_sent(run.by_type) if run.fix else 0
 
 
 def _interactive(stream) -> bool:
