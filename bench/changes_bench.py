@@ -45,6 +45,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--latency", type=int, default=0, help="bad writes timed to their fix")
     parser.add_argument("--skip-build", action="store_true", help="reuse the database as it is")
+    parser.add_argument("--latency-only", action="store_true", help="only the write-to-fix time")
     args = parser.parse_args()
     if not os.environ.get("DATABASE_URL", "").startswith("postgres"):
         raise SystemExit("set DATABASE_URL to a scratch PostgreSQL database (it is rebuilt)")
@@ -72,6 +73,9 @@ def main() -> None:
     from orgs.models import Organization
 
     ids = list(Organization.objects.order_by("id").values_list("id", flat=True))
+    if args.latency_only:
+        _latency(args.latency, ids, rng)
+        return
     n = max(1, int(len(ids) * args.marked))
     first, second = rng.sample(ids, 2 * n)[:n], rng.sample(ids, 2 * n)[n:]
 
@@ -167,6 +171,8 @@ def _median(measure, repeat: int) -> tuple[float, int]:
 
 def _latency(samples: int, ids, rng: random.Random) -> None:
     """Bad write → its finding recorded fixed, with beat's minute entry and one worker."""
+    from django.utils import timezone
+
     from profiles.models import AuditFinding, FindingOutcome
 
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "audit_project.settings"}
@@ -188,10 +194,13 @@ def _latency(samples: int, ids, rng: random.Random) -> None:
             profiles = _bad_writes([rng.choice(ids)])
             if not profiles:
                 continue
-            written = time.monotonic()
+            written, written_at = time.monotonic(), timezone.now()
             deadline = written + 300
+            # Its finding, recorded fixed by a run that started after the write.
             while not AuditFinding.objects.filter(
-                object_id__in=profiles, outcome=FindingOutcome.FIXED
+                object_id__in=profiles,
+                outcome=FindingOutcome.FIXED,
+                run__started_at__gte=written_at,
             ).exists():
                 if time.monotonic() > deadline:
                     raise SystemExit("no fix within 5 minutes: is the worker taking tasks?")
