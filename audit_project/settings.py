@@ -50,7 +50,7 @@ SECURE_PROXY_SSL_HEADER = env.proxy_ssl_header("DJANGO_SECURE_PROXY_SSL_HEADER")
 HTTPS = env.bool("DJANGO_HTTPS", False)
 SECURE_SSL_REDIRECT = env.bool("DJANGO_SECURE_SSL_REDIRECT", HTTPS)
 # Probes from inside the network (the compose healthcheck, Prometheus) speak plain HTTP.
-SECURE_REDIRECT_EXEMPT = [r"^health/$", r"^metrics$"]
+SECURE_REDIRECT_EXEMPT = [r"^health/(live/)?$", r"^metrics$"]
 SECURE_HSTS_SECONDS = env.int("DJANGO_SECURE_HSTS_SECONDS", 31_536_000 if HTTPS else 0, minimum=0)
 SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS", HTTPS)
 SECURE_HSTS_PRELOAD = env.bool("DJANGO_SECURE_HSTS_PRELOAD", False)
@@ -77,6 +77,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # /health/ and /health/live/ answer whatever the Host header (a probe by IP).
+    "profiles.health.HealthProbesAnyHost",
     "django.middleware.security.SecurityMiddleware",
     # Serves the admin's static files (collected into STATIC_ROOT) under gunicorn.
     "whitenoise.middleware.WhiteNoiseMiddleware",
