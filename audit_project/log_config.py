@@ -134,6 +134,9 @@ def build_logging_config(*, log_dir: Path, console_level: str | None = None) -> 
                 "propagate": False,
             },
             "celery": {"handlers": ["console"], "level": "INFO", "propagate": False},
+            # Flower's own start-up lines (where it listens, the broker, the tasks it knows) are
+            # INFO records of "flower.*": under the root's WARNING they would be swallowed.
+            "flower": {"handlers": ["console"], "level": "INFO", "propagate": False},
         },
         "root": {"handlers": ["console"], "level": "WARNING"},
     }
