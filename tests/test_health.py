@@ -180,3 +180,10 @@ def test_a_person_reads_the_same_report_in_a_browser(client):
     assert response.status_code == 503
     page = response.content.decode()
     assert "ScheduledAudit" in page and "more than 6.5 h ago" in page
+
+
+def test_lateness_is_judged_against_the_configured_period(client, settings):
+    scheduled_run(hours_ago=7)
+    assert health(client)[0] == 503
+    settings.PROFILE_AUDIT_SCHEDULE_PERIOD = 12 * 3600  # the crontab was changed to twice a day
+    assert health(client)[0] == 200
