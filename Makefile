@@ -9,13 +9,15 @@ TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/profile_sync_audit
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/9
 PYTEST_ARGS ?=
 
-.PHONY: help install demo test test-sqlite test-browser lint format bench clean
+.PHONY: help install demo test test-sqlite test-browser test-pythons check-alerts lint format bench clean
 
 help:
 	@echo "make demo         set up, seed demo data, dry run, --fix, dry run again (SQLite)"
 	@echo "make test         the whole suite on PostgreSQL and Redis"
 	@echo "make test-sqlite  the whole suite on SQLite (Redis still used for broker and lock)"
 	@echo "make test-browser the admin in headless Chromium (needs the chromium package)"
+	@echo "make test-pythons the suite on Python 3.12 and 3.13 (nox; PostgreSQL and Redis)"
+	@echo "make check-alerts promtool and amtool on the shipped rules and routing"
 	@echo "make lint         ruff check and ruff format --check"
 	@echo "make bench        the audit benchmark (see bench/README.md)"
 
@@ -54,6 +56,19 @@ test-browser: install
 	DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) PROFILE_AUDIT_TEST_DB=postgres \
 		$(BIN)/pytest -m browser tests/test_browser.py $(PYTEST_ARGS)
 
+# The other Pythons pyproject.toml declares (noxfile.py), on PostgreSQL only.
+test-pythons: install
+	TEST_DATABASE_URL=$(TEST_DATABASE_URL) TEST_REDIS_URL=$(TEST_REDIS_URL) \
+		$(BIN)/nox -s tests -- $(PYTEST_ARGS)
+
+# The alert rules and routing, by the operators' own tools (Debian: prometheus,
+# prometheus-alertmanager). tests/test_alert_rules.py runs the same within `make test`.
+check-alerts:
+	promtool check rules deploy/prometheus/alerts.yml
+	promtool test rules deploy/prometheus/alerts_test.yml
+	promtool check config deploy/prometheus/prometheus.yml
+	amtool check-config deploy/alertmanager/alertmanager.yml
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -67,4 +82,4 @@ bench: install
 		$(BIN)/python bench/audit_bench.py $(BENCH_ARGS)
 
 clean:
-	rm -rf var logs .pytest_cache .hypothesis
+	rm -rf var logs .pytest_cache .hypothesis .nox

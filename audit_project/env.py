@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 import environ
 
@@ -43,7 +44,9 @@ class EnvReader:
         value = self.raw(name)
         return default if value is None else value
 
-    def int(self, name: str, default: int, *, minimum: int | None = None) -> int:
+    def int(
+        self, name: str, default: int, *, minimum: int | None = None, maximum: int | None = None
+    ) -> int:
         value = self.raw(name)
         if value is None:
             return default
@@ -53,9 +56,17 @@ class EnvReader:
             raise InvalidSetting(
                 name, f"{value!r} is not a whole number (e.g. {default})"
             ) from None
-        return self._at_least(name, parsed, minimum)
+        return self._within(name, parsed, minimum, maximum)
 
-    def float(self, name: str, default: float, *, minimum: float | None = None) -> float:
+    def float(
+        self,
+        name: str,
+        default: float,
+        *,
+        minimum: float | None = None,
+        maximum: float | None = None,
+        above: float | None = None,
+    ) -> float:
         value = self.raw(name)
         if value is None:
             return default
@@ -63,7 +74,11 @@ class EnvReader:
             parsed = self._env.float(name)
         except ValueError:
             raise InvalidSetting(name, f"{value!r} is not a number (e.g. {default:g})") from None
-        return self._at_least(name, parsed, minimum)
+        if parsed != parsed or parsed in (float("inf"), float("-inf")):
+            raise InvalidSetting(name, f"{value!r} is not a finite number (e.g. {default:g})")
+        if above is not None and parsed <= above:
+            raise InvalidSetting(name, f"{parsed:g} must be above {above:g}")
+        return self._within(name, parsed, minimum, maximum)
 
     def bool(self, name: str, default: bool) -> bool:
         value = self.raw(name)
@@ -107,16 +122,43 @@ class EnvReader:
             raise InvalidSetting(
                 name, f"{_redacted(value)!r} is not a database URL ({exc})"
             ) from None
+        _check_port(name, value)
         config.update(extra)
         return config
 
     def redis_url(self, name: str, default: str = "") -> str:
         value = self.str(name, default)
-        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+        if not value:
+            return value
+        example = "(e.g. redis://127.0.0.1:6379/0)"
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise InvalidSetting(name, f"{_redacted(value)!r} is not a Redis URL {example}")
+        if value.startswith("unix://"):
+            return value
+        if not urlsplit(value).hostname:
+            raise InvalidSetting(name, f"{_redacted(value)!r} names no host {example}")
+        _check_port(name, value)
+        db = urlsplit(value).path.strip("/")
+        if db and not (db.isdigit() and int(db) <= 15):
             raise InvalidSetting(
-                name, f"{_redacted(value)!r} is not a Redis URL (e.g. redis://127.0.0.1:6379/0)"
+                name, f"{_redacted(value)!r}: the database {db!r} is not a number 0-15 {example}"
             )
         return value
+
+    def http_url(self, name: str, default: str = "") -> str:
+        """An http(s) URL without a trailing slash, e.g. a public base URL."""
+        value = self.str(name, default)
+        if not value:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise InvalidSetting(
+                name, f"{value!r} is not an http(s) URL (e.g. https://audit.example.com)"
+            )
+        _check_port(name, value)
+        if parts.query or parts.fragment:
+            raise InvalidSetting(name, f"{value!r} must have no query or fragment")
+        return value.rstrip("/")
 
     def proxy_ssl_header(self, name: str) -> tuple[str, str] | None:
         value = self.raw(name)
@@ -139,10 +181,28 @@ class EnvReader:
         return origins
 
     @staticmethod
-    def _at_least(name: str, value, minimum):
+    def _within(name: str, value, minimum, maximum):
         if minimum is not None and value < minimum:
             raise InvalidSetting(name, f"{value!r} is below the minimum of {minimum}")
+        if maximum is not None and value > maximum:
+            raise InvalidSetting(name, f"{value!r} is above the maximum of {maximum}")
         return value
+
+
+def require(condition: bool, name: str, problem: str) -> None:
+    """A relation between settings that must hold (e.g. soft time limit < hard time limit):
+    stops the process with one line naming ``name`` and what would work."""
+    if not condition:
+        raise InvalidSetting(name, problem)
+
+
+def _check_port(name: str, url: str) -> None:
+    try:
+        urlsplit(url).port  # noqa: B018 - raises ValueError for a port that is not 0-65535
+    except ValueError:
+        raise InvalidSetting(
+            name, f"{_redacted(url)!r} has a port that is not a number from 1 to 65535"
+        ) from None
 
 
 def _redacted(url: str | None) -> str:

@@ -11,6 +11,8 @@ from typing import Any
 
 import structlog
 
+from audit_project.env import InvalidSetting
+
 AUDIT_LOGGER = "profile-audit"
 LOG_FILE_NAME = "profile-sync-audit.log"
 LOG_BACKUP_DAYS = 30
@@ -79,7 +81,7 @@ class SharedTimedRotatingFileHandler(TimedRotatingFileHandler):
 def build_logging_config(*, log_dir: Path, console_level: str | None = None) -> dict[str, Any]:
     """The ``LOGGING`` dict. A terminal gets a readable console at WARNING (the command prints
     its own report); anything else (a worker, a container) gets JSON lines at INFO."""
-    log_dir.mkdir(parents=True, exist_ok=True)
+    _usable_log_dir(log_dir)
     interactive = sys.stderr.isatty()
     console_level = console_level or ("WARNING" if interactive else "INFO")
     json_formatter = {
@@ -132,9 +134,32 @@ def build_logging_config(*, log_dir: Path, console_level: str | None = None) -> 
                 "propagate": False,
             },
             "celery": {"handlers": ["console"], "level": "INFO", "propagate": False},
+            # Flower's own start-up lines (where it listens, the broker, the tasks it knows) are
+            # INFO records of "flower.*": under the root's WARNING they would be swallowed.
+            "flower": {"handlers": ["console"], "level": "INFO", "propagate": False},
         },
         "root": {"handlers": ["console"], "level": "WARNING"},
     }
+
+
+def _usable_log_dir(log_dir: Path) -> None:
+    """Create the directory, or stop with one line saying why it cannot be used (not a
+    traceback from deep inside logging's set-up)."""
+    name = "PROFILE_AUDIT_LOG_DIR"
+    if log_dir.exists() and not log_dir.is_dir():
+        raise InvalidSetting(name, f"{str(log_dir)!r} is not a directory")
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InvalidSetting(
+            name, f"cannot create {str(log_dir)!r} ({exc.strerror}); use a writable directory"
+        ) from None
+    log_file = log_dir / LOG_FILE_NAME
+    target = log_file if log_file.exists() else log_dir
+    if not os.access(target, os.W_OK):
+        raise InvalidSetting(
+            name, f"{str(target)!r} is not writable by this user (uid {os.getuid()})"
+        )
 
 
 def configure_structlog() -> None:

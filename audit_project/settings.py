@@ -9,7 +9,7 @@ from pathlib import Path
 
 from celery.schedules import crontab
 
-from audit_project.env import EnvReader, InvalidSetting
+from audit_project.env import EnvReader, InvalidSetting, require
 from audit_project.log_config import build_logging_config, configure_structlog
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -21,12 +21,25 @@ DEBUG = env.bool("DJANGO_DEBUG", False)
 # known key away).
 PLACEHOLDER_SECRET_KEYS = ("dev-only-insecure-key-change-me", "change-me-to-a-long-random-string")
 SECRET_KEY = env.str("DJANGO_SECRET_KEY", PLACEHOLDER_SECRET_KEYS[0])
+MAKE_A_SECRET_KEY = "python -c 'import secrets; print(secrets.token_urlsafe(50))'"
 if not DEBUG and SECRET_KEY in PLACEHOLDER_SECRET_KEYS:
     raise InvalidSetting(
         "DJANGO_SECRET_KEY",
-        "set it to a long random string (python -c 'import secrets; print(secrets.token_urlsafe(50))'); "
+        f"set it to a long random string ({MAKE_A_SECRET_KEY}); "
         "the development placeholder is only accepted with DJANGO_DEBUG=true",
     )
+# Django's own deployment check (security.W009): 50 characters or more, 5 different ones or
+# more, not a generated "django-insecure-" key. Stopped here, not left to `check --deploy`.
+require(
+    DEBUG
+    or (
+        len(SECRET_KEY) >= 50
+        and len(set(SECRET_KEY)) >= 5
+        and not SECRET_KEY.startswith("django-insecure-")
+    ),
+    "DJANGO_SECRET_KEY",
+    f"too weak with DJANGO_DEBUG off: use 50 or more random characters ({MAKE_A_SECRET_KEY})",
+)
 ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", ["localhost", "127.0.0.1"])
 # Origins (with scheme) whose POSTs are trusted behind a proxy, e.g. https://audit.example.com.
 CSRF_TRUSTED_ORIGINS = env.origins("DJANGO_CSRF_TRUSTED_ORIGINS")
@@ -37,7 +50,7 @@ SECURE_PROXY_SSL_HEADER = env.proxy_ssl_header("DJANGO_SECURE_PROXY_SSL_HEADER")
 HTTPS = env.bool("DJANGO_HTTPS", False)
 SECURE_SSL_REDIRECT = env.bool("DJANGO_SECURE_SSL_REDIRECT", HTTPS)
 # Probes from inside the network (the compose healthcheck, Prometheus) speak plain HTTP.
-SECURE_REDIRECT_EXEMPT = [r"^health/$", r"^metrics$"]
+SECURE_REDIRECT_EXEMPT = [r"^health/(live/)?$", r"^metrics$"]
 SECURE_HSTS_SECONDS = env.int("DJANGO_SECURE_HSTS_SECONDS", 31_536_000 if HTTPS else 0, minimum=0)
 SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS", HTTPS)
 SECURE_HSTS_PRELOAD = env.bool("DJANGO_SECURE_HSTS_PRELOAD", False)
@@ -64,6 +77,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # /health/ and /health/live/ answer whatever the Host header (a probe by IP).
+    "profiles.health.HealthProbesAnyHost",
     "django.middleware.security.SecurityMiddleware",
     # Serves the admin's static files (collected into STATIC_ROOT) under gunicorn.
     "whitenoise.middleware.WhiteNoiseMiddleware",
@@ -160,7 +175,7 @@ CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 # Mass-deletion guard: an organization whose plan would soft-delete more than
 # max(GUARD_MIN, GUARD_RATIO x its alive profiles) is not fixed (DESIGN "Nothing is lost").
 PROFILE_AUDIT_GUARD_MIN = env.int("PROFILE_AUDIT_GUARD_MIN", 5, minimum=0)
-PROFILE_AUDIT_GUARD_RATIO = env.float("PROFILE_AUDIT_GUARD_RATIO", 0.5, minimum=0)
+PROFILE_AUDIT_GUARD_RATIO = env.float("PROFILE_AUDIT_GUARD_RATIO", 0.5, minimum=0, maximum=1)
 # Organizations read (and, with --fix, fixed in one transaction) per chunk (DESIGN rule 8).
 PROFILE_AUDIT_CHUNK_SIZE = env.int("PROFILE_AUDIT_CHUNK_SIZE", 100, minimum=1)
 # An all-organization run is cut into shards of this many consecutive organizations (by id),
@@ -168,10 +183,21 @@ PROFILE_AUDIT_CHUNK_SIZE = env.int("PROFILE_AUDIT_CHUNK_SIZE", 100, minimum=1)
 PROFILE_AUDIT_SHARD_SIZE = env.int("PROFILE_AUDIT_SHARD_SIZE", 1000, minimum=1)
 # Seconds a shard task works before it sends its own continuation from its cursor: well under
 # the shard task's soft time limit (PROFILE_AUDIT_SOFT_TIME_LIMIT), which stays a backstop.
-PROFILE_AUDIT_SHARD_BUDGET = env.float("PROFILE_AUDIT_SHARD_BUDGET", 240, minimum=0)
+PROFILE_AUDIT_SHARD_BUDGET = env.float("PROFILE_AUDIT_SHARD_BUDGET", 240, above=0)
+# The scheduled audit's period: set it to match the crontab of the beat entry in the admin, so
+# the deadline, /health/, the dashboard and the metrics judge lateness against it.
+PROFILE_AUDIT_SCHEDULE_PERIOD = env.int("PROFILE_AUDIT_SCHEDULE_PERIOD", 6 * 3600, minimum=60)
 # A scheduled run's shards not finished this long after it started are skipped (run partial):
-# below the six-hour schedule, so runs never pile up.
-PROFILE_AUDIT_RUN_DEADLINE = env.int("PROFILE_AUDIT_RUN_DEADLINE", 5 * 3600 + 1800, minimum=1)
+# below the schedule's period (default 11/12 of it: 5 h 30 of six hours), so runs never pile up.
+PROFILE_AUDIT_RUN_DEADLINE = env.int(
+    "PROFILE_AUDIT_RUN_DEADLINE", PROFILE_AUDIT_SCHEDULE_PERIOD * 11 // 12, minimum=1
+)
+require(
+    PROFILE_AUDIT_RUN_DEADLINE < PROFILE_AUDIT_SCHEDULE_PERIOD,
+    "PROFILE_AUDIT_RUN_DEADLINE",
+    f"{PROFILE_AUDIT_RUN_DEADLINE} s must be below PROFILE_AUDIT_SCHEDULE_PERIOD "
+    f"({PROFILE_AUDIT_SCHEDULE_PERIOD} s), or scheduled runs pile up",
+)
 # A fixing run soft-deletes at most this many rows (profiles and queue settings) over all its
 # organizations and shards; an organization that does not fit is guarded. --force lifts it.
 PROFILE_AUDIT_RUN_MAX_DELETIONS = env.int("PROFILE_AUDIT_RUN_MAX_DELETIONS", 10000, minimum=0)
@@ -188,9 +214,13 @@ PROFILE_AUDIT_PRUNE_BATCH_SIZE = 5000
 PROFILE_AUDIT_LOCK_REDIS_URL = env.redis_url("PROFILE_AUDIT_LOCK_REDIS_URL", REDIS_URL)
 PROFILE_AUDIT_LOCK_KEY = env.str("PROFILE_AUDIT_LOCK_KEY", "profile-sync-audit:fixing-run")
 # 60 minutes, the original's withoutOverlapping(60); longer than the task's hard time limit.
-PROFILE_AUDIT_LOCK_TTL = env.int("PROFILE_AUDIT_LOCK_TTL", 3600, minimum=1)
-# Redis unreachable: an error within this many seconds, not a hung run.
-PROFILE_AUDIT_LOCK_SOCKET_TIMEOUT = env.float("PROFILE_AUDIT_LOCK_SOCKET_TIMEOUT", 5, minimum=0)
+# At most a week: longer is a lock that outlives any outage anyone would wait for.
+PROFILE_AUDIT_LOCK_TTL = env.int("PROFILE_AUDIT_LOCK_TTL", 3600, minimum=1, maximum=7 * 86400)
+# Redis unreachable: an error within this many seconds, not a hung run (0 would mean
+# non-blocking sockets, which fail every call).
+PROFILE_AUDIT_LOCK_SOCKET_TIMEOUT = env.float(
+    "PROFILE_AUDIT_LOCK_SOCKET_TIMEOUT", 5, above=0, maximum=300
+)
 PROFILE_AUDIT_LOCK_FILE = Path(
     env.str("PROFILE_AUDIT_LOCK_FILE", str(BASE_DIR / "var" / "profile-sync-audit.lock"))
 )
@@ -208,6 +238,30 @@ PROFILE_AUDIT_SHARD_STALE_AFTER = env.float("PROFILE_AUDIT_SHARD_STALE_AFTER", 6
 # limit (10 minutes) kills it. soft < hard < lock TTL < the six-hour interval.
 PROFILE_AUDIT_SOFT_TIME_LIMIT = env.int("PROFILE_AUDIT_SOFT_TIME_LIMIT", 540, minimum=1)
 PROFILE_AUDIT_TIME_LIMIT = env.int("PROFILE_AUDIT_TIME_LIMIT", 600, minimum=1)
+require(
+    PROFILE_AUDIT_SOFT_TIME_LIMIT < PROFILE_AUDIT_TIME_LIMIT,
+    "PROFILE_AUDIT_SOFT_TIME_LIMIT",
+    f"{PROFILE_AUDIT_SOFT_TIME_LIMIT} s must be below PROFILE_AUDIT_TIME_LIMIT "
+    f"({PROFILE_AUDIT_TIME_LIMIT} s): the soft limit stops a task cleanly before the hard one kills it",
+)
+require(
+    PROFILE_AUDIT_TIME_LIMIT < PROFILE_AUDIT_SCHEDULE_PERIOD,
+    "PROFILE_AUDIT_TIME_LIMIT",
+    f"{PROFILE_AUDIT_TIME_LIMIT} s must be below PROFILE_AUDIT_SCHEDULE_PERIOD "
+    f"({PROFILE_AUDIT_SCHEDULE_PERIOD} s)",
+)
+require(
+    PROFILE_AUDIT_LOCK_TTL >= PROFILE_AUDIT_TIME_LIMIT,
+    "PROFILE_AUDIT_LOCK_TTL",
+    f"{PROFILE_AUDIT_LOCK_TTL} s must cover PROFILE_AUDIT_TIME_LIMIT ({PROFILE_AUDIT_TIME_LIMIT} s), "
+    "or the lock expires under a task that is still running",
+)
+require(
+    PROFILE_AUDIT_SHARD_BUDGET < PROFILE_AUDIT_SOFT_TIME_LIMIT,
+    "PROFILE_AUDIT_SHARD_BUDGET",
+    f"{PROFILE_AUDIT_SHARD_BUDGET:g} s must be below PROFILE_AUDIT_SOFT_TIME_LIMIT "
+    f"({PROFILE_AUDIT_SOFT_TIME_LIMIT} s): the budget is the plan, the time limit the backstop",
+)
 # Two retries, a fixed two minutes apart, on transient errors only.
 PROFILE_AUDIT_MAX_RETRIES = 2
 PROFILE_AUDIT_RETRY_DELAY = 120
@@ -265,10 +319,12 @@ PROFILE_AUDIT_BEAT_ENTRIES = {
 CELERY_BEAT_SCHEDULE: dict = {}
 
 # --- Operating it: metrics, health, dashboard -------------------------------------------------
-# The scheduled audit's period and how late its run may finish before /health/ turns red and the
-# alert rules fire (docs/operating.md).
-PROFILE_AUDIT_SCHEDULE_PERIOD = 6 * 3600
+# How late the scheduled run may finish, beyond PROFILE_AUDIT_SCHEDULE_PERIOD, before /health/
+# turns red and the alert rules fire (docs/operating.md).
 PROFILE_AUDIT_SCHEDULE_GRACE = env.int("PROFILE_AUDIT_SCHEDULE_GRACE", 1800, minimum=0)
+# Where operators open the admin (e.g. https://audit.example.com): /metrics exports each last
+# run's admin link with it, so an alert links to the run. Empty: links are paths (/admin/...).
+PROFILE_AUDIT_ADMIN_BASE_URL = env.http_url("PROFILE_AUDIT_ADMIN_BASE_URL")
 # /metrics asks for `Authorization: Bearer <token>` when this is set (empty: open, for a
 # scraper on a private network).
 PROFILE_AUDIT_METRICS_TOKEN = env.str("PROFILE_AUDIT_METRICS_TOKEN")

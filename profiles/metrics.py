@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
+from django.urls import reverse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -19,6 +20,7 @@ from prometheus_client.registry import Collector
 from profiles import run_state
 from profiles.models import AuditStatus, AuditTrigger
 from profiles.plan import ALL_TYPES
+from profiles.schedule import AUDIT_ENTRY
 from profiles.services.run_lock import fixing_run_lock_state
 
 PREFIX = "profile_audit"
@@ -30,6 +32,8 @@ class AuditCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         yield from self._last_runs()
         yield from self._last_scheduled_run()
+        yield from self._last_finished_scheduled_run()
+        yield from self._schedule()
         yield from self._runs()
         yield from self._lock()
         yield from self._shards()
@@ -103,6 +107,79 @@ class AuditCollector(Collector):
             failed.add_metric([], len(run_state.failed_organization_errors(completed)))
         yield from (end, found, fixed, guarded, failed)
 
+    def _last_finished_scheduled_run(self) -> Iterator[Metric]:
+        """The one run the alerts judge: the latest scheduled run that ran and ended. Its id and
+        admin link are labels of ``..._info`` only, so the other series stay the same series
+        from run to run (``avg_over_time`` works) and rules join the labels in."""
+        run = run_state.last_finished_scheduled_run()
+        prefix = "last_finished_scheduled_run"
+        info = _gauge(
+            f"{prefix}_info",
+            "1, labelled with the id, admin page and status of the latest scheduled run that ended "
+            "(succeeded, partial, failed or interrupted)",
+            ["run_id", "admin_url", "status"],
+        )
+        end = _gauge(f"{prefix}_end_timestamp_seconds", "End of that run")
+        status = _gauge(f"{prefix}_status", "1 for that run's status, 0 for the others", ["status"])
+        found = _gauge(f"{prefix}_found", "Findings of that run", ["type"])
+        guarded = _gauge(
+            f"{prefix}_guarded_organizations",
+            "Organizations the mass-deletion guard or the run budget held in that run",
+        )
+        failed = _gauge(f"{prefix}_failed_organizations", "Organizations that failed in that run")
+        failed_shards = _gauge(f"{prefix}_failed_shards", "Shards of that run that failed")
+        unaudited = _gauge(
+            f"{prefix}_unaudited_organizations",
+            "Organizations that run did not reach (failed or skipped shards, deadline, a crash)",
+        )
+        if run is not None:
+            info.add_metric([str(run.id), run_admin_url(run.id), run.status], 1.0)
+            if run.finished_at is not None:
+                end.add_metric([], run.finished_at.timestamp())
+            for value in run_state.FINISHED:
+                status.add_metric([value], 1.0 if run.status == value else 0.0)
+            counts = run.by_type or {}
+            for finding_type in ALL_TYPES:
+                found.add_metric(
+                    [finding_type.value], (counts.get(finding_type.value) or {}).get("found", 0)
+                )
+            guarded.add_metric([], len(run_state.guarded_organization_ids(run)))
+            failed.add_metric([], len(run_state.failed_organization_errors(run)))
+            failed_shards.add_metric([], run_state.failed_shards(run))
+            unaudited.add_metric([], max(run.organizations_total - run.organizations_audited, 0))
+        yield from (info, end, status, found, guarded, failed, failed_shards, unaudited)
+
+    def _schedule(self) -> Iterator[Metric]:
+        """The schedule as the rules need it: whether the entry is on, since when it is set, and
+        the period and grace the settings judge lateness by (so the rules follow the settings)."""
+        from django_celery_beat.models import PeriodicTask
+
+        entry = PeriodicTask.objects.filter(name=AUDIT_ENTRY).values("enabled", "date_changed")
+        entry = entry.first()
+        enabled = _gauge(
+            "schedule_enabled",
+            "1 when the scheduled audit's beat entry exists and is enabled (admin: Periodic tasks)",
+        )
+        enabled.add_metric([], 1.0 if entry and entry["enabled"] else 0.0)
+        changed = _gauge(
+            "schedule_changed_timestamp_seconds",
+            "When the scheduled audit's beat entry was created or last changed",
+        )
+        if entry is not None:
+            changed.add_metric([], entry["date_changed"].timestamp())
+        period = _gauge("schedule_period_seconds", "PROFILE_AUDIT_SCHEDULE_PERIOD")
+        period.add_metric([], settings.PROFILE_AUDIT_SCHEDULE_PERIOD)
+        grace = _gauge("schedule_grace_seconds", "PROFILE_AUDIT_SCHEDULE_GRACE")
+        grace.add_metric([], settings.PROFILE_AUDIT_SCHEDULE_GRACE)
+        admin = _gauge(
+            "admin_info",
+            "1, labelled with the admin's list of audit runs (PROFILE_AUDIT_ADMIN_BASE_URL)",
+            ["runs_url"],
+        )
+        runs_url = reverse("admin:profiles_auditrun_changelist")
+        admin.add_metric([f"{settings.PROFILE_AUDIT_ADMIN_BASE_URL}{runs_url}"], 1.0)
+        yield from (enabled, changed, period, grace, admin)
+
     def _runs(self) -> Iterator[Metric]:
         runs = _gauge(
             "runs", "Audit runs on record (retention prunes old ones)", ["trigger", "status"]
@@ -142,6 +219,12 @@ class AuditCollector(Collector):
         for status, n in run_state.open_shards_by_status().items():
             shards.add_metric([status], n)
         yield shards
+
+
+def run_admin_url(run_id) -> str:
+    """The run's page in the admin, absolute when PROFILE_AUDIT_ADMIN_BASE_URL is set."""
+    path = reverse("admin:profiles_auditrun_change", args=[run_id])
+    return f"{settings.PROFILE_AUDIT_ADMIN_BASE_URL}{path}"
 
 
 def _gauge(name: str, documentation: str, labels: list[str] | None = None) -> GaugeMetricFamily:

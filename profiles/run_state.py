@@ -17,6 +17,7 @@ from profiles.models import (
     AuditStatus,
     AuditTrigger,
     FindingOutcome,
+    ShardStatus,
 )
 
 # A scheduled run "completed" when it went through its organizations: all fixed (succeeded) or
@@ -45,6 +46,25 @@ def last_completed_scheduled_run() -> AuditRun | None:
         .order_by("-started_at")
         .first()
     )
+
+
+# A run "finished" when it ended one way or another, not counting runs that never started work
+# because the lock was held (skipped): the alerts judge the last of these.
+FINISHED = (*COMPLETED, AuditStatus.FAILED, AuditStatus.INTERRUPTED)
+
+
+def last_finished_scheduled_run() -> AuditRun | None:
+    """The latest scheduled run that ran and ended (succeeded, partial, failed, interrupted): a
+    failure stays the last word until a later run ends, not until a retry starts."""
+    return (
+        AuditRun.objects.filter(trigger=AuditTrigger.SCHEDULE, status__in=FINISHED)
+        .order_by("-started_at")
+        .first()
+    )
+
+
+def failed_shards(run: AuditRun) -> int:
+    return AuditShard.objects.filter(run=run, status=ShardStatus.FAILED).count()
 
 
 def last_successful_scheduled_run() -> AuditRun | None:

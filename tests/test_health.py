@@ -1,5 +1,7 @@
-"""/health/: green when PostgreSQL and Redis answer and the scheduled audit completed recently;
-red, naming the failing check, when Redis is down or the last scheduled run is too old."""
+"""/health/ (readiness): green when PostgreSQL and Redis answer and the scheduled audit completed
+recently; 503, naming the failing check, when Redis is down or the last scheduled run is too old.
+/health/live/ (liveness): green whatever Redis and the schedule, as long as the process reaches
+its database. Both answer whatever the Host and name no internal host or port."""
 
 import json
 import shutil
@@ -19,8 +21,8 @@ from tests.support import wait_for
 pytestmark = pytest.mark.django_db
 
 
-def health(client) -> tuple[int, dict[str, str]]:
-    response = client.get("/health/?format=json")
+def health(client, path="/health/", **headers) -> tuple[int, dict[str, str]]:
+    response = client.get(f"{path}?format=json", **headers)
     return response.status_code, json.loads(response.content)
 
 
@@ -53,9 +55,11 @@ def test_red_when_the_last_scheduled_run_is_older_than_the_period_plus_grace(cli
     scheduled_run(hours_ago=7)
     scheduled_run(hours_ago=1, status=AuditStatus.FAILED)  # failed runs do not count
     status, report = health(client)
-    assert status == 500
+    assert status == 503
     assert "more than 6.5 h ago" in check(report, "ScheduledAudit")
     assert check(report, "Database") == "OK"
+    # Not a reason to restart the process or take the admin away: liveness stays green.
+    assert health(client, "/health/live/") == (200, {"Database": "OK"})
 
 
 def test_a_new_install_is_green_until_its_first_run_is_overdue(client):
@@ -65,7 +69,7 @@ def test_a_new_install_is_green_until_its_first_run_is_overdue(client):
         date_changed=timezone.now() - timedelta(hours=7)
     )
     status, report = health(client)
-    assert status == 500
+    assert status == 503
     assert "no scheduled run has completed since the schedule was set" in check(
         report, "ScheduledAudit"
     )
@@ -118,20 +122,68 @@ def test_red_when_redis_stops(client, settings, own_redis):
     proc.wait(timeout=10)
 
     status, report = health(client)
-    assert status == 500
+    assert status == 503
     redis_checks = {k: v for k, v in report.items() if k.startswith("Redis")}
-    assert len(redis_checks) == 2  # the broker's (stopped) and the lock's (still up)
-    stopped = next(
-        v for k, v in redis_checks.items() if f"port={url.split(':')[2].split('/')[0]}" in k
-    )
-    assert stopped.startswith("Unavailable: Unable to connect to Redis")
-    assert list(redis_checks.values()).count("OK") == 1
+    # The broker's (stopped) and the lock's (still up), by role: no host or port is shown.
+    assert redis_checks["Redis (broker)"].startswith("Unavailable: Unable to connect to Redis")
+    assert redis_checks["Redis (lock)"] == "OK"
     assert check(report, "ScheduledAudit") == "OK"
+    port = url.split(":")[2].split("/")[0]
+    for path in ("/health/", "/health/live/"):
+        for accept in ("application/json", "text/html", "text/plain"):
+            body = client.get(path, HTTP_ACCEPT=accept).content.decode()
+            assert port not in body and "127.0.0.1" not in body, (path, accept, body)
+    # Liveness: the process answers and reaches its database; Redis is not its business.
+    assert health(client, "/health/live/") == (200, {"Database": "OK"})
+
+
+def test_one_redis_for_broker_and_lock_is_one_check(client):
+    scheduled_run(hours_ago=1)
+    status, report = health(client)
+    assert status == 200
+    assert [k for k in report if k.startswith("Redis")] == ["Redis (broker and lock)"]
+
+
+@pytest.mark.parametrize("host", ["10.0.3.7", "10.0.3.7:8000", "[fd00::7]:8000", "probe.internal"])
+def test_health_answers_whatever_the_host_header(client, host):
+    scheduled_run(hours_ago=1)
+    assert health(client, "/health/", HTTP_HOST=host)[0] == 200
+    assert health(client, "/health/live/", HTTP_HOST=host)[0] == 200
+    # Every other page still checks the Host against ALLOWED_HOSTS.
+    assert client.get("/metrics", HTTP_HOST=host).status_code == 400
+    assert client.get("/admin/login/", HTTP_HOST=host).status_code == 400
+
+
+def test_liveness_fails_with_503_when_the_database_does_not_answer(client):
+    from django.db import connections
+
+    db = connections["default"]
+    saved = dict(db.settings_dict)
+    # Nothing listens on port 1; no SQLite file can be opened under /proc.
+    unreachable = {"PORT": "1"} if db.vendor == "postgresql" else {"NAME": "/proc/none/db.sqlite3"}
+    db.close()
+    db.settings_dict.update(unreachable)
+    try:
+        status, report = health(client, "/health/live/")
+    finally:
+        db.close()
+        db.settings_dict.clear()
+        db.settings_dict.update(saved)
+    assert status == 503
+    assert report["Database"].startswith("Unavailable")
+    assert "127.0.0.1" not in report["Database"] and "/proc" not in report["Database"]
 
 
 def test_a_person_reads_the_same_report_in_a_browser(client):
     scheduled_run(hours_ago=8)
     response = client.get("/health/", HTTP_ACCEPT="text/html")
-    assert response.status_code == 500
+    assert response.status_code == 503
     page = response.content.decode()
     assert "ScheduledAudit" in page and "more than 6.5 h ago" in page
+
+
+def test_lateness_is_judged_against_the_configured_period(client, settings):
+    scheduled_run(hours_ago=7)
+    assert health(client)[0] == 503
+    settings.PROFILE_AUDIT_SCHEDULE_PERIOD = 12 * 3600  # the crontab was changed to twice a day
+    assert health(client)[0] == 200

@@ -177,3 +177,81 @@ def test_every_metric_the_alert_rules_use_is_exported(client, two_scheduled_runs
         "ProfileAuditGuardTripped",
         "ProfileAuditFindingsSurge",
     } <= alerts
+
+
+def test_the_last_finished_scheduled_run_names_itself_and_what_it_left(
+    client, settings, two_scheduled_runs
+):
+    settings.PROFILE_AUDIT_ADMIN_BASE_URL = "https://audit.example.com"
+    run = two_scheduled_runs
+    samples = scrape(client)
+    admin_url = f"https://audit.example.com/admin/profiles/auditrun/{run.id}/change/"
+    assert (
+        value(
+            samples,
+            "last_finished_scheduled_run_info",
+            run_id=str(run.id),
+            admin_url=admin_url,
+            status="partial",
+        )
+        == 1
+    )
+    assert client.get(admin_url.removeprefix("https://audit.example.com")).status_code == 302
+    assert value(samples, "last_finished_scheduled_run_status", status="partial") == 1
+    assert value(samples, "last_finished_scheduled_run_guarded_organizations") == 1
+    assert value(samples, "last_finished_scheduled_run_failed_organizations") == 0
+    assert value(samples, "last_finished_scheduled_run_failed_shards") == 0
+    assert value(samples, "last_finished_scheduled_run_unaudited_organizations") == 0
+    assert value(samples, "last_finished_scheduled_run_found", type="orphaned") == 7
+    assert (
+        value(samples, "admin_info", runs_url="https://audit.example.com/admin/profiles/auditrun/")
+        == 1
+    )
+
+
+def test_a_failure_stays_the_last_word_while_a_retry_runs(client):
+    started = timezone.now() - timedelta(minutes=30)
+    failed = AuditRun.objects.create(
+        trigger=AuditTrigger.SCHEDULE,
+        fix=True,
+        status=AuditStatus.FAILED,
+        started_at=started,
+        finished_at=started + timedelta(minutes=1),
+        organizations_total=250,
+        organizations_audited=100,
+    )
+    AuditShard.objects.create(run=failed, index=0, status=ShardStatus.FAILED)
+    AuditRun.objects.create(trigger=AuditTrigger.SCHEDULE, fix=True)  # the retry, running
+    AuditRun.objects.create(  # found the lock held: it did not run, so it is not the last word
+        trigger=AuditTrigger.SCHEDULE,
+        fix=True,
+        status=AuditStatus.SKIPPED,
+        finished_at=timezone.now(),
+    )
+    samples = scrape(client)
+    assert value(samples, "last_run_status", trigger="schedule", status="skipped") == 1
+    assert value(samples, "last_finished_scheduled_run_status", status="failed") == 1
+    assert value(samples, "last_finished_scheduled_run_failed_shards") == 1
+    assert value(samples, "last_finished_scheduled_run_unaudited_organizations") == 150
+    info = [k for k in samples if k[0] == "profile_audit_last_finished_scheduled_run_info"]
+    assert [dict(labels)["run_id"] for _, labels in info] == [str(failed.id)]
+
+
+def test_the_schedule_is_exported_with_the_period_from_the_settings(client, settings):
+    from django_celery_beat.models import PeriodicTask
+
+    from profiles.schedule import AUDIT_ENTRY
+
+    settings.PROFILE_AUDIT_SCHEDULE_PERIOD = 43200
+    samples = scrape(client)
+    assert value(samples, "schedule_enabled") == 1
+    assert value(samples, "schedule_period_seconds") == 43200
+    assert value(samples, "schedule_grace_seconds") == settings.PROFILE_AUDIT_SCHEDULE_GRACE
+    entry = PeriodicTask.objects.get(name=AUDIT_ENTRY)
+    assert value(samples, "schedule_changed_timestamp_seconds") == pytest.approx(
+        entry.date_changed.timestamp()
+    )
+    PeriodicTask.objects.filter(name=AUDIT_ENTRY).update(enabled=False)
+    assert value(scrape(client), "schedule_enabled") == 0
+    # No finished scheduled run yet: no run to name.
+    assert not [k for k in samples if k[0] == "profile_audit_last_finished_scheduled_run_info"]

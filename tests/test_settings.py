@@ -142,3 +142,110 @@ def test_the_image_installs_dependencies_before_copying_the_code():
     copy_code = first(lambda line: line.startswith("COPY . "))
     install_project = first(lambda line: "pip install --no-deps ." in line)
     assert copy_manifest < install_dependencies < copy_code < install_project
+
+
+@pytest.mark.parametrize(
+    ("env", "variable", "says"),
+    [
+        (
+            {"PROFILE_AUDIT_SCHEDULE_PERIOD": "garbage"},
+            "PROFILE_AUDIT_SCHEDULE_PERIOD",
+            "not a whole number",
+        ),
+        (
+            {"PROFILE_AUDIT_LOCK_TTL": "99999999999999999999"},
+            "PROFILE_AUDIT_LOCK_TTL",
+            "above the maximum of 604800",
+        ),
+        (
+            {"PROFILE_AUDIT_LOCK_SOCKET_TIMEOUT": "0"},
+            "PROFILE_AUDIT_LOCK_SOCKET_TIMEOUT",
+            "must be above 0",
+        ),
+        (
+            {"PROFILE_AUDIT_LOCK_SOCKET_TIMEOUT": "nan"},
+            "PROFILE_AUDIT_LOCK_SOCKET_TIMEOUT",
+            "'nan' is not a number",
+        ),
+        (
+            {"REDIS_URL": "redis://127.0.0.1:notaport/0"},
+            "REDIS_URL",
+            "port that is not a number from 1 to 65535",
+        ),
+        ({"REDIS_URL": "redis://127.0.0.1:6379/cache"}, "REDIS_URL", "not a number 0-15"),
+        (
+            {"PROFILE_AUDIT_LOCK_REDIS_URL": "redis:///0"},
+            "PROFILE_AUDIT_LOCK_REDIS_URL",
+            "names no host",
+        ),
+        ({"DATABASE_URL": "postgres://u@db:99999/x"}, "DATABASE_URL", "Port out of range 0-65535"),
+        (
+            {"PROFILE_AUDIT_SOFT_TIME_LIMIT": "700"},
+            "PROFILE_AUDIT_SOFT_TIME_LIMIT",
+            "must be below PROFILE_AUDIT_TIME_LIMIT (600 s)",
+        ),
+        (
+            {"PROFILE_AUDIT_TIME_LIMIT": "7200"},
+            "PROFILE_AUDIT_LOCK_TTL",
+            "must cover PROFILE_AUDIT_TIME_LIMIT (7200 s)",
+        ),
+        (
+            {"PROFILE_AUDIT_SCHEDULE_PERIOD": "300"},
+            "PROFILE_AUDIT_TIME_LIMIT",
+            "below PROFILE_AUDIT_SCHEDULE_PERIOD (300 s)",
+        ),
+        (
+            {"PROFILE_AUDIT_RUN_DEADLINE": "30000"},
+            "PROFILE_AUDIT_RUN_DEADLINE",
+            "below PROFILE_AUDIT_SCHEDULE_PERIOD (21600 s)",
+        ),
+        (
+            {"PROFILE_AUDIT_SHARD_BUDGET": "600"},
+            "PROFILE_AUDIT_SHARD_BUDGET",
+            "below PROFILE_AUDIT_SOFT_TIME_LIMIT (540 s)",
+        ),
+        (
+            {"PROFILE_AUDIT_GUARD_RATIO": "1.5"},
+            "PROFILE_AUDIT_GUARD_RATIO",
+            "above the maximum of 1",
+        ),
+        (
+            {"PROFILE_AUDIT_ADMIN_BASE_URL": "audit.example.com"},
+            "PROFILE_AUDIT_ADMIN_BASE_URL",
+            "not an http(s) URL",
+        ),
+        (
+            {"PROFILE_AUDIT_LOG_DIR": "/proc/no-such-dir"},
+            "PROFILE_AUDIT_LOG_DIR",
+            "cannot create '/proc/no-such-dir'",
+        ),
+        ({"PROFILE_AUDIT_LOG_DIR": "/etc/hostname"}, "PROFILE_AUDIT_LOG_DIR", "is not a directory"),
+    ],
+)
+def test_values_that_parse_but_cannot_work_stop_with_one_line(env, variable, says):
+    done = manage("check", DJANGO_DEBUG="true", **env)
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"Invalid setting {variable}: "), lines[0]
+    assert says in lines[0]
+
+
+@pytest.mark.parametrize("key", ["x", "django-insecure-" + "abcdefgh" * 8, "a" * 60])
+def test_a_weak_secret_key_is_refused_with_debug_off(key):
+    done = manage("check", DJANGO_SECRET_KEY=key, DJANGO_DEBUG="false")
+    assert done.returncode != 0
+    assert done.stderr.strip() == (
+        "Invalid setting DJANGO_SECRET_KEY: too weak with DJANGO_DEBUG off: use 50 or more "
+        "random characters (python -c 'import secrets; print(secrets.token_urlsafe(50))')"
+    )
+    # The same key is fine for development.
+    assert manage("check", DJANGO_SECRET_KEY=key, DJANGO_DEBUG="true").returncode == 0
+
+
+def test_the_schedule_period_comes_from_the_environment_and_the_deadline_follows_it():
+    twelve_hours = {"PROFILE_AUDIT_SCHEDULE_PERIOD": "43200", "DJANGO_DEBUG": "true"}
+    assert printed_setting("PROFILE_AUDIT_SCHEDULE_PERIOD", **twelve_hours) == "43200"
+    assert printed_setting("PROFILE_AUDIT_RUN_DEADLINE", **twelve_hours) == str(43200 * 11 // 12)
+    assert printed_setting("PROFILE_AUDIT_SCHEDULE_PERIOD", DJANGO_DEBUG="true") == "21600"
