@@ -376,15 +376,36 @@ class _SnapshotReadPostgreSQL:
         ]
 
 
+# Deeper than this, a stored JSON value is unreadable whatever the Python: 3.11 stops decoding
+# at its recursion limit, 3.13 decodes thousands of levels and then cannot write them back.
+MAX_JSON_DEPTH = 100
+
+
 def decode_json(text: str | None) -> object:
-    """A stored JSON value, or ``Unreadable`` when Python cannot decode it (nested deeper
-    than its recursion limit, or not JSON at all)."""
+    """A stored JSON value, or ``Unreadable`` when it cannot be worked with: nested deeper than
+    ``MAX_JSON_DEPTH``, or not JSON at all."""
     if text is None:
         return None
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except (RecursionError, ValueError) as exc:
         return Unreadable(type(exc).__name__)
+    if _deeper_than(value, MAX_JSON_DEPTH):
+        return Unreadable(f"nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
+
+def _deeper_than(value: object, limit: int) -> bool:
+    """Whether lists and objects nest more than ``limit`` levels (iteratively: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, list | dict):
+            if depth > limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children if isinstance(child, list | dict))
+    return False
 
 
 def load_keys_snapshots(keys: Collection[tuple[UUID, str, str]]) -> dict[UUID, OrgSnapshot]:
