@@ -224,6 +224,11 @@ PROFILE_AUDIT_LOCK_SOCKET_TIMEOUT = env.float(
 PROFILE_AUDIT_LOCK_FILE = Path(
     env.str("PROFILE_AUDIT_LOCK_FILE", str(BASE_DIR / "var" / "profile-sync-audit.lock"))
 )
+# Change-driven runs (DESIGN "Change-driven runs"): /health/ turns unready, and an alert fires,
+# when a change mark is older than this (the minute loop has fallen behind or stopped).
+PROFILE_AUDIT_CHANGES_MAX_BACKLOG_AGE = env.int(
+    "PROFILE_AUDIT_CHANGES_MAX_BACKLOG_AGE", 15 * 60, minimum=60
+)
 # Fencing (DESIGN "Fencing"): how long taking the lease waits for a stopped transaction that
 # holds its row, and how long a fix waits for organization locks that another transaction
 # (a stopped holder, a slow real-time sync) holds before those organizations are recorded failed.

@@ -25,7 +25,7 @@ from health_check.exceptions import ServiceUnavailable
 from health_check.views import HealthCheckView
 from redis.asyncio import Redis as AsyncRedis
 
-from profiles.schedule import scheduled_audit_problem
+from profiles.schedule import change_backlog_problem, scheduled_audit_problem
 
 HEALTH_PATHS = ("/health/", "/health/live/")
 
@@ -43,6 +43,20 @@ class ScheduledAuditRecent(HealthCheck):
     async def run(self) -> None:
         # On the request's own thread and connection (the ORM is synchronous).
         problem = await sync_to_async(scheduled_audit_problem, thread_sensitive=True)()
+        if problem:
+            raise ServiceUnavailable(problem)
+
+
+@dataclasses.dataclass
+class ChangeBacklogFresh(HealthCheck):
+    """No change mark is older than PROFILE_AUDIT_CHANGES_MAX_BACKLOG_AGE: the change-driven
+    runs keep up (GitLab's loose-foreign-key cleanup fell silently behind for want of this)."""
+
+    def __repr__(self) -> str:
+        return "ChangeBacklog"
+
+    async def run(self) -> None:
+        problem = await sync_to_async(change_backlog_problem, thread_sensitive=True)()
         if problem:
             raise ServiceUnavailable(problem)
 
@@ -99,6 +113,7 @@ class AuditHealthView(ProbeView):
             if lock:
                 yield NamedRedis(client_factory=_redis_factory(lock), role="lock")
         yield ScheduledAuditRecent()
+        yield ChangeBacklogFresh()
 
 
 def _redis_factory(url: str):

@@ -37,6 +37,7 @@ class AuditCollector(Collector):
         yield from self._runs()
         yield from self._lock()
         yield from self._shards()
+        yield from self._changes()
 
     def _last_runs(self) -> Iterator[Metric]:
         start = _gauge("last_run_start_timestamp_seconds", "Start of the latest run", ["trigger"])
@@ -219,6 +220,51 @@ class AuditCollector(Collector):
         for status, n in run_state.open_shards_by_status().items():
             shards.add_metric([status], n)
         yield shards
+
+    def _changes(self) -> Iterator[Metric]:
+        """Change-driven runs (DESIGN "Change-driven runs"): the backlog now, the loop's
+        heartbeat, its last runs, and what the last sweep found that the marks missed."""
+        now = time.time()
+        backlog = run_state.change_backlog()
+        organizations = _gauge(
+            "changes_backlog_organizations",
+            "Organizations a change-driven run has still to audit (marked or unsettled)",
+        )
+        organizations.add_metric([], backlog.organizations)
+        oldest = _gauge(
+            "changes_oldest_mark_age_seconds",
+            "Age of the oldest change mark not yet cleared (absent when nothing is marked)",
+        )
+        if backlog.oldest_mark_at is not None:
+            oldest.add_metric([], max(now - backlog.oldest_mark_at.timestamp(), 0.0))
+        checked = _gauge(
+            "changes_last_check_timestamp_seconds",
+            "When the change-driven loop last looked (with a run or without: nothing marked)",
+        )
+        if backlog.last_checked_at is not None:
+            checked.add_metric([], backlog.last_checked_at.timestamp())
+        success = _gauge(
+            "changes_last_success_timestamp_seconds",
+            "End of the latest change-driven run that succeeded",
+        )
+        if (good := run_state.last_successful_change_run()) and good.finished_at:
+            success.add_metric([], good.finished_at.timestamp())
+        latency = _gauge(
+            "changes_detection_latency_seconds",
+            "The latest finished change-driven run: from its oldest mark's write to its end",
+        )
+        last = run_state.last_finished_change_run()
+        if last and last.finished_at and last.oldest_mark_at:
+            latency.add_metric([], (last.finished_at - last.oldest_mark_at).total_seconds())
+        missed = _gauge(
+            "last_finished_scheduled_run_missed_by_changes",
+            "Findings of the latest finished sweep in organizations no change mark named: "
+            "drift the change-driven runs could not see. Should be 0.",
+        )
+        sweep = run_state.last_finished_scheduled_run()
+        if sweep is not None:
+            missed.add_metric([], sweep.missed_by_changes)
+        yield from (organizations, oldest, checked, success, latency, missed)
 
 
 def run_admin_url(run_id) -> str:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 
-from django.db.models import Count
+from django.db.models import Count, Min
 
 from orgs.models import Organization
 from profiles.models import (
@@ -16,8 +17,11 @@ from profiles.models import (
     AuditShard,
     AuditStatus,
     AuditTrigger,
+    ChangeLoop,
+    ChangeMark,
     FindingOutcome,
     ShardStatus,
+    UnsettledOrganization,
 )
 
 # A scheduled run "completed" when it went through its organizations: all fixed (succeeded) or
@@ -154,3 +158,50 @@ def _uuid_or_none(value: str) -> uuid.UUID | None:
         return uuid.UUID(str(value))
     except ValueError:
         return None
+
+
+# --- Change-driven runs ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChangeBacklog:
+    """What the change-driven runs have still to audit, read now, and their loop's heartbeat."""
+
+    marked: int
+    unsettled: int
+    organizations: int
+    oldest_mark_at: datetime | None
+    last_checked_at: datetime | None
+
+
+def change_backlog() -> ChangeBacklog:
+    marked = ChangeMark.objects.count()
+    unsettled = UnsettledOrganization.objects.count()
+    unmarked_unsettled = UnsettledOrganization.objects.exclude(
+        organization_id__in=ChangeMark.objects.values("organization_id")
+    ).count()
+    oldest = ChangeMark.objects.aggregate(oldest=Min("first_marked_at"))["oldest"]
+    loop = ChangeLoop.objects.filter(name="changes").values("last_checked_at").first()
+    return ChangeBacklog(
+        marked=marked,
+        unsettled=unsettled,
+        organizations=marked + unmarked_unsettled,
+        oldest_mark_at=oldest,
+        last_checked_at=loop["last_checked_at"] if loop else None,
+    )
+
+
+def last_finished_change_run() -> AuditRun | None:
+    return (
+        AuditRun.objects.filter(trigger=AuditTrigger.CHANGES, status__in=FINISHED)
+        .order_by("-started_at")
+        .first()
+    )
+
+
+def last_successful_change_run() -> AuditRun | None:
+    return (
+        AuditRun.objects.filter(trigger=AuditTrigger.CHANGES, status=AuditStatus.SUCCEEDED)
+        .order_by("-started_at")
+        .first()
+    )

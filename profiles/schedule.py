@@ -18,6 +18,7 @@ from django_celery_beat.models import CrontabSchedule, IntervalSchedule, Periodi
 from profiles import run_state
 
 AUDIT_ENTRY = "profile-connection-sync-audit"
+CHANGES_ENTRY = "profile-connection-sync-audit-changes"
 KEPT_OPTIONS = ("queue", "exchange", "routing_key", "priority", "expire_seconds")
 
 
@@ -151,3 +152,22 @@ def audit_schedule_state(*, now: datetime | None = None) -> ScheduleState:
 
 def _round_to_second(value: datetime) -> datetime:
     return (value + timedelta(microseconds=500_000)).replace(microsecond=0)
+
+
+def change_backlog_problem() -> str | None:
+    """Why the change-driven runs count as behind, or None: a change mark older than
+    PROFILE_AUDIT_CHANGES_MAX_BACKLOG_AGE is still not cleared. Their beat entry switched off:
+    not behind (the sweep still resyncs)."""
+    entry = PeriodicTask.objects.filter(name=CHANGES_ENTRY).values("enabled").first()
+    if entry is None or not entry["enabled"]:
+        return None
+    oldest = run_state.change_backlog().oldest_mark_at
+    limit = timedelta(seconds=settings.PROFILE_AUDIT_CHANGES_MAX_BACKLOG_AGE)
+    if oldest is not None and timezone.now() - oldest > limit:
+        age = (timezone.now() - oldest).total_seconds()
+        return (
+            f"the change-driven runs are behind: the oldest change mark is {age:.0f} s old, "
+            f"more than PROFILE_AUDIT_CHANGES_MAX_BACKLOG_AGE ({limit.total_seconds():g} s); "
+            "is a worker taking the maintenance queue, and beat running?"
+        )
+    return None

@@ -187,3 +187,26 @@ def test_lateness_is_judged_against_the_configured_period(client, settings):
     assert health(client)[0] == 503
     settings.PROFILE_AUDIT_SCHEDULE_PERIOD = 12 * 3600  # the crontab was changed to twice a day
     assert health(client)[0] == 200
+
+
+def test_red_when_the_change_backlog_is_older_than_its_setting(client, settings):
+    """DESIGN "Change-driven runs": /health/ turns unready when a change mark has waited longer
+    than PROFILE_AUDIT_CHANGES_MAX_BACKLOG_AGE; the loop switched off in the admin is not a
+    failure (the sweep still resyncs)."""
+    from profiles.models import ChangeMark
+    from profiles.schedule import CHANGES_ENTRY
+    from tests.factories import ProfileFactory
+
+    scheduled_run(hours_ago=1)
+    profile = ProfileFactory()  # its write marks its organization
+    assert health(client)[0] == 200
+    ChangeMark.objects.filter(organization_id=profile.organization_id).update(
+        first_marked_at=timezone.now()
+        - timedelta(seconds=settings.PROFILE_AUDIT_CHANGES_MAX_BACKLOG_AGE + 60)
+    )
+    status, report = health(client)
+    assert status == 503
+    assert "the change-driven runs are behind" in check(report, "ChangeBacklog")
+    assert health(client, "/health/live/")[0] == 200
+    PeriodicTask.objects.filter(name=CHANGES_ENTRY).update(enabled=False)
+    assert health(client)[0] == 200

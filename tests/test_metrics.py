@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from profiles.models import AuditRun, AuditShard, AuditStatus, AuditTrigger, ShardStatus
 from profiles.plan import ALL_TYPES
+from profiles.services.audit import AuditRequest, run_audit
 from profiles.services.run_lock import fixing_run_lock
 from profiles.tasks import audit_sync_task
 from tests.factories import AssetFactory, OrganizationFactory, ProfileFactory
@@ -158,6 +159,8 @@ def test_every_metric_the_alert_rules_use_is_exported(client, two_scheduled_runs
     ]
     used = {m for rule in rules for m in re.findall(r"\bprofile_audit_[a-z_]+", rule["expr"])}
     assert len(rules) >= 8 and len(used) >= 6
+    ProfileFactory()  # a mark, and the change-driven loop's heartbeat: a dry check
+    run_audit(AuditRequest(changed=True))
     lock = fixing_run_lock()
     assert lock.acquire()
     try:
@@ -255,3 +258,33 @@ def test_the_schedule_is_exported_with_the_period_from_the_settings(client, sett
     assert value(scrape(client), "schedule_enabled") == 0
     # No finished scheduled run yet: no run to name.
     assert not [k for k in samples if k[0] == "profile_audit_last_finished_scheduled_run_info"]
+
+
+def test_the_change_driven_backlog_its_loop_and_what_the_sweep_missed(client, committed):
+    """DESIGN "Change-driven runs": the backlog (marked organizations, oldest mark's age), the
+    loop's last check and success, the detection latency, and the sweep's missed_by_changes."""
+    from profiles.models import ChangeMark
+
+    orphan = ProfileFactory()  # its organization is marked by the write
+    ChangeMark.objects.filter(organization_id=orphan.organization_id).update(
+        first_marked_at=timezone.now() - timedelta(minutes=5)
+    )
+    samples = scrape(client)
+    assert value(samples, "changes_backlog_organizations") == 1
+    assert 300 <= value(samples, "changes_oldest_mark_age_seconds") < 400
+
+    report = committed(run_audit, AuditRequest(fix=True, changed=True))
+    samples = scrape(client)
+    assert value(samples, "changes_last_success_timestamp_seconds") == pytest.approx(
+        report.run.finished_at.timestamp()
+    )
+    assert 300 <= value(samples, "changes_detection_latency_seconds") < 400
+    assert (
+        value(samples, "changes_last_check_timestamp_seconds") >= report.run.started_at.timestamp()
+    )
+
+    unmarked = ProfileFactory()
+    ChangeMark.objects.filter(organization_id=unmarked.organization_id).delete()  # missed
+    ChangeMark.objects.all().delete()
+    committed(run_audit, AuditRequest(fix=True, trigger=AuditTrigger.SCHEDULE))
+    assert value(scrape(client), "last_finished_scheduled_run_missed_by_changes") == 1
