@@ -80,7 +80,7 @@ def test_a_change_driven_run_audits_exactly_the_marked_organizations_and_fixes_t
     report = changed("--fix")
 
     assert report["organizations_audited"] == 1
-    assert report["totals"] == {"found": 1, "fixed": 1}
+    assert report["totals"] == {"found": 1, "fixed": 1, "sync_sent": 0}
     [org_report] = report["organizations"]
     assert org_report["org_id"] == str(written.id)
     run = AuditRun.objects.get(id=report["run_id"])
@@ -118,7 +118,7 @@ def test_a_dry_change_driven_run_reads_the_marks_and_leaves_them():
 
     report = changed()
 
-    assert (report["fix"], report["totals"]) == (False, {"found": 1, "fixed": 0})
+    assert (report["fix"], report["totals"]) == (False, {"found": 1, "fixed": 0, "sync_sent": 0})
     assert dict(ChangeMark.objects.values_list("organization_id", "version")) == marks
 
 
@@ -161,7 +161,7 @@ def test_a_held_lease_records_no_run_and_the_marks_wait():
     assert (sweep.fixed, sweep.missed_by_changes) == (1, 0)
     # The sweep's fix marked it again: the next change-driven run finds it clean.
     report = changed("--fix")
-    assert report["totals"] == {"found": 0, "fixed": 0}
+    assert report["totals"] == {"found": 0, "fixed": 0, "sync_sent": 0}
     fixed = AuditFinding.objects.filter(outcome=FindingOutcome.FIXED, object_id=profile.id)
     assert fixed.count() == 1  # never fixed twice
 
@@ -181,7 +181,7 @@ def test_a_run_that_dies_leaves_its_marks_and_the_next_one_audits_them():
 
     dead.refresh_from_db()
     assert dead.status == AuditStatus.INTERRUPTED
-    assert report["totals"] == {"found": 1, "fixed": 1}
+    assert report["totals"] == {"found": 1, "fixed": 1, "sync_sent": 0}
 
 
 def test_an_organization_left_undone_is_audited_again_though_unmarked():
@@ -240,7 +240,7 @@ def test_deletions_by_all_fixing_runs_share_one_budget_per_period(settings):
     audited_and_clean()
     orphan(profiles[0])
     orphan(profiles[1])
-    assert changed("--fix")["totals"] == {"found": 2, "fixed": 2}
+    assert changed("--fix")["totals"] == {"found": 2, "fixed": 2, "sync_sent": 0}
 
     orphan(profiles[2])
     report = changed("--fix")  # the budget of this period is spent

@@ -57,7 +57,10 @@ def test_a_shard_that_continues_ten_times_over_a_real_worker_finishes(tmp_path):
         worker.stop()
     assert command.returncode == 0, err
     report = json.loads(out)
-    assert (report["status"], report["totals"]) == ("succeeded", {"found": 12, "fixed": 12})
+    assert (report["status"], report["totals"]) == (
+        "succeeded",
+        {"found": 12, "fixed": 12, "sync_sent": 0},
+    )
     shard = AuditShard.objects.get(run_id=report["run_id"])
     assert (shard.status, shard.attempts) == (ShardStatus.DONE, 0)
     assert alive_orphans() == 0
@@ -131,7 +134,10 @@ def test_lost_shard_messages_are_sent_again_and_the_run_finishes(tmp_path):
     assert command.returncode == 0, err
     assert "sent its 3 open shards again" in err
     report = json.loads(out)
-    assert (report["status"], report["totals"]) == ("succeeded", {"found": 30, "fixed": 30})
+    assert (report["status"], report["totals"]) == (
+        "succeeded",
+        {"found": 30, "fixed": 30, "sync_sent": 0},
+    )
     assert alive_orphans() == 0
 
 
@@ -161,10 +167,15 @@ def test_the_waiting_command_rides_out_a_database_that_stops_answering(tmp_path)
     orphaned_organizations(20)
     worker = CeleryWorker(tmp_path, PROFILE_AUDIT_CHUNK_SIZE="1").start()
 
+    # The command's connections carry their own name, so only they are ended below.
+    waiting_env = (
+        {"DATABASE_URL": database_env()["DATABASE_URL"] + "?application_name=psa-waiting"}
+        if connection.vendor == "postgresql"
+        else {}
+    )
+
     def start():
-        return start_command(
-            tmp_path, "--fix", "--fan-out", "--format", "json", PGAPPNAME="psa-waiting"
-        )
+        return start_command(tmp_path, "--fix", "--fan-out", "--format", "json", **waiting_env)
 
     def under_way():
         return (r := running_run()) is not None and r.organizations_audited >= 4
@@ -182,7 +193,10 @@ def test_the_waiting_command_rides_out_a_database_that_stops_answering(tmp_path)
         worker.stop()
     assert command.returncode == 0, err
     report = json.loads(out)
-    assert (report["status"], report["totals"]) == ("succeeded", {"found": 20, "fixed": 20})
+    assert (report["status"], report["totals"]) == (
+        "succeeded",
+        {"found": 20, "fixed": 20, "sync_sent": 0},
+    )
 
 
 def _end_connections_of(application_name: str, *, seconds: float) -> int:
@@ -252,7 +266,10 @@ def test_a_redis_restart_mid_run_loses_no_shard(tmp_path, own_redis):  # noqa: F
             restarted.wait(timeout=10)
     assert command.returncode == 0, err + worker.text()[-3000:]
     report = json.loads(out)
-    assert (report["status"], report["totals"]) == ("succeeded", {"found": 40, "fixed": 40})
+    assert (report["status"], report["totals"]) == (
+        "succeeded",
+        {"found": 40, "fixed": 40, "sync_sent": 0},
+    )
     run = AuditRun.objects.get(id=report["run_id"])
     assert run.findings.count() == 40  # nothing done twice
     assert alive_orphans() == 0

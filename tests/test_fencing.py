@@ -121,7 +121,14 @@ def test_a_run_stopped_inside_a_chunk_past_its_expiry_commits_nothing_and_its_su
     ttl = 3
     settings.PROFILE_AUDIT_LOCK_TTL = ttl
     settings.PROFILE_AUDIT_ORG_LOCK_WAIT = 1
-    env = {"PROFILE_AUDIT_CHUNK_SIZE": "2", "PROFILE_AUDIT_LOCK_TTL": str(ttl)}
+    env = {
+        "PROFILE_AUDIT_CHUNK_SIZE": "2",
+        "PROFILE_AUDIT_LOCK_TTL": str(ttl),
+        # The settings keep shard budget < soft limit < hard limit <= the lock's TTL.
+        "PROFILE_AUDIT_TIME_LIMIT": str(ttl),
+        "PROFILE_AUDIT_SOFT_TIME_LIMIT": str(ttl - 1),
+        "PROFILE_AUDIT_SHARD_BUDGET": "1",
+    }
 
     def first_chunk_committed():
         return AuditRun.objects.filter(status=AuditStatus.RUNNING, fixed__gte=2).first()
@@ -168,7 +175,11 @@ def test_a_run_stopped_inside_a_chunk_past_its_expiry_commits_nothing_and_its_su
     fixed = AuditFinding.objects.filter(run=stopped, outcome=FindingOutcome.FIXED).count()
     assert fixed == committed
     assert successor["status"] == "succeeded", successor
-    assert successor["totals"] == {"found": total - committed, "fixed": total - committed}
+    assert successor["totals"] == {
+        "found": total - committed,
+        "fixed": total - committed,
+        "sync_sent": 0,
+    }
     assert alive_orphans() == 0
     assert command.returncode != 0
 

@@ -247,7 +247,7 @@ class NoRun:
             "reason": self.reason,
             "backlog": self.backlog,
             "organizations_audited": 0,
-            "totals": {"found": 0, "fixed": 0},
+            "totals": {"found": 0, "fixed": 0, "sync_sent": 0},
             "by_type": empty_counts(),
             "organizations": [],
             "duration_seconds": 0.0,
