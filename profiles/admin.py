@@ -210,7 +210,15 @@ class AuditRunAdmin(ReadOnlyAdmin):
         ("Who asked", {"fields": ["requested_by_text", "requested_host", "task_id"]}),
         (
             "What it found and fixed",
-            {"fields": ["organizations_audited", "types_list", "by_type_table", "error_text"]},
+            {
+                "fields": [
+                    "organizations_audited",
+                    "types_list",
+                    "by_type_table",
+                    "changes_text",
+                    "error_text",
+                ]
+            },
         ),
         (
             "Organizations not fixed",
@@ -232,6 +240,23 @@ class AuditRunAdmin(ReadOnlyAdmin):
         return [(first[0], {**first[1], "fields": fields}), *rest]
 
     # --- Columns and fields -------------------------------------------------------------
+
+    @admin.display(description="changes")
+    def changes_text(self, run: AuditRun) -> str:
+        """A change-driven run: how old its oldest mark was. A sweep: what the marks missed."""
+        if run.trigger == AuditTrigger.CHANGES:
+            if run.oldest_mark_at is None:
+                return "audited the organizations its last audit left unsettled (none marked)"
+            age = (run.started_at - run.oldest_mark_at).total_seconds()
+            return f"audited what changed; its oldest change mark was {age:.0f} s old at its start"
+        if run.organization_id is None and run.trigger != AuditTrigger.REVERT:
+            if run.missed_by_changes:
+                return (
+                    f"missed by changes: {run.missed_by_changes} findings in organizations no "
+                    "change mark named (writes with the triggers off?)"
+                )
+            return "missed by changes: 0 (every finding was in a marked or unsettled organization)"
+        return "-"
 
     @admin.display(description="started", ordering="started_at")
     def started(self, run: AuditRun) -> str:

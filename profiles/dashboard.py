@@ -22,6 +22,7 @@ from profiles.schedule import (
     AUDIT_ENTRY,
     ScheduleState,
     audit_schedule_state,
+    change_backlog_problem,
     scheduled_audit_problem,
 )
 from profiles.services.run_lock import LockState, fixing_run_lock_state, redis_start_hint
@@ -189,6 +190,9 @@ class Dashboard:
     chart: SafeString
     chart_runs: int
     lock: LockView
+    changes: run_state.ChangeBacklog
+    last_change_run: AuditRun | None
+    changes_behind: str | None
 
     @property
     def chart_title(self) -> str:
@@ -207,6 +211,7 @@ def build_dashboard() -> Dashboard:
     if previous is not None and previous.status not in (*NOT_SUCCEEDED, AuditStatus.SKIPPED):
         previous = None
     runs = run_state.recent_runs(limit=settings.PROFILE_AUDIT_DASHBOARD_RUNS)
+    changes = run_state.change_backlog()
     return Dashboard(
         last_scheduled=last,
         last_reason=status_reason(last) if last else None,
@@ -218,6 +223,11 @@ def build_dashboard() -> Dashboard:
         chart=trend_chart(runs),
         chart_runs=len(runs),
         lock=_lock_view(now),
+        changes=changes,
+        last_change_run=AuditRun.objects.filter(trigger=AuditTrigger.CHANGES)
+        .order_by("-started_at")
+        .first(),
+        changes_behind=change_backlog_problem(changes),
     )
 
 

@@ -7,7 +7,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
-from django.db.models import Count, Min
+from django.db.models import Count, Min, Q
 
 from orgs.models import Organization
 from profiles.models import (
@@ -175,16 +175,20 @@ class ChangeBacklog:
 
 
 def change_backlog() -> ChangeBacklog:
-    marked = ChangeMark.objects.count()
-    unsettled = UnsettledOrganization.objects.count()
-    unmarked_unsettled = UnsettledOrganization.objects.exclude(
-        organization_id__in=ChangeMark.objects.values("organization_id")
-    ).count()
-    oldest = ChangeMark.objects.aggregate(oldest=Min("first_marked_at"))["oldest"]
+    marks = ChangeMark.objects.aggregate(n=Count("organization_id"), oldest=Min("first_marked_at"))
+    unsettled = UnsettledOrganization.objects.aggregate(
+        n=Count("organization_id"),
+        unmarked=Count(
+            "organization_id",
+            filter=~Q(organization_id__in=ChangeMark.objects.values("organization_id")),
+        ),
+    )
     loop = ChangeLoop.objects.filter(name="changes").values("last_checked_at").first()
+    marked, oldest = marks["n"], marks["oldest"]
+    unmarked_unsettled = unsettled["unmarked"]
     return ChangeBacklog(
         marked=marked,
-        unsettled=unsettled,
+        unsettled=unsettled["n"],
         organizations=marked + unmarked_unsettled,
         oldest_mark_at=oldest,
         last_checked_at=loop["last_checked_at"] if loop else None,

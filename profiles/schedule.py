@@ -154,14 +154,14 @@ def _round_to_second(value: datetime) -> datetime:
     return (value + timedelta(microseconds=500_000)).replace(microsecond=0)
 
 
-def change_backlog_problem() -> str | None:
+def change_backlog_problem(backlog: run_state.ChangeBacklog | None = None) -> str | None:
     """Why the change-driven runs count as behind, or None: a change mark older than
     PROFILE_AUDIT_CHANGES_MAX_BACKLOG_AGE is still not cleared. Their beat entry switched off:
     not behind (the sweep still resyncs)."""
     entry = PeriodicTask.objects.filter(name=CHANGES_ENTRY).values("enabled").first()
     if entry is None or not entry["enabled"]:
         return None
-    oldest = run_state.change_backlog().oldest_mark_at
+    oldest = (backlog or run_state.change_backlog()).oldest_mark_at
     limit = timedelta(seconds=settings.PROFILE_AUDIT_CHANGES_MAX_BACKLOG_AGE)
     if oldest is not None and timezone.now() - oldest > limit:
         age = (timezone.now() - oldest).total_seconds()

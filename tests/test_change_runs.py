@@ -326,3 +326,28 @@ def test_the_audits_own_fixes_are_tagged_as_its_writes():
 
     mark = ChangeMark.objects.get(organization_id=profile.organization_id)
     assert "audit-fix" in {w["writer"] for w in mark.writers}
+
+
+def test_the_dashboard_and_run_pages_show_the_backlog_and_what_the_sweep_missed(client):
+    from django.contrib.auth.models import Permission, User
+    from django.urls import reverse
+
+    user = User.objects.create(username="oncall", is_staff=True)
+    user.user_permissions.set(Permission.objects.filter(codename="view_auditrun"))
+    client.force_login(user)
+    (_, first), (_, second) = healthy_org(), healthy_org()
+    audited_and_clean()
+    orphan(first)
+    page = client.get(reverse("admin:profiles_auditrun_changelist")).content.decode()
+    assert "Change-driven runs" in page and "1 organization to audit" in page
+
+    changed("--fix")
+    orphan(second)
+    ChangeMark.objects.all().delete()  # the triggers missed this one
+    sweep = run_audit(AuditRequest(fix=True, trigger=AuditTrigger.SCHEDULE)).run
+    page = client.get(reverse("admin:profiles_auditrun_changelist")).content.decode()
+    # The sweep's own fix marked that organization: the next minute audits it, clean.
+    assert "1 organization to audit" in page
+    assert "last run" in page
+    run_page = client.get(reverse("admin:profiles_auditrun_change", args=[sweep.id]))
+    assert "missed by changes: 1 findings" in run_page.content.decode()
