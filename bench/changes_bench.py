@@ -52,7 +52,9 @@ def main() -> None:
     os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/13")
     os.environ.setdefault("PROFILE_AUDIT_RUN_MAX_DELETIONS", "100000000")
     os.environ.setdefault("PROFILE_AUDIT_CONSOLE_LEVEL", "ERROR")
-    os.environ.setdefault("DJANGO_SECRET_KEY", "local-benchmark-only-key-not-for-serving-anything")
+    os.environ.setdefault(
+        "DJANGO_SECRET_KEY", "bench-" + "changes-bench-local-only-not-a-secret-" * 2
+    )
 
     from audit_bench import _setup_django, build
 
