@@ -554,8 +554,9 @@ def test_a_large_revert_reads_and_writes_in_chunks_with_a_bounded_number_of_quer
 
     assert report.put_back == 1200 and report.conflicts == 0
     assert SocialProfile.objects.filter(organization=org).alive().count() == 1200
-    # Two chunks: a fixed number of reads and writes each, never one per finding.
-    assert len(captured) < 60
+    # Two chunks: a fixed number of reads and writes each, never one per finding; and, once per
+    # run or per organization, the lease (take, renew, prove), the writer tag and the record.
+    assert len(captured) < 80
 
 
 def test_an_organization_that_fails_is_contained_and_its_revert_can_be_retried(fix, monkeypatch):
