@@ -16,7 +16,7 @@ help:
 	@echo "make test         the whole suite on PostgreSQL and Redis"
 	@echo "make test-sqlite  the whole suite on SQLite (Redis still used for broker and lock)"
 	@echo "make test-browser the admin in headless Chromium (needs the chromium package)"
-	@echo "make lint         ruff check and ruff format --check"
+	@echo "make lint         ruff check, ruff format --check and mypy"
 	@echo "make bench        the audit benchmark (see bench/README.md)"
 
 $(BIN)/.installed: pyproject.toml
@@ -57,6 +57,7 @@ test-browser: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 format: install
 	$(BIN)/ruff check --fix .
