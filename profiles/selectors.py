@@ -42,6 +42,7 @@ from profiles.plan import (
 from queues.models import QueueSetting
 
 Key3 = tuple[UUID, str, str]
+"""(organization, platform, external_id): one key of one organization, what a sync job syncs."""
 
 # The snapshot reads' rows, as both readers return them.
 _ConnectionRead = tuple[UUID, UUID, str, datetime | None, datetime]
@@ -58,7 +59,6 @@ _KeyedAssetRead = tuple[UUID, UUID, UUID, str, str, str, datetime]
 """(organization, *AssetRow)"""
 _KeyedProfileRead = tuple[UUID, UUID, UUID | None, str, str, datetime | None]
 """(organization, *ProfileRow)"""
-"""(organization, platform, external_id): one key of one organization, what a sync job syncs."""
 
 _ASSET_TYPES_OF: dict[str, tuple[str, ...]] = {
     platform: tuple(t for t, p in ASSET_TYPE_PLATFORM.items() if p == platform)
