@@ -284,7 +284,9 @@ def record_dry_chunk(
                 planned_change(
                     f,
                     now=now,
-                    queue_settings=queue_settings.get(f.object_id) if f.object_id else None,
+                    queue_settings=queue_settings.get(f.object_id)
+                    if f.object_id is not None
+                    else None,
                 ),
                 organization_id=plan.organization_id,
                 outcome=result,
