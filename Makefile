@@ -18,7 +18,7 @@ help:
 	@echo "make test-browser the admin in headless Chromium (needs the chromium package)"
 	@echo "make test-pythons the suite on Python 3.12 and 3.13 (nox; PostgreSQL and Redis)"
 	@echo "make check-alerts promtool and amtool on the shipped rules and routing"
-	@echo "make lint         ruff check and ruff format --check"
+	@echo "make lint         ruff check, ruff format --check and mypy"
 	@echo "make bench        the audit benchmark (see bench/README.md)"
 
 $(BIN)/.installed: pyproject.toml
@@ -72,6 +72,7 @@ check-alerts:
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 format: install
 	$(BIN)/ruff check --fix .

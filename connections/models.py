@@ -48,7 +48,8 @@ class PlatformConnection(SoftDeleteModel):
         return self.deleted_at is None and self.status == ConnectionStatus.ACTIVE
 
 
-AssetType = models.TextChoices("AssetType", [(t, t) for t in ASSET_TYPE_PLATFORM])
+# Enum's functional API takes (name, value) pairs; the stubs know only a names string.
+AssetType = models.TextChoices("AssetType", [(t, t) for t in ASSET_TYPE_PLATFORM])  # type: ignore[call-overload]
 
 
 class ConnectionAsset(models.Model):

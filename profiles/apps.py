@@ -12,6 +12,7 @@ class ProfilesConfig(AppConfig):
         from profiles import tasks  # noqa: F401
         from profiles.schedule import install_beat_entries_after_migrate
 
+        assert self.apps is not None  # set before ready()
         # Sent once per migrated app; the beat app's signal is the one after its tables exist.
         post_migrate.connect(
             install_beat_entries_after_migrate,

@@ -79,7 +79,8 @@ def _swap(cursor: CursorWrapper, vendor: str, tag: str | None) -> str | None:
             "SELECT previous.tag, set_config(%s, %s, true) FROM previous",
             [SETTING, SETTING, tag or ""],
         )
-        return cursor.fetchone()[0]
+        previous: str | None = cursor.fetchone()[0]
+        return previous
     cursor.execute("SELECT writer FROM profiles_changemark_writer")
     row = cursor.fetchone()
     if tag is None:

@@ -365,6 +365,9 @@ def alive_profiles_after(snapshot: OrgSnapshot, decisions: Iterable[Finding]) ->
     yet."""
     alive = {p.id.int for p in snapshot.profiles if p.deleted_at is None}
     for finding in decisions:
+        # Profile findings other than "missing" always name their profile.
+        if finding.object_id is None:
+            continue
         if finding.soft_deletes_profile:
             alive.discard(finding.object_id.int)
         elif finding.type == FindingType.RESTORE:
@@ -527,7 +530,7 @@ def profiles_whose_settings_can_be_stale(
     """O's profiles whose queue settings ``find_stale_queue_settings`` can find stale once
     (part of) ``whole``, O's profile decisions, is applied: those dead now and those it soft
     deletes. The others' settings never are, and need not be read (most of them)."""
-    deleted = {f.object_id.int for f in whole if f.soft_deletes_profile}
+    deleted = {f.object_id.int for f in whole if f.soft_deletes_profile and f.object_id is not None}
     return [p.id for p in snapshot.profiles if p.deleted_at is not None or p.id.int in deleted]
 
 

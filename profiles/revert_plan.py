@@ -9,7 +9,7 @@ typed values (datetimes, UUIDs, JSON values), and compared as such.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import Enum
@@ -134,7 +134,7 @@ def _as_is(value: Any) -> Any:
     return value
 
 
-_PARSERS = {"deleted_at": _as_datetime, "connection_id": _as_uuid}
+_PARSERS: dict[str, Callable[[Any], Any]] = {"deleted_at": _as_datetime, "connection_id": _as_uuid}
 
 
 def as_json(value: Any) -> Any:
@@ -329,12 +329,12 @@ class _State:
         self.changed = RevertRows()
 
     def get(self, model: str, id_: UUID) -> Row | None:
-        table: Mapping[UUID, Row] = {
+        tables: dict[str, Mapping[UUID, Row]] = {
             PROFILE: self.profiles,
             QUEUE_SETTING: self.settings,
             BOOST_RULE: self.rules,
-        }[model]
-        return table.get(id_)
+        }
+        return tables[model].get(id_)
 
     def put(self, row: Row) -> None:
         if isinstance(row, ProfileNow):

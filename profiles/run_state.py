@@ -91,7 +91,7 @@ def open_shards_by_status() -> dict[str, int]:
         .annotate(n=Count("id"))
         .order_by()
     )
-    counts = {status: 0 for status in OPEN_SHARD_STATUSES}
+    counts: dict[str, int] = {status: 0 for status in OPEN_SHARD_STATUSES}
     counts.update(dict(rows))
     return counts
 
@@ -101,7 +101,7 @@ def guarded_organization_ids(run: AuditRun) -> list[str]:
     those with guarded findings (one indexed query on (run, outcome))."""
     from_findings = (
         AuditFinding.objects.filter(run=run, outcome=FindingOutcome.GUARDED)
-        .exclude(organization_id=None)
+        .exclude(organization_id__isnull=True)
         .values_list("organization_id", flat=True)
         .distinct()
     )
@@ -144,7 +144,7 @@ def organizations_named(ids: list[str], *, limit: int) -> tuple[list[NamedOrgani
     """The first ``limit`` of these organization ids with their names (one query), and how many
     there are in all."""
     shown = ids[:limit]
-    names = dict(
+    names: dict[uuid.UUID | None, str] = dict(
         Organization.objects.filter(
             id__in=[_uuid_or_none(i) for i in shown if _uuid_or_none(i)]
         ).values_list("id", "name")

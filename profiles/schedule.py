@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from django.apps import AppConfig
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
@@ -61,7 +62,9 @@ def _periodic_task_fields(entry: dict[str, Any], *, using: str) -> dict[str, Any
     }
 
 
-def install_beat_entries_after_migrate(sender, *, using: str = "default", **kwargs) -> None:
+def install_beat_entries_after_migrate(
+    sender: AppConfig, *, using: str = "default", **kwargs: Any
+) -> None:
     """post_migrate receiver (also after a test database flush, which empties the tables).
     Skipped when beat's tables are not there (``migrate django_celery_beat zero``)."""
     if _beat_tables_exist(using):

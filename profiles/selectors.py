@@ -4,14 +4,15 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any, cast
 from uuid import UUID
 
 from django.db import connection, transaction
-from django.db.models import Exists, Max, OuterRef, Q, QuerySet, TextField
+from django.db.models import Exists, Func, Max, OuterRef, Q, QuerySet, TextField
 from django.db.models.functions import Cast, Length, Substr
 
 from boosts.models import BoostRule
@@ -42,6 +43,22 @@ from queues.models import QueueSetting
 
 Key3 = tuple[UUID, str, str]
 """(organization, platform, external_id): one key of one organization, what a sync job syncs."""
+
+# The snapshot reads' rows, as both readers return them.
+_ConnectionRead = tuple[UUID, UUID, str, datetime | None, datetime]
+"""(id, organization, status, deleted_at, created_at)"""
+_AssetRead = tuple[UUID, UUID, str, str, str, datetime]
+"""AssetRow's fields."""
+_ProfileRead = tuple[UUID, UUID, UUID | None, str, str, datetime | None]
+"""(id, organization, connection, platform, external id, deleted_at)"""
+_SettingRead = tuple[UUID, UUID, UUID]
+"""(id, organization, profile)"""
+_RuleRead = tuple[UUID, UUID, object]
+"""(id, organization, profile_ids decoded)"""
+_KeyedAssetRead = tuple[UUID, UUID, UUID, str, str, str, datetime]
+"""(organization, *AssetRow)"""
+_KeyedProfileRead = tuple[UUID, UUID, UUID | None, str, str, datetime | None]
+"""(organization, *ProfileRow)"""
 
 _ASSET_TYPES_OF: dict[str, tuple[str, ...]] = {
     platform: tuple(t for t, p in ASSET_TYPE_PLATFORM.items() if p == platform)
@@ -137,7 +154,11 @@ def add_queue_settings(
     """Fill in the alive queue settings of these snapshots' organizations that belong to
     ``profile_ids`` (snapshots read with ``queue_settings=False``; one query)."""
     read = _snapshot_read()
-    settings = {org.int: snapshot.queue_settings for org, snapshot in snapshots.items()}
+    # Snapshots read with ``queue_settings=False`` each hold a list of their own to fill.
+    settings = {
+        org.int: cast("list[QueueSettingRow]", snapshot.queue_settings)
+        for org, snapshot in snapshots.items()
+    }
     for id_, org, profile_id in read.alive_queue_settings(list(snapshots), profile_ids):
         settings[org.int].append(QueueSettingRow(id_, profile_id))
 
@@ -157,6 +178,7 @@ def _load_snapshots(
 
     organization_of: dict[int, int] = {}
     connection_ids = []
+    connection_id: UUID | None  # an asset's connection, then a profile's (which may have none)
     for id_, org, status, deleted_at, created_at in read.connections(organization_ids):
         connections[org.int][id_] = ConnectionRow(id_, status, deleted_at, created_at)
         organization_of[id_.int] = org.int
@@ -198,14 +220,14 @@ def _snapshot_read() -> _SnapshotReadPostgreSQL | _SnapshotReadORM:
 class _SnapshotReadORM:
     """The snapshot's five reads through the ORM (SQLite: Django converts its stored values)."""
 
-    def connections(self, orgs):
+    def connections(self, orgs: Sequence[UUID]) -> Iterable[_ConnectionRead]:
         return (
             PlatformConnection.objects.filter(organization_id__in=orgs)
             .order_by()
             .values_list("id", "organization_id", "status", "deleted_at", "created_at")
         )
 
-    def selected_assets(self, connection_ids):
+    def selected_assets(self, connection_ids: Sequence[UUID]) -> Iterable[_AssetRead]:
         if not connection_ids:
             return []
         return (
@@ -214,7 +236,7 @@ class _SnapshotReadORM:
             .values_list("id", "connection_id", "asset_type", "external_id", "name", "created_at")
         )
 
-    def profiles(self, orgs):
+    def profiles(self, orgs: Sequence[UUID]) -> Iterable[_ProfileRead]:
         return (
             SocialProfile.objects.filter(organization_id__in=orgs)
             .order_by()
@@ -223,13 +245,15 @@ class _SnapshotReadORM:
             )
         )
 
-    def alive_queue_settings(self, orgs, profile_ids=None):
+    def alive_queue_settings(
+        self, orgs: Sequence[UUID], profile_ids: Sequence[UUID] | None = None
+    ) -> Iterable[_SettingRead]:
         settings = QueueSetting.objects.alive().filter(organization_id__in=orgs)
         if profile_ids is not None:
             settings = settings.filter(profile_id__in=profile_ids)
         return settings.order_by().values_list("id", "organization_id", "profile_id")
 
-    def selected_assets_with_keys(self, keys):
+    def selected_assets_with_keys(self, keys: Collection[Key3]) -> Iterable[_KeyedAssetRead]:
         """(organization, *AssetRow) of the selected assets with these keys."""
         rows = ConnectionAsset.objects.filter(
             connection__organization_id__in={org for org, _, _ in keys},
@@ -250,7 +274,7 @@ class _SnapshotReadORM:
             if (row[0], ASSET_TYPE_PLATFORM.get(row[3]), row[4]) in keys
         ]
 
-    def profiles_with_keys(self, keys):
+    def profiles_with_keys(self, keys: Collection[Key3]) -> Iterable[_KeyedProfileRead]:
         """(organization, *ProfileRow) of the profiles, alive or dead, with these keys."""
         rows = SocialProfile.objects.filter(
             organization_id__in={org for org, _, _ in keys},
@@ -260,7 +284,7 @@ class _SnapshotReadORM:
         )
         return [row for row in rows.order_by() if (row[0], row[3], row[4]) in keys]
 
-    def alive_boost_rules(self, orgs):
+    def alive_boost_rules(self, orgs: Sequence[UUID]) -> list[_RuleRead]:
         # As text, decoded row by row (``decode_json``): one rule's unreadable JSON must not
         # stop the read of its chunk (rule 7).
         return [
@@ -289,36 +313,42 @@ class _SnapshotReadPostgreSQL:
         raw.format = psycopg.pq.Format.BINARY
         # Django's loader only re-attaches the time zone; the session is in UTC already.
         raw.adapters.register_loader("timestamptz", TimestamptzBinaryLoader)
-        self._cursor = connection._prepare_cursor(raw)
+        # A private method of Django's PostgreSQL backend, absent from the stubs' base class.
+        self._cursor = connection._prepare_cursor(raw)  # type: ignore[attr-defined]
 
-    def _fetch(self, sql: str, ids, *more_ids) -> list[tuple]:
+    def _fetch(
+        self, sql: str, ids: Collection[UUID], *more_ids: Collection[UUID]
+    ) -> list[tuple[Any, ...]]:
         if not ids:
             return []
         self._cursor.execute(sql, [list(ids), *(list(more) for more in more_ids)])
-        return self._cursor.fetchall()
+        rows: list[tuple[Any, ...]] = self._cursor.fetchall()
+        return rows
 
-    def connections(self, orgs):
+    def connections(self, orgs: Sequence[UUID]) -> Iterable[_ConnectionRead]:
         return self._fetch(
             f"SELECT id, organization_id, status, deleted_at, created_at "
             f"FROM {PlatformConnection._meta.db_table} WHERE organization_id = ANY(%s)",
             orgs,
         )
 
-    def selected_assets(self, connection_ids):
+    def selected_assets(self, connection_ids: Sequence[UUID]) -> Iterable[_AssetRead]:
         return self._fetch(
             f"SELECT id, connection_id, asset_type, external_id, name, created_at "
             f"FROM {ConnectionAsset._meta.db_table} WHERE connection_id = ANY(%s) AND is_selected",
             connection_ids,
         )
 
-    def profiles(self, orgs):
+    def profiles(self, orgs: Sequence[UUID]) -> Iterable[_ProfileRead]:
         return self._fetch(
             f"SELECT id, organization_id, connection_id, platform, external_id, deleted_at "
             f"FROM {SocialProfile._meta.db_table} WHERE organization_id = ANY(%s)",
             orgs,
         )
 
-    def alive_queue_settings(self, orgs, profile_ids=None):
+    def alive_queue_settings(
+        self, orgs: Sequence[UUID], profile_ids: Sequence[UUID] | None = None
+    ) -> Iterable[_SettingRead]:
         table = QueueSetting._meta.db_table
         if profile_ids is None:
             return self._fetch(
@@ -334,7 +364,7 @@ class _SnapshotReadPostgreSQL:
             orgs,
         )
 
-    def selected_assets_with_keys(self, keys):
+    def selected_assets_with_keys(self, keys: Collection[Key3]) -> Iterable[_KeyedAssetRead]:
         # Joined on the keys (the asset key index), never reading an organization's other assets.
         keys = [(org, t, e) for org, p, e in keys for t in _ASSET_TYPES_OF.get(p, ())]
         if not keys:
@@ -349,9 +379,10 @@ class _SnapshotReadPostgreSQL:
             "AND c.organization_id = k.org WHERE a.is_selected",
             [orgs, asset_types, external_ids],
         )
-        return self._cursor.fetchall()
+        assets: list[_KeyedAssetRead] = self._cursor.fetchall()
+        return assets
 
-    def profiles_with_keys(self, keys):
+    def profiles_with_keys(self, keys: Collection[Key3]) -> Iterable[_KeyedProfileRead]:
         if not keys:
             return []
         orgs, platforms, external_ids = (list(column) for column in zip(*keys, strict=True))
@@ -363,9 +394,10 @@ class _SnapshotReadPostgreSQL:
             "AND p.external_id = k.external_id",
             [orgs, platforms, external_ids],
         )
-        return self._cursor.fetchall()
+        profiles: list[_KeyedProfileRead] = self._cursor.fetchall()
+        return profiles
 
-    def alive_boost_rules(self, orgs):
+    def alive_boost_rules(self, orgs: Sequence[UUID]) -> list[_RuleRead]:
         return [
             (id_, org, decode_json(text))
             for id_, org, text in self._fetch(
@@ -420,11 +452,11 @@ def load_keys_snapshots(keys: Collection[tuple[UUID, str, str]]) -> dict[UUID, O
     for id_, org, status, deleted_at, created_at in read.connections(organization_ids):
         connections[org][id_] = ConnectionRow(id_, status, deleted_at, created_at)
     assets: dict[UUID, list[AssetRow]] = {org: [] for org in organization_ids}
-    for org, *row in read.selected_assets_with_keys(wanted):
-        assets[org].append(AssetRow(*row))
+    for asset in read.selected_assets_with_keys(wanted):
+        assets[asset[0]].append(AssetRow(*asset[1:]))
     profiles: dict[UUID, list[ProfileRow]] = {org: [] for org in organization_ids}
-    for org, *row in read.profiles_with_keys(wanted):
-        profiles[org].append(ProfileRow(*row))
+    for profile in read.profiles_with_keys(wanted):
+        profiles[profile[0]].append(ProfileRow(*profile[1:]))
     return {
         org: OrgSnapshot(
             organization_id=org,
@@ -580,7 +612,7 @@ def profile_states(
     """The organization's profiles with these ids, and its *alive* profiles with these keys."""
     fields = ("id", "platform", "external_id", "connection_id", "deleted_at", "created_at")
     profiles = SocialProfile.objects.filter(organization_id=organization_id)
-    rows = []
+    rows: list[tuple[UUID, str, str, UUID | None, datetime | None, datetime]] = []
     if profile_ids:
         rows += profiles.filter(id__in=list(profile_ids)).values_list(*fields)
     if keys:
@@ -663,7 +695,7 @@ def run_findings_page(
         .order_by("seq")
     )
     if value_chars is not None:
-        cut = {}
+        cut: dict[str, Func] = {}
         for side in ("before", "after"):
             text = Cast(side, TextField())
             cut[f"{side}_head"] = Substr(text, 1, value_chars)
@@ -693,7 +725,7 @@ def prunable_runs(*, cutoff: datetime) -> QuerySet[AuditRun]:
 
 def stale_queue_setting_deletions(
     *, run_ids: Collection[UUID], after_finding: UUID | None, limit: int
-) -> list[tuple[UUID, UUID, object, UUID]]:
+) -> list[tuple[UUID, UUID | None, object, UUID]]:
     """What these runs' fixed ``stale_queue_setting`` findings soft-deleted, one page of at
     most ``limit`` (keyset on the finding id): (finding id, queue setting id, the finding's
     ``after``, run id), for settings that still exist."""

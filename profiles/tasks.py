@@ -11,7 +11,9 @@ from uuid import UUID
 
 import redis
 import structlog
+from billiard.einfo import ExceptionInfo
 from celery import Task, shared_task
+from celery.app.task import Context
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from django.conf import settings
 from django.db import DatabaseError, InterfaceError, OperationalError
@@ -51,7 +53,7 @@ TRANSIENT_ERRORS = (
 # Declared once: every task of the audit that works on the database retries transient errors
 # the same way (a fixed delay: no exponential backoff, none of Celery's default jitter), acks
 # late, and is bounded by the same time limits.
-RETRYING = {
+RETRYING: dict[str, Any] = {
     "autoretry_for": TRANSIENT_ERRORS,
     "max_retries": settings.PROFILE_AUDIT_MAX_RETRIES,
     "default_retry_delay": settings.PROFILE_AUDIT_RETRY_DELAY,
@@ -66,7 +68,9 @@ RETRYING = {
 class AuditTask(Task):
     """Logs the outcome of each attempt, as the original's onSuccess/onFailure did."""
 
-    def on_success(self, retval, task_id, args, kwargs) -> None:
+    def on_success(
+        self, retval: Any, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
         audit_logger().info(
             "profile_audit.task_completed",
             summary="Profile-connection sync audit started its shards",
@@ -75,7 +79,14 @@ class AuditTask(Task):
             **retval,
         )
 
-    def on_retry(self, exc, task_id, args, kwargs, einfo) -> None:
+    def on_retry(
+        self,
+        exc: Exception,
+        task_id: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        einfo: ExceptionInfo,
+    ) -> None:
         audit_logger().warning(
             "profile_audit.task_retrying",
             summary="Profile-connection sync audit failed; retrying",
@@ -86,7 +97,14 @@ class AuditTask(Task):
             countdown=self.default_retry_delay,
         )
 
-    def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
+    def on_failure(
+        self,
+        exc: Exception,
+        task_id: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        einfo: ExceptionInfo,
+    ) -> None:
         audit_logger().error(
             "profile_audit.task_failed",
             summary="Profile-connection sync audit failed",
@@ -172,7 +190,14 @@ def audit_changes_task(self: AuditTask, fix: bool = True) -> dict[str, Any]:
 
 
 class ShardTask(Task):
-    def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
+    def on_failure(
+        self,
+        exc: Exception,
+        task_id: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        einfo: ExceptionInfo,
+    ) -> None:
         """The shard's attempt failed beyond its retries, or its process was killed at the hard
         time limit (this runs in the worker's main process then): continue from the cursor while
         deliveries remain (``work_shard`` counts them), else close the shard as failed."""
@@ -248,7 +273,14 @@ class SyncTask(Task):
     """Logs the sync job's retries and its failure for good (its findings stay ``sent``: the
     daily maintenance sends it again)."""
 
-    def on_retry(self, exc, task_id, args, kwargs, einfo) -> None:
+    def on_retry(
+        self,
+        exc: Exception,
+        task_id: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        einfo: ExceptionInfo,
+    ) -> None:
         audit_logger().warning(
             "profile_sync.retrying",
             task_id=task_id,
@@ -258,7 +290,14 @@ class SyncTask(Task):
             countdown=self.default_retry_delay,
         )
 
-    def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
+    def on_failure(
+        self,
+        exc: Exception,
+        task_id: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        einfo: ExceptionInfo,
+    ) -> None:
         audit_logger().error(
             "profile_sync.failed",
             task_id=task_id,
@@ -369,5 +408,5 @@ def send_sync_job(keys: list[list[str]], run_id: UUID) -> None:
     sync_profiles_task.apply_async(args=(keys,), kwargs={"run_id": str(run_id)})
 
 
-def _queue(request) -> str | None:
+def _queue(request: Context) -> str | None:
     return (request.delivery_info or {}).get("routing_key")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import cached_property
@@ -24,6 +24,7 @@ from django.conf import settings
 from django.db import DatabaseError
 from django.db.models import Count, Sum
 from django.utils import timezone
+from structlog.stdlib import BoundLogger
 
 from audit_project.celery import app as celery_app
 from audit_project.log_config import audit_logger
@@ -51,13 +52,14 @@ from profiles.services.change_runs import beat, shard_lists, take_work_list
 from profiles.services.chunks import (
     ChunkOutcome,
     RunBudget,
+    SyncSender,
     collector_paused,
     fix_chunk,
     plan_chunk,
     record_dry_chunk,
 )
-from profiles.services.lease import LeaseHeld, LeaseLost
-from profiles.services.recording import empty_counts, mark_findings_failed
+from profiles.services.lease import FixingLease, LeaseHeld, LeaseLost
+from profiles.services.recording import FindingRow, empty_counts, mark_findings_failed
 from profiles.services.run_lock import RunLockUnavailable
 from profiles.services.runs import (
     SYNC_NOT_SENT,
@@ -361,15 +363,17 @@ def start_change_run(request: AuditRequest, *, in_process: bool = False) -> Audi
     return run
 
 
-def _create_run(request: AuditRequest, *, lease, in_process: bool) -> AuditRun:
+def _create_run(request: AuditRequest, *, lease: FixingLease | None, in_process: bool) -> AuditRun:
     if request.organization_id is not None:
         org = request.organization_id
         # [org, org + 1): exactly this organization.
-        ranges = [(org, UUID(int=org.int + 1) if org.int < (1 << 128) - 1 else None)]
+        ranges: list[tuple[UUID | None, UUID | None]] = [
+            (org, UUID(int=org.int + 1) if org.int < (1 << 128) - 1 else None)
+        ]
         total = 1
     else:
         starts, total = shard_starts(shard_size=settings.PROFILE_AUDIT_SHARD_SIZE)
-        bounds = [None, *starts[1:], None]
+        bounds: list[UUID | None] = [None, *starts[1:], None]
         ranges = list(itertools.pairwise(bounds)) if starts else [(None, None)]
     return create_run(
         fields=_run_fields(request),
@@ -558,7 +562,7 @@ def deletions_left(run: AuditRun) -> int:
     return max(0, settings.PROFILE_AUDIT_RUN_MAX_DELETIONS - (used or 0))
 
 
-def _paused(shard: AuditShard, *, reason: str, position: ShardCursor, log) -> str:
+def _paused(shard: AuditShard, *, reason: str, position: ShardCursor, log: BoundLogger) -> str:
     log.info("profile_audit.shard_paused", reason=reason, cursor=str(position.cursor))
     pause_shard(shard.id)
     return CONTINUE
@@ -576,7 +580,7 @@ def _past_deadline(run: AuditRun) -> bool:
     return run.deadline is not None and timezone.now() >= run.deadline
 
 
-def _log_organizations(log, outcome: ChunkOutcome) -> None:
+def _log_organizations(log: BoundLogger, outcome: ChunkOutcome) -> None:
     for org in outcome.organizations:
         plan = org.plan
         org_id = str(plan.organization_id)
@@ -625,13 +629,13 @@ def _log_organizations(log, outcome: ChunkOutcome) -> None:
             )
 
 
-def _sender(run: AuditRun):
+def _sender(run: AuditRun) -> SyncSender:
     """Sends a chunk's missing profiles to the sync job once the chunk's fix has committed: one
     message, sent once (no publish retries), so a broker that is down costs one refusal per
     chunk. Their findings were recorded ``sent``; the job makes them ``fixed`` when it creates
     the profiles. If it cannot be sent, they become failures, and the run goes on."""
 
-    def send(rows) -> None:
+    def send(rows: Sequence[FindingRow]) -> None:
         keys = [[str(r.organization_id), r.platform, r.external_id] for r in rows]
         try:
             signature(
@@ -647,7 +651,8 @@ def _sender(run: AuditRun):
                 error=error,
             )
             mark_findings_failed(run_id=run.id, finding_ids=[r.id for r in rows], error=error)
-            for org in {r.organization_id for r in rows}:
+            # A sent row is a missing profile's, recorded with its organization.
+            for org in {r.organization_id for r in rows if r.organization_id is not None}:
                 add_shard_failure(run_id=run.id, organization_id=org, error=error)
 
     return send
@@ -700,7 +705,7 @@ def run_audit(
     try:
         for shard_id in run.shards.order_by("index").values_list("id", flat=True):
             if work_shard(shard_id=shard_id, budget=budget, progress=counted) == CONTINUE:
-                stop_run(run, reason=budget.spent() or "budget spent")
+                stop_run(run, reason=(budget.spent() if budget else None) or "budget spent")
                 break
     except BaseException as exc:
         audit_logger().bind(run_id=str(run.id)).exception("profile_audit.failed")
@@ -806,7 +811,9 @@ class ProfileConnectionAuditService:
             force=force,
             trigger=trigger,
         )
-        return run_audit(request, budget=Budget(check=should_stop) if should_stop else None)
+        report = run_audit(request, budget=Budget(check=should_stop) if should_stop else None)
+        assert isinstance(report, RunReport)  # only a change-driven request records no run
+        return report
 
     def run_audit_for_all_orgs(
         self,
@@ -820,9 +827,11 @@ class ProfileConnectionAuditService:
     ) -> RunReport:
         """Audit every organization, in chunks ordered by id; one chunk in memory at a time."""
         request = AuditRequest(fix=fix, scopes=tuple(scopes or ()), force=force, trigger=trigger)
-        return run_audit(
+        report = run_audit(
             request, progress=progress, budget=Budget(check=should_stop) if should_stop else None
         )
+        assert isinstance(report, RunReport)  # only a change-driven request records no run
+        return report
 
 
 def _str(value: UUID | None) -> str | None:

@@ -5,19 +5,20 @@ server-side whatever the number of rows; elsewhere Django's ``bulk_update``."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
-from uuid import UUID
+from typing import Any, cast
 
 from django.db import connection
-from django.db.models import JSONField, Model
+from django.db.models import Field, JSONField, Model
 
 
-def update_rows(model: type[Model], fields: Sequence[str], rows: Sequence[tuple[UUID, ...]]) -> int:
+def update_rows(
+    model: type[Model], fields: Sequence[str], rows: Sequence[tuple[object, ...]]
+) -> int:
     """Set ``fields`` of each row ``(id, value, ...)``; returns the number of rows given."""
     if not rows:
         return 0
     if connection.vendor != "postgresql":
-        model.objects.bulk_update(
+        model._default_manager.bulk_update(  # `objects`, the only manager
             [model(pk=row[0], **dict(zip(fields, row[1:], strict=True))) for row in rows],
             list(fields),
             batch_size=1000,
@@ -26,7 +27,9 @@ def update_rows(model: type[Model], fields: Sequence[str], rows: Sequence[tuple[
     from psycopg.types.json import Jsonb
 
     meta = model._meta
-    columns = [meta.pk, *(meta.get_field(name) for name in fields)]
+    # The primary key and the named fields are concrete columns (get_field also returns
+    # relations and generic keys, which have none).
+    columns = cast("list[Field[Any, Any]]", [meta.pk, *(meta.get_field(name) for name in fields)])
     arrays: list[list[Any]] = [[] for _ in columns]
     for row in rows:
         for i, (column, value) in enumerate(zip(columns, row, strict=True)):

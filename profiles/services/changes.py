@@ -54,6 +54,7 @@ def planned_change(
                 after["queue_settings"] = dict.fromkeys(queue_settings)
             return Change(finding, before, after)
         case FindingType.MISSING:
+            assert finding.key is not None  # a missing profile is known by its key only
             platform, external_id = finding.key
             return Change(
                 finding,
@@ -94,7 +95,10 @@ def apply_profile_findings(
     changes: dict[int, Change] = {}
 
     deletions = [f for f in findings if f.soft_deletes_profile]
-    soft_deleter.soft_delete_profiles(profile_ids=[f.object_id for f in deletions], now=now)
+    # Every profile finding but "missing" names its profile.
+    soft_deleter.soft_delete_profiles(
+        profile_ids=[f.object_id for f in deletions if f.object_id is not None], now=now
+    )
 
     update_rows(
         SocialProfile,
@@ -104,9 +108,12 @@ def apply_profile_findings(
 
     restores = [f for f in findings if f.type == FindingType.RESTORE]
     restored_settings = soft_deleter.restore_profiles(
-        connection_by_profile={f.object_id: f.target_connection_id for f in restores}
+        connection_by_profile={
+            f.object_id: f.target_connection_id for f in restores if f.object_id is not None
+        }
     )
     for f in restores:
+        assert f.object_id is not None
         changes[id(f)] = planned_change(
             f, now=now, queue_settings=restored_settings.get(f.object_id)
         )

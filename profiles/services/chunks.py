@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from typing import Any
 from uuid import UUID
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -36,6 +37,7 @@ from profiles.plan import (
     Finding,
     Guard,
     OrgPlan,
+    OrgSnapshot,
     find_cleanup_findings,
     find_profile_findings,
     plan_organization,
@@ -189,8 +191,8 @@ def plan_chunk(
         for org in organization_ids:
             started = time.monotonic()
             try:
-                wholes[org] = find_profile_findings(snapshots[org])
-                candidates += profiles_whose_settings_can_be_stale(snapshots[org], wholes[org])
+                whole = wholes[org] = find_profile_findings(snapshots[org])
+                candidates += profiles_whose_settings_can_be_stale(snapshots[org], whole)
             except Exception:
                 wholes[org] = None  # planned again below, which records its failure
             seconds[org] = time.monotonic() - started
@@ -204,7 +206,11 @@ def plan_chunk(
 
 
 def _plan_or_failure(
-    snapshot, *, types: frozenset[FindingType], guard: Guard, whole=None
+    snapshot: OrgSnapshot,
+    *,
+    types: frozenset[FindingType],
+    guard: Guard,
+    whole: tuple[Finding, ...] | None = None,
 ) -> OrgPlan:
     """The organization's plan; whatever its data, a failure to plan it is its own (rule 7):
     a plan with no findings and the error, recorded as the organization's failure."""
@@ -263,7 +269,10 @@ def record_dry_chunk(
     # What each restore would bring back with its profile is part of the plan.
     queue_settings = ProfileSoftDeleteService().queue_settings_to_restore(
         profile_ids=[
-            f.object_id for p in plans for f in p.profile_findings if f.type == FindingType.RESTORE
+            f.object_id
+            for p in plans
+            for f in p.profile_findings
+            if f.type == FindingType.RESTORE and f.object_id is not None
         ]
     )
     outcome = ChunkOutcome()
@@ -272,7 +281,13 @@ def record_dry_chunk(
         result = FindingOutcome.GUARDED if plan.guarded else FindingOutcome.PLANNED
         rows += (
             finding_row(
-                planned_change(f, now=now, queue_settings=queue_settings.get(f.object_id)),
+                planned_change(
+                    f,
+                    now=now,
+                    queue_settings=queue_settings.get(f.object_id)
+                    if f.object_id is not None
+                    else None,
+                ),
                 organization_id=plan.organization_id,
                 outcome=result,
             )
@@ -330,8 +345,19 @@ def fix_chunk(
     return outcome
 
 
-def _fix_chunk(plans, *, position, types, guard, send_sync, over, into: ChunkOutcome) -> None:
-    options = dict(position=position, types=types, guard=guard, send_sync=send_sync, over=over)
+def _fix_chunk(
+    plans: Sequence[OrgPlan],
+    *,
+    position: ShardCursor,
+    types: frozenset[FindingType],
+    guard: Guard,
+    send_sync: SyncSender,
+    over: set[UUID],
+    into: ChunkOutcome,
+) -> None:
+    options: dict[str, Any] = dict(
+        position=position, types=types, guard=guard, send_sync=send_sync, over=over
+    )
     try:
         into.organizations += _fix_in_one_transaction(plans, **options).organizations
         return

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from django.conf import settings
 from django.db import DatabaseError, OperationalError, connection, transaction
+from django.db.backends.utils import CursorWrapper
 from django.db.models import F
 from django.utils import timezone
 
@@ -191,7 +192,9 @@ class FixingLease:
         The database decides: while the lease has our epoch, a lock that Redis lost (restarted
         without persistence) is taken again, and a Redis that does not answer is waited out by
         the next renewal; once another run raised the epoch, we stop."""
-        updated = FixingRunLease.objects.filter(name=self.name, epoch=self.epoch).update(
+        # Django reads `epoch=None` (adopted without one) as IS NULL: no lease; the stubs take
+        # ints only.
+        updated = FixingRunLease.objects.filter(name=self.name, epoch=self.epoch).update(  # type: ignore[misc]
             renewed_at=timezone.now()
         )
         if not updated:
@@ -205,7 +208,8 @@ class FixingLease:
 
     def release(self) -> None:
         """Give the lease up: a later run need not wait for its expiry."""
-        FixingRunLease.objects.filter(name=self.name, epoch=self.epoch, token=self.token).update(
+        # `epoch=None` is IS NULL to Django (no lease), a type error to the stubs.
+        FixingRunLease.objects.filter(name=self.name, epoch=self.epoch, token=self.token).update(  # type: ignore[misc]
             token="", renewed_at=None
         )
         with contextlib.suppress(RunLockUnavailable):  # the key expires by itself
@@ -251,7 +255,7 @@ def fence_out(*, name: str | None = None, token: str) -> bool:
 _EPOCH_NAMESPACE = 0x50534132
 
 
-def mark_fencing_epoch(cursor, epoch: int) -> None:
+def mark_fencing_epoch(cursor: CursorWrapper, epoch: int) -> None:
     """Mark this fixing transaction with its run's epoch (a shared advisory lock, visible in
     ``pg_locks`` until the transaction ends), so a successor can end it once it is fenced out."""
     cursor.execute(
@@ -272,6 +276,7 @@ def end_fenced_transactions(epoch: int) -> int:
                     "AND objid::bigint < %s AND pid <> pg_backend_pid()",
                     [_EPOCH_NAMESPACE, epoch % (1 << 31)],
                 )
+                ended: int
                 (ended,) = cursor.fetchone()
         except DatabaseError:
             return 0

@@ -123,7 +123,8 @@ def _keep_queue_setting_deletions(*, run_ids: Sequence[UUID], batch_size: int) -
                 queue_setting_id=setting_id, deleted_at=deleted_at, run_id=run
             )
             for _, setting_id, after, run in page
-            if (deleted_at := _deleted_at(after)) is not None
+            # The setting exists (the selector's join), so its finding names it.
+            if setting_id is not None and (deleted_at := _deleted_at(after)) is not None
         ]
         StaleQueueSettingDeletion.objects.bulk_create(records, ignore_conflicts=True)
         kept += len(records)

@@ -90,7 +90,8 @@ class RevertReport:
     """A finished revert: its own run record and what it put back."""
 
     run: AuditRun
-    reverted_run: AuditRun
+    reverted_run: AuditRun | None
+    """None only for a revert run whose target is gone (``perform_revert`` returns it as is)."""
     put_back: int = 0
     """Findings put back (a dry run: that would be put back)."""
     conflicts: int = 0
@@ -104,7 +105,7 @@ class RevertReport:
         run = self.run
         return {
             "run_id": str(run.id),
-            "reverted_run_id": str(self.reverted_run.id),
+            "reverted_run_id": str(self.reverted_run.id) if self.reverted_run else None,
             "fix": run.fix,
             "status": run.status,
             "totals": {"found": run.found, "fixed": run.fixed},
@@ -533,7 +534,7 @@ def _audit_deletions(setting_ids: Sequence[UUID]) -> frozenset[tuple[UUID, datet
     still come back with their profile)."""
     if not setting_ids:
         return frozenset()
-    deletions = set()
+    deletions: set[tuple[UUID, datetime]] = set()
     for object_id, after in AuditFinding.objects.filter(
         type=FindingType.STALE_QUEUE_SETTING,
         action=FindingAction.SOFT_DELETE,
@@ -541,7 +542,7 @@ def _audit_deletions(setting_ids: Sequence[UUID]) -> frozenset[tuple[UUID, datet
         object_id__in=list(setting_ids),
     ).values_list("object_id", "after"):
         deleted_at = (after or {}).get("deleted_at") if isinstance(after, dict) else None
-        if isinstance(deleted_at, str):
+        if isinstance(deleted_at, str) and object_id is not None:  # a setting's finding has its id
             deletions.add((object_id, datetime.fromisoformat(deleted_at)))
     deletions.update(
         StaleQueueSettingDeletion.objects.filter(

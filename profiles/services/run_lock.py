@@ -149,7 +149,8 @@ class RedisRunLock:
             value = self.client.get(self.key)
         except redis.RedisError as exc:
             raise self._unavailable(exc) from exc
-        return value.decode(errors="replace") if value is not None else None
+        # The client does not decode responses: bytes (redis types get() as bytes | str).
+        return value.decode(errors="replace") if value is not None else None  # type: ignore[union-attr]
 
     def still_held(self) -> bool:
         try:
@@ -193,7 +194,8 @@ class RedisRunLock:
     def state(self) -> LockState:
         try:
             with self.client.pipeline(transaction=True) as pipe:
-                token, ttl_ms = pipe.get(self.key).pttl(self.key).execute()
+                # A pipeline's commands return the pipeline (redis types them as the result).
+                token, ttl_ms = pipe.get(self.key).pttl(self.key).execute()  # type: ignore[union-attr]
         except redis.RedisError as exc:
             return LockState(where=self.description, reachable=False, error=_error(exc))
         finally:
@@ -216,7 +218,8 @@ class RedisRunLock:
             return "unknown"
         if token is None:
             return "nobody (released meanwhile)"
-        name = token.decode(errors="replace").rsplit(":", 1)[0]
+        # bytes: the client does not decode responses (redis types get() as bytes | str).
+        name = token.decode(errors="replace").rsplit(":", 1)[0]  # type: ignore[union-attr]
         return f"{name}, expires in {max(ttl_ms, 0) / 1000:.0f} s"
 
     def _unavailable(self, exc: redis.RedisError) -> RunLockUnavailable:

@@ -22,6 +22,7 @@ from django.conf import settings
 from django.db import transaction
 from django.db.models import Case, F, Q, Value, When
 from django.utils import timezone
+from structlog.stdlib import BoundLogger
 
 from audit_project.log_config import audit_logger
 from profiles.models import (
@@ -89,7 +90,7 @@ class LeaseTaken:
     """The runs it fenced out, closed ``interrupted``."""
 
 
-def take_lease(*, log) -> LeaseTaken | LeaseHeld:
+def take_lease(*, log: BoundLogger) -> LeaseTaken | LeaseHeld:
     """Take the fixing-run lease for a new fixing run, then close the runs it fenced out (they
     can no longer commit). Raises ``RunLockUnavailable``."""
     lease = FixingLease()
@@ -208,7 +209,9 @@ def pause_shard(shard_id: UUID) -> None:
     )
 
 
-def end_shard(shard: AuditShard, status: str, error: str = "", *, log=None) -> None:
+def end_shard(
+    shard: AuditShard, status: str, error: str = "", *, log: BoundLogger | None = None
+) -> None:
     AuditShard.objects.filter(id=shard.id, status__in=OPEN_SHARD_STATUSES).update(
         status=status, error=error, finished_at=timezone.now()
     )
@@ -420,7 +423,7 @@ def cut_short(run: AuditRun) -> str | None:
 # --- Runs whose process died --------------------------------------------------------------------
 
 
-def close_fenced_runs(*, epoch: int | None, log) -> list[AuditRun]:
+def close_fenced_runs(*, epoch: int | None, log: BoundLogger) -> list[AuditRun]:
     """Close as ``interrupted`` every run that can no longer commit: fixing runs whose epoch is
     below the lease's (``epoch``, just taken or read), and dry runs silent for an hour."""
     stale_before = timezone.now() - ABANDONED_AFTER
@@ -439,7 +442,7 @@ def close_fenced_runs(*, epoch: int | None, log) -> list[AuditRun]:
     return closed
 
 
-def _close_interrupted(run: AuditRun, *, log) -> bool:
+def _close_interrupted(run: AuditRun, *, log: BoundLogger) -> bool:
     failed, unfinished = shard_failures(run.id)
     error = "its process died before it finished (closed as interrupted)"
     if unfinished:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from datetime import datetime
+from typing import overload
 from uuid import UUID
 
 from profiles.models import (
@@ -20,6 +21,10 @@ from profiles.services.bulk import update_rows
 from queues.models import QueueSetting
 
 
+@overload
+def to_json(value: datetime | UUID) -> str: ...
+@overload
+def to_json(value: object) -> object: ...
 def to_json(value: object) -> object:
     """Datetimes and UUIDs as the strings AuditFinding.before/after hold."""
     if isinstance(value, datetime):
@@ -102,6 +107,7 @@ class ProfileSoftDeleteService:
         )
         restored: dict[UUID, dict[str, str]] = {}
         for setting_id, profile_id, deleted_at in dead_settings:
+            assert deleted_at is not None  # a dead setting's deletion time
             if (setting_id, to_json(deleted_at)) in deleted_by_audit:
                 restored.setdefault(profile_id, {})[str(setting_id)] = to_json(deleted_at)
         return restored

@@ -76,14 +76,17 @@ def sync_profiles(*, keys: Iterable[tuple[UUID, str, str]]) -> dict[SyncKey, Syn
         snapshots = load_keys_snapshots(wanted)
         decision_of: dict[SyncKey, Finding] = {}
         organization_of: dict[int, UUID] = {}
+        finding: Finding | None
         for org, snapshot in snapshots.items():
             for finding in find_profile_findings(snapshot):
                 # One key has at most one alive profile, so one decision at most changes it.
+                assert finding.key is not None  # profile findings all have their key
                 decision_of[SyncKey(org, *finding.key)] = finding
                 organization_of[id(finding)] = org
         created: list[SocialProfile] = []
 
         def create_profile(finding: Finding) -> Change:
+            assert finding.key is not None  # a missing profile is known by its key only
             platform, external_id = finding.key
             created.append(
                 SocialProfile(
@@ -135,7 +138,8 @@ def _settle(keys: set[SyncKey], *, alive_after: set[SyncKey]) -> None:
     """The ``sent`` findings of these keys (of any run): fixed where the key's profile exists
     now, stale where the key is selected no more. Inside the sync's transaction, so a finding
     is fixed exactly when its profile is there to see."""
-    fixed, stale = [], []
+    fixed: list[SentFinding] = []
+    stale: list[SentFinding] = []
     for id_, run_id, type_, key in sent_findings(
         organization_ids={k.organization_id for k in keys}
     ):
