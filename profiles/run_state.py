@@ -7,7 +7,8 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
-from django.db.models import Count, Min, Q
+from django.db import connection
+from django.db.models import Count
 
 from orgs.models import Organization
 from profiles.models import (
@@ -175,23 +176,33 @@ class ChangeBacklog:
 
 
 def change_backlog() -> ChangeBacklog:
-    marks = ChangeMark.objects.aggregate(n=Count("organization_id"), oldest=Min("first_marked_at"))
-    unsettled = UnsettledOrganization.objects.aggregate(
-        n=Count("organization_id"),
-        unmarked=Count(
-            "organization_id",
-            filter=~Q(organization_id__in=ChangeMark.objects.values("organization_id")),
-        ),
+    """One query: marks (how many, the oldest), unsettled organizations (and those of them no
+    mark names), and the loop's last check."""
+    marks, unsettled = ChangeMark._meta.db_table, UnsettledOrganization._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT (SELECT count(*) FROM {marks}), (SELECT min(first_marked_at) FROM {marks}), "
+            f"(SELECT count(*) FROM {unsettled}), "
+            f"(SELECT count(*) FROM {unsettled} u WHERE NOT EXISTS "
+            f"(SELECT 1 FROM {marks} m WHERE m.organization_id = u.organization_id)), "
+            f"(SELECT last_checked_at FROM {ChangeLoop._meta.db_table} WHERE name = %s)",
+            ["changes"],
+        )
+        marked, oldest, unsettled_n, unmarked_unsettled, checked = cursor.fetchone()
+    field = ChangeMark._meta.get_field("first_marked_at")
+    to_python = (
+        connection.ops.convert_datetimefield_value if connection.vendor == "sqlite" else None
     )
-    loop = ChangeLoop.objects.filter(name="changes").values("last_checked_at").first()
-    marked, oldest = marks["n"], marks["oldest"]
-    unmarked_unsettled = unsettled["unmarked"]
+    if to_python is not None:
+        oldest = to_python(oldest, None, connection) if oldest is not None else None
+        checked = to_python(checked, None, connection) if checked is not None else None
+    del field
     return ChangeBacklog(
         marked=marked,
-        unsettled=unsettled["n"],
+        unsettled=unsettled_n,
         organizations=marked + unmarked_unsettled,
         oldest_mark_at=oldest,
-        last_checked_at=loop["last_checked_at"] if loop else None,
+        last_checked_at=checked,
     )
 
 

@@ -271,9 +271,11 @@ def end_fenced_transactions(epoch: int) -> int:
         try:
             with transaction.atomic():
                 cursor.execute(
+                    # pg_locks spans the cluster: only this database's runs share our epochs.
                     "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_locks "
                     "WHERE locktype = 'advisory' AND classid = %s AND objsubid = 2 "
-                    "AND objid::bigint < %s AND pid <> pg_backend_pid()",
+                    "AND objid::bigint < %s AND pid <> pg_backend_pid() "
+                    "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
                     [_EPOCH_NAMESPACE, epoch % (1 << 31)],
                 )
                 ended: int
