@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from django.db import connection
 from django.db.models import Count
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
 
 from orgs.models import Organization
 from profiles.models import (
@@ -189,21 +191,23 @@ def change_backlog() -> ChangeBacklog:
             ["changes"],
         )
         marked, oldest, unsettled_n, unmarked_unsettled, checked = cursor.fetchone()
-    field = ChangeMark._meta.get_field("first_marked_at")
-    to_python = (
-        connection.ops.convert_datetimefield_value if connection.vendor == "sqlite" else None
-    )
-    if to_python is not None:
-        oldest = to_python(oldest, None, connection) if oldest is not None else None
-        checked = to_python(checked, None, connection) if checked is not None else None
-    del field
     return ChangeBacklog(
         marked=marked,
         unsettled=unsettled_n,
         organizations=marked + unmarked_unsettled,
-        oldest_mark_at=oldest,
-        last_checked_at=checked,
+        oldest_mark_at=_moment(oldest),
+        last_checked_at=_moment(checked),
     )
+
+
+def _moment(value: object) -> datetime | None:
+    """A datetime read by raw SQL: PostgreSQL gives one; SQLite gives its text (stored in UTC)."""
+    if value is None or isinstance(value, datetime):
+        return value
+    parsed = parse_datetime(str(value))
+    if parsed is not None and timezone.is_naive(parsed):
+        parsed = timezone.make_aware(parsed, UTC)
+    return parsed
 
 
 def last_finished_change_run() -> AuditRun | None:

@@ -65,19 +65,14 @@ RETRYING: dict[str, Any] = {
 }
 
 
-class AuditTask(Task):
-    """Logs the outcome of each attempt, as the original's onSuccess/onFailure did."""
+class RetriesLogged(Task):
+    """Logs each retry and the failure for good, under the task's own event names."""
 
-    def on_success(
-        self, retval: Any, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> None:
-        audit_logger().info(
-            "profile_audit.task_completed",
-            summary="Profile-connection sync audit started its shards",
-            task_id=task_id,
-            queue=_queue(self.request),
-            **retval,
-        )
+    retrying_event = ""
+    failed_event = ""
+    # What a person reads first in the event (the audit's own tasks carry one).
+    retrying_summary: str | None = None
+    failed_summary: str | None = None
 
     def on_retry(
         self,
@@ -88,8 +83,8 @@ class AuditTask(Task):
         einfo: ExceptionInfo,
     ) -> None:
         audit_logger().warning(
-            "profile_audit.task_retrying",
-            summary="Profile-connection sync audit failed; retrying",
+            self.retrying_event,
+            **_summary(self.retrying_summary),
             task_id=task_id,
             error=f"{type(exc).__name__}: {exc}",
             retry=self.request.retries + 1,
@@ -106,11 +101,35 @@ class AuditTask(Task):
         einfo: ExceptionInfo,
     ) -> None:
         audit_logger().error(
-            "profile_audit.task_failed",
-            summary="Profile-connection sync audit failed",
+            self.failed_event,
+            **_summary(self.failed_summary),
             task_id=task_id,
             error=f"{type(exc).__name__}: {exc}",
             retries=self.request.retries,
+        )
+
+
+def _summary(text: str | None) -> dict[str, str]:
+    return {"summary": text} if text else {}
+
+
+class AuditTask(RetriesLogged):
+    """Logs the outcome of each attempt, as the original's onSuccess/onFailure did."""
+
+    retrying_event = "profile_audit.task_retrying"
+    retrying_summary = "Profile-connection sync audit failed; retrying"
+    failed_event = "profile_audit.task_failed"
+    failed_summary = "Profile-connection sync audit failed"
+
+    def on_success(
+        self, retval: Any, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        audit_logger().info(
+            "profile_audit.task_completed",
+            summary="Profile-connection sync audit started its shards",
+            task_id=task_id,
+            queue=_queue(self.request),
+            **retval,
         )
 
 
@@ -269,41 +288,12 @@ def revert_run_task(revert_run_id: str) -> dict[str, object]:
     return report.as_json()
 
 
-class SyncTask(Task):
+class SyncTask(RetriesLogged):
     """Logs the sync job's retries and its failure for good (its findings stay ``sent``: the
     daily maintenance sends it again)."""
 
-    def on_retry(
-        self,
-        exc: Exception,
-        task_id: str,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        einfo: ExceptionInfo,
-    ) -> None:
-        audit_logger().warning(
-            "profile_sync.retrying",
-            task_id=task_id,
-            error=f"{type(exc).__name__}: {exc}",
-            retry=self.request.retries + 1,
-            max_retries=self.max_retries,
-            countdown=self.default_retry_delay,
-        )
-
-    def on_failure(
-        self,
-        exc: Exception,
-        task_id: str,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        einfo: ExceptionInfo,
-    ) -> None:
-        audit_logger().error(
-            "profile_sync.failed",
-            task_id=task_id,
-            error=f"{type(exc).__name__}: {exc}",
-            retries=self.request.retries,
-        )
+    retrying_event = "profile_sync.retrying"
+    failed_event = "profile_sync.failed"
 
 
 @shared_task(
