@@ -70,7 +70,8 @@ def test_rule_7_a_boost_rule_nested_too_deep_is_left_and_the_rest_of_its_organiz
     ]
     assert warning["org_id"] == str(bad.id)
     assert warning["boost_rule_id"] == str(rule.id)
-    assert warning["reason"] == "RecursionError"
+    # 3.11 stops at its recursion limit; 3.13 decodes it and the audit's own depth cap refuses it.
+    assert warning["reason"] in ("RecursionError", "nested deeper than 100 levels")
 
 
 def set_json_null(rule: BoostRule) -> None:
@@ -137,7 +138,10 @@ def test_a_rule_nested_too_deep_since_the_fix_is_a_conflict_and_the_rest_is_put_
     assert (report.put_back, report.conflicts) == (1, 1)
     conflict = report.run.findings.get(outcome=FindingOutcome.CONFLICT)
     assert conflict.object_id == rule.id
-    assert "profile_ids is unreadable JSON (RecursionError)" in conflict.detail
+    assert any(
+        f"profile_ids is unreadable JSON ({why})" in conflict.detail
+        for why in ("RecursionError", "nested deeper than 100 levels")
+    )
     assert stored_text(rule) == text
     orphan.refresh_from_db()
     assert orphan.deleted_at is None
