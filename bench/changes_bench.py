@@ -206,7 +206,7 @@ def _latency(samples: int, ids, rng: random.Random) -> None:
             ).exists():
                 if time.monotonic() > deadline:
                     raise SystemExit("no fix within 5 minutes: is the worker taking tasks?")
-                time.sleep(0.2)
+                time.sleep(0.2)  # polling the records: the fix is recorded by another process
             delays.append(time.monotonic() - written)
             print(f"  write {i + 1}: found and fixed after {delays[-1]:.1f} s", flush=True)
     finally:
