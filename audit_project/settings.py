@@ -207,6 +207,21 @@ PROFILE_AUDIT_SHARD_MAX_ATTEMPTS = 5
 # of PROFILE_AUDIT_PRUNE_BATCH_SIZE rows; the latest run of each organization always stays.
 PROFILE_AUDIT_RETENTION_DAYS = env.int("PROFILE_AUDIT_RETENTION_DAYS", 90, minimum=1)
 PROFILE_AUDIT_PRUNE_BATCH_SIZE = 5000
+# Drift history (DESIGN "Drift history and fights"): a fingerprint fixed this many times within
+# this many seconds is fighting another writer, and later runs hold it (outcome ``held``) until
+# an operator resumes it or it stays resolved for one window. Drift records outlive findings'
+# retention; one not seen for this many days is pruned with them.
+PROFILE_AUDIT_FIGHT_FIXES = env.int("PROFILE_AUDIT_FIGHT_FIXES", 3, minimum=2)
+PROFILE_AUDIT_FIGHT_WINDOW = env.int("PROFILE_AUDIT_FIGHT_WINDOW", 24 * 3600, minimum=60)
+PROFILE_AUDIT_DRIFT_RETENTION_DAYS = env.int(
+    "PROFILE_AUDIT_DRIFT_RETENTION_DAYS", 365, minimum=1
+)
+require(
+    PROFILE_AUDIT_DRIFT_RETENTION_DAYS >= PROFILE_AUDIT_RETENTION_DAYS,
+    "PROFILE_AUDIT_DRIFT_RETENTION_DAYS",
+    f"{PROFILE_AUDIT_DRIFT_RETENTION_DAYS} days must be at least PROFILE_AUDIT_RETENTION_DAYS "
+    f"({PROFILE_AUDIT_RETENTION_DAYS}): drift records outlive the findings they link",
+)
 
 # --- Fixing runs: the lock, the scheduled task and its beat entry ----------------------------
 # Every fixing run (the task and `profiles_audit_sync --fix`) takes one lock: Redis when this URL

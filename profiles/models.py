@@ -73,6 +73,9 @@ class FindingOutcome(models.TextChoices):
     # A missing profile's sync job was sent; the finding counts as fixed once the profile exists
     # (the job confirms it, or a later fixing audit sees it), never before.
     SENT = "sent", "Sync sent: fixed once the profile exists"
+    # Fighting another writer (DESIGN "Drift history and fights"): fixed too often lately, so
+    # left alone until an operator resumes it or it stays resolved for one window.
+    HELD = "held", "Not fixed: held, fighting another writer"
 
 
 class AuditTrigger(models.TextChoices):
@@ -283,6 +286,23 @@ class AuditFinding(models.Model):
     after = models.JSONField(null=True, blank=True)
     outcome = models.CharField(max_length=20, choices=FindingOutcome.choices)
     detail = models.TextField(blank=True)
+    # Its fingerprint's history (DESIGN "Drift history and fights"): not checked by the database
+    # and not indexed (a record's findings are found by object id or external id, indexed
+    # above); a record pruned after a long quiet period leaves the link dangling, shown as gone.
+    drift = models.ForeignKey(
+        "profiles.DriftRecord",
+        on_delete=models.DO_NOTHING,
+        null=True,
+        blank=True,
+        related_name="findings",
+        db_index=False,
+        db_constraint=False,
+    )
+    recurring = models.BooleanField(
+        default=False, help_text="Found again after it was fixed or resolved."
+    )
+    # Who changed the organization before it was found: [{"writer", "application_name", "at"}].
+    writers = models.JSONField(null=True, blank=True)
 
     class Meta:
         ordering = ["run", "seq"]
@@ -430,3 +450,76 @@ class ChangeLoop(models.Model):
 
     def __str__(self) -> str:
         return f"Change-driven loop (checked {self.last_checked_at})"
+
+
+class DriftState(models.TextChoices):
+    OPEN = "open", "Open"
+    RESOLVED = "resolved", "Resolved"
+    RECURRING = "recurring", "Recurring"
+    FIGHTING = "fighting", "Fighting (fixing held)"
+
+
+class DriftRecord(models.Model):
+    """One finding fingerprint's history across runs (DESIGN "Drift history and fights").
+
+    The fingerprint is (organization, type, ``key``): the object's id, or ``platform:external_id``
+    for a missing profile (it has no object yet). Every run updates the records of the
+    organizations it audits, in each chunk's transaction (``profiles.services.drift``); they
+    outlive findings' retention and are pruned once unseen for PROFILE_AUDIT_DRIFT_RETENTION_DAYS.
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    organization = models.ForeignKey(
+        "orgs.Organization",
+        on_delete=models.CASCADE,
+        related_name="drift_records",
+        db_index=False,  # the fingerprint's unique index leads with it
+        db_constraint=False,
+    )
+    type = models.CharField(max_length=30, choices=FindingType.choices)
+    model = models.CharField(max_length=100)
+    key = models.CharField(
+        max_length=400, help_text="The object's id, or platform:external_id for a missing profile."
+    )
+    object_id = models.UUIDField(null=True, blank=True)
+    platform = models.CharField(max_length=50, blank=True)
+    external_id = models.CharField(max_length=255, blank=True)
+    state = models.CharField(max_length=20, choices=DriftState.choices, default=DriftState.OPEN)
+    first_seen_at = models.DateTimeField(default=timezone.now)
+    last_seen_at = models.DateTimeField(default=timezone.now)
+    times_found = models.PositiveIntegerField(default=0)
+    times_fixed = models.PositiveIntegerField(default=0)
+    last_fixed_at = models.DateTimeField(null=True, blank=True)
+    resolved_at = models.DateTimeField(null=True, blank=True)
+    # [{"at": ISO time, "run": run id}] of the last PROFILE_AUDIT_FIGHT_FIXES fixes: a fight is
+    # judged on them; a revert of a run takes its fix out (the audit does not fight itself).
+    recent_fixes = models.JSONField(default=list, blank=True)
+    held_since = models.DateTimeField(
+        null=True, blank=True, help_text="Fighting: fixing has been held since then."
+    )
+    # The writers of the organization's changes while this drift was open, newest last.
+    last_writers = models.JSONField(default=list, blank=True)
+    undone_by = models.CharField(
+        max_length=255,
+        blank=True,
+        help_text="The last writer other than the audit before it came back.",
+    )
+    undone_at = models.DateTimeField(null=True, blank=True)
+    resumed_by = models.CharField(max_length=150, blank=True)
+    resumed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-last_seen_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["organization", "type", "key"], name="one_drift_record_per_fingerprint"
+            )
+        ]
+        indexes = [
+            # The admin by state, /metrics' counts, the prune of long-quiet records.
+            models.Index(fields=["state", "last_seen_at"], name="drift_state_seen_idx"),
+        ]
+        permissions = [("resume_fixing_driftrecord", "Can resume fixing a fighting drift record")]
+
+    def __str__(self) -> str:
+        return f"{self.get_type_display()} {self.key} ({self.state})"

@@ -59,13 +59,28 @@ class FindingRow:
     outcome: str
     detail: str = ""
     id: UUID = field(default_factory=uuid.uuid4)
+    # Its drift record, whether it came back, and who changed its organization before
+    # (profiles.services.drift fills them in the chunk's transaction).
+    drift_id: UUID | None = None
+    recurring: bool = False
+    writers: list[dict[str, Any]] | None = None
 
     @property
     def fixed(self) -> bool:
         return self.outcome == FindingOutcome.FIXED
 
 
-FINDING_COLUMNS = ("id", "run_id", "seq", *FINDING_CHANGE_FIELDS, "outcome", "detail")
+FINDING_COLUMNS = (
+    "id",
+    "run_id",
+    "seq",
+    *FINDING_CHANGE_FIELDS,
+    "outcome",
+    "detail",
+    "drift_id",
+    "recurring",
+    "writers",
+)
 
 
 def record_findings(*, run_id: UUID, rows: Sequence[FindingRow], organizations: int) -> None:
@@ -125,6 +140,9 @@ def _insert(run_id: UUID, rows: Sequence[FindingRow], *, first_seq: int) -> None
                         None if r.after is None else Jsonb(r.after),
                         r.outcome,
                         r.detail,
+                        r.drift_id,
+                        r.recurring,
+                        None if r.writers is None else Jsonb(r.writers),
                     )
                 )
         return
@@ -145,6 +163,9 @@ def _insert(run_id: UUID, rows: Sequence[FindingRow], *, first_seq: int) -> None
                 after=r.after,
                 outcome=r.outcome,
                 detail=r.detail,
+                drift_id=r.drift_id,
+                recurring=r.recurring,
+                writers=r.writers,
             )
             for seq, r in enumerate(rows, start=first_seq)
         ],

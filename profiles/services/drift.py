@@ -1,0 +1,328 @@
+"""Drift history and fights (DESIGN "Drift history and fights").
+
+Every finding has a **fingerprint** — (organization, type, key): the object's id, or
+``platform:external_id`` for a missing profile — and one ``DriftRecord`` per fingerprint keeps
+its history across runs. A chunk reads its organizations' records once (``DriftBook.read``, in
+the chunk's transaction), a fixing chunk asks it which findings to hold (``DriftBook.holds``),
+and the chunk's findings update the records in one statement (``DriftBook.record``).
+
+States: *open* while found and not fixed; *resolved* once an audit of its organization (for its
+type) no longer finds it; *recurring* when found again after it was fixed or resolved;
+*fighting* when it was fixed PROFILE_AUDIT_FIGHT_FIXES times within PROFILE_AUDIT_FIGHT_WINDOW
+and is found again: some other writer keeps undoing the fix, so fixing runs hold it (outcome
+``held``) until an operator resumes it (``resume_fixing``) or it has stayed resolved for one
+window. A dry run updates the history but never holds or resumes. A revert takes its run's fixes
+out of the count (``forget_fixes``): the audit never fights itself.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+from django.conf import settings
+from django.db import connection
+from django.db.models import QuerySet
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
+
+from profiles.change_marks import AUDIT_FIX, AUDIT_REVERT
+from profiles.models import ChangeMark, DriftRecord, DriftState, FindingOutcome
+from profiles.services.recording import FindingRow
+
+# The audit's own writers: never "the other writer" of a fight.
+AUDIT_WRITERS = frozenset({AUDIT_FIX, AUDIT_REVERT})
+# Writers kept on a record and on a finding, newest last.
+KEPT_WRITERS = 5
+# A finding whose fix counts towards a fight: its change was made (or its sync job sent).
+FIXING_OUTCOMES = frozenset({FindingOutcome.FIXED, FindingOutcome.SENT})
+
+UPDATED_FIELDS = [
+    "state",
+    "last_seen_at",
+    "times_found",
+    "times_fixed",
+    "last_fixed_at",
+    "resolved_at",
+    "recent_fixes",
+    "held_since",
+    "last_writers",
+    "undone_by",
+    "undone_at",
+]
+
+Fingerprint = tuple[UUID, str, str]
+
+
+def fingerprint_key(*, object_id: UUID | None, platform: str, external_id: str) -> str:
+    return str(object_id) if object_id is not None else f"{platform}:{external_id}"
+
+
+def writer_name(entry: dict[str, Any]) -> str:
+    """How a mark's writer is named: its writer tag, else its application_name."""
+    return str(entry.get("writer") or entry.get("application_name") or "unknown")
+
+
+def _at(entry: dict[str, Any]) -> datetime | None:
+    value = entry.get("at")
+    return parse_datetime(value) if isinstance(value, str) else None
+
+
+def merge_writers(*lists: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The distinct writers of several lists, each with its latest time, newest last, at most
+    KEPT_WRITERS; the audit's own fixes are not writers that led to a finding."""
+    latest: dict[tuple[Any, Any], dict[str, Any]] = {}
+    for entries in lists:
+        for entry in entries:
+            if entry.get("writer") == AUDIT_FIX:
+                continue
+            pair = (entry.get("writer"), entry.get("application_name"))
+            at = _at(entry)
+            if pair not in latest or (at is not None and at >= (_at(latest[pair]) or at)):
+                latest[pair] = {
+                    "writer": entry.get("writer"),
+                    "application_name": entry.get("application_name"),
+                    "at": entry.get("at"),
+                }
+    never = datetime.min.replace(tzinfo=UTC)
+    return sorted(latest.values(), key=lambda e: _at(e) or never)[-KEPT_WRITERS:]
+
+
+def other_writer(
+    writers: Sequence[dict[str, Any]], *, after: datetime | None
+) -> dict[str, Any] | None:
+    """The latest writer other than the audit itself that wrote after ``after``."""
+    for entry in reversed(writers):
+        if entry.get("writer") in AUDIT_WRITERS:
+            continue
+        at = _at(entry)
+        if after is None or at is None or at >= after:
+            return entry
+    return None
+
+
+def fight_detail(record: DriftRecord) -> str:
+    """Why a finding is held: 'fighting: fixed 3 times in 24 h; undone by partner-sync at ...'."""
+    window = settings.PROFILE_AUDIT_FIGHT_WINDOW
+    span = f"{window // 3600:g} h" if window % 3600 == 0 else f"{window // 60} min"
+    fixes = len(record.recent_fixes) or settings.PROFILE_AUDIT_FIGHT_FIXES
+    undone = (
+        f"undone by {record.undone_by} at {record.undone_at:%Y-%m-%d %H:%M:%S} UTC"
+        if record.undone_by and record.undone_at
+        else "undone by a writer the change marks did not name"
+    )
+    return f"fighting: fixed {fixes} times in {span}; {undone}"
+
+
+@dataclass
+class DriftBook:
+    """The drift records of a chunk's organizations, read once in the chunk's transaction, and
+    the writers of their change marks as the chunk found them."""
+
+    records: dict[Fingerprint, DriftRecord]
+    mark_writers: dict[UUID, list[dict[str, Any]]]
+    now: datetime
+    # Fingerprints a fixing run resumes by itself (resolved for one window) or starts holding.
+    released: set[Fingerprint]
+
+    @classmethod
+    def read(cls, organization_ids: Sequence[UUID], *, now: datetime | None = None) -> DriftBook:
+        records = DriftRecord.objects.filter(organization_id__in=list(organization_ids)).order_by(
+            "id"
+        )
+        if connection.vendor == "postgresql" and connection.in_atomic_block:
+            # Two runs recording the same organization (a dry run beside a fix) take turns.
+            records = records.select_for_update()
+        marks = ChangeMark.objects.filter(organization_id__in=list(organization_ids)).values_list(
+            "organization_id", "writers"
+        )
+        return cls(
+            records={(r.organization_id, r.type, r.key): r for r in records},
+            mark_writers={org: list(writers or []) for org, writers in marks},
+            now=now or timezone.now(),
+            released=set(),
+        )
+
+    def _window_start(self) -> datetime:
+        return self.now - timedelta(seconds=settings.PROFILE_AUDIT_FIGHT_WINDOW)
+
+    def holds(
+        self,
+        organization_id: UUID,
+        *,
+        type: str,
+        object_id: UUID | None,
+        key: tuple[str, str] | None,
+    ) -> str | None:
+        """For a fixing run: why this finding must be left alone (it is fighting), or None."""
+        platform, external_id = key or ("", "")
+        fp = (
+            organization_id,
+            str(type),
+            fingerprint_key(object_id=object_id, platform=platform, external_id=external_id),
+        )
+        record = self.records.get(fp)
+        if record is None:
+            return None
+        since = self._window_start()
+        if record.held_since is not None:
+            if (
+                record.state == DriftState.RESOLVED
+                and record.resolved_at is not None
+                and record.resolved_at <= since
+            ):
+                self.released.add(fp)  # it stayed resolved for a window: fixing resumes
+                return None
+            return fight_detail(record)
+        recent = [f for f in record.recent_fixes if (_at(f) or since) > since]
+        if len(recent) >= settings.PROFILE_AUDIT_FIGHT_FIXES:
+            record.recent_fixes = recent
+            return fight_detail(record)
+        return None
+
+    def record(
+        self,
+        rows: Sequence[FindingRow],
+        *,
+        audited: Iterable[UUID],
+        types: Iterable[str],
+        run_id: UUID,
+        fix: bool,
+    ) -> None:
+        """Count the chunk's findings on their records (new ones created), resolve the records of
+        ``audited`` organizations (of the run's ``types``) that were not found again, and link
+        each row to its record: one statement."""
+        now = self.now
+        fix_needed = settings.PROFILE_AUDIT_FIGHT_FIXES
+        since = self._window_start()
+        seen: set[Fingerprint] = set()
+        changed: dict[Fingerprint, DriftRecord] = {}
+        for row in rows:
+            if row.organization_id is None:
+                continue
+            fp = (
+                row.organization_id,
+                str(row.type),
+                fingerprint_key(
+                    object_id=row.object_id, platform=row.platform, external_id=row.external_id
+                ),
+            )
+            record = self.records.get(fp)
+            if record is None:
+                record = self.records[fp] = DriftRecord(
+                    id=uuid.uuid4(),
+                    organization_id=row.organization_id,
+                    type=row.type,
+                    model=row.model,
+                    key=fp[2],
+                    object_id=row.object_id,
+                    platform=row.platform,
+                    external_id=row.external_id,
+                    state=DriftState.OPEN,
+                    first_seen_at=now,
+                    last_seen_at=now,
+                    times_found=0,
+                    times_fixed=0,
+                    recent_fixes=[],
+                    last_writers=[],
+                )
+                recurring = False
+            else:
+                recurring = record.state != DriftState.OPEN or record.last_fixed_at is not None
+            seen.add(fp)
+            writers = merge_writers(
+                record.last_writers if record.state != DriftState.RESOLVED else (),
+                self.mark_writers.get(row.organization_id, ()),
+            )
+            if recurring and (other := other_writer(writers, after=record.last_fixed_at)):
+                record.undone_by = writer_name(other)[:255]
+                record.undone_at = _at(other)
+            record.times_found += 1
+            record.last_seen_at = now
+            record.last_writers = writers
+            if fix and fp in self.released:
+                record.held_since = None
+                record.recent_fixes = []
+            if fix and row.outcome == FindingOutcome.HELD:
+                record.held_since = record.held_since or now
+            elif fix and row.outcome in FIXING_OUTCOMES:
+                record.times_fixed += 1
+                record.last_fixed_at = now
+                recent = [f for f in record.recent_fixes if (_at(f) or since) > since]
+                record.recent_fixes = [*recent, {"at": now.isoformat(), "run": str(run_id)}][
+                    -fix_needed:
+                ]
+            if record.held_since is not None:
+                record.state = DriftState.FIGHTING
+            elif recurring or record.state == DriftState.RECURRING:
+                record.state = DriftState.RECURRING
+            else:
+                record.state = DriftState.OPEN
+            record.resolved_at = None
+            changed[fp] = record
+            row.drift_id = record.id
+            row.recurring = recurring
+            row.writers = writers or None
+        audited_orgs, audited_types = set(audited), {str(t) for t in types}
+        for fp, record in self.records.items():
+            if (
+                fp not in seen
+                and record.state != DriftState.RESOLVED
+                and record.organization_id in audited_orgs
+                and record.type in audited_types
+            ):
+                record.state = DriftState.RESOLVED
+                record.resolved_at = now
+                changed[fp] = record
+        if changed:
+            DriftRecord.objects.bulk_create(
+                list(changed.values()),
+                update_conflicts=True,
+                unique_fields=["organization", "type", "key"],
+                update_fields=UPDATED_FIELDS,
+            )
+
+
+def forget_fixes(*, run_id: UUID, drift_ids: Iterable[UUID | None]) -> int:
+    """A revert put back the run's changes to these records' objects: their fixes by that run no
+    longer count towards a fight (the audit does not fight its own revert)."""
+    ids = {d for d in drift_ids if d is not None}
+    if not ids:
+        return 0
+    run = str(run_id)
+    records = list(DriftRecord.objects.filter(id__in=ids).only("id", "recent_fixes"))
+    for record in records:
+        record.recent_fixes = [f for f in record.recent_fixes if f.get("run") != run]
+    DriftRecord.objects.bulk_update(records, ["recent_fixes"], batch_size=500)
+    return len(records)
+
+
+def resume_fixing(records: QuerySet[DriftRecord], *, by: str) -> int:
+    """An operator resumes fixing of fighting records: the next fixing run fixes them again, and
+    their fight is judged afresh. Returns how many were held."""
+    return records.filter(held_since__isnull=False).update(
+        held_since=None,
+        recent_fixes=[],
+        state=DriftState.RECURRING,
+        resumed_by=by[:150],
+        resumed_at=timezone.now(),
+    )
+
+
+def prune_quiet_records(*, before: datetime, batch_size: int = 5000) -> int:
+    """Delete drift records not seen since ``before`` and not held (a held fight stays until it
+    is resumed), in batches. Returns how many were deleted."""
+    deleted = 0
+    while True:
+        ids = list(
+            DriftRecord.objects.filter(
+                last_seen_at__lt=before, held_since__isnull=True
+            ).values_list("id", flat=True)[:batch_size]
+        )
+        if not ids:
+            return deleted
+        deleted += DriftRecord.objects.filter(id__in=ids).delete()[0]
