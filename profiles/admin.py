@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
@@ -15,14 +16,18 @@ from django.contrib import admin, messages
 from django.contrib.admin.views.main import ChangeList
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
+from django.db import connection
 from django.db.models import Q, QuerySet
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import NoReverseMatch, path, reverse
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
 from django.utils.functional import cached_property
 from django.utils.html import format_html, format_html_join
 from django.utils.http import urlencode
+from django.utils.safestring import SafeString
 
 from audit_project.admin import AliveListFilter, InputFilter, OrganizationFilter
 from audit_project.log_config import audit_logger
@@ -41,12 +46,15 @@ from profiles.models import (
     AuditRun,
     AuditStatus,
     AuditTrigger,
+    DriftRecord,
+    DriftState,
     FindingOutcome,
     ShardStatus,
     SocialProfile,
 )
 from profiles.plan import ALL_TYPES
 from profiles.selectors import run_findings_page
+from profiles.services.drift import fight_detail, resume_fixing, writer_name
 from profiles.services.revert import (
     RevertRejected,
     claim_revert,
@@ -87,7 +95,19 @@ OUTCOME_COLOURS = {
     FindingOutcome.FAILED: "#c62828",
     FindingOutcome.CONFLICT: "#b26a00",
     FindingOutcome.SENT: "#417690",
+    FindingOutcome.HELD: "#b26a00",
 }
+DRIFT_STATE_COLOURS = {
+    DriftState.OPEN: "#417690",
+    DriftState.RESOLVED: "#2e7d32",
+    DriftState.RECURRING: "#b26a00",
+    DriftState.FIGHTING: "#c62828",
+}
+# The drift page's "this week": this many organizations and writers, and fights listed.
+DRIFT_TOP = 5
+FIGHTS_SHOWN = 50
+# Resume fixing acts on at most this many records at once (one log entry each).
+RESUME_AT_MOST = 500
 
 
 @admin.register(SocialProfile)
@@ -132,6 +152,35 @@ class ReadOnlyAdmin(admin.ModelAdmin):
     def has_delete_permission(self, request, obj=None):
         return False
 
+    def _confirm(
+        self,
+        request: HttpRequest,
+        *,
+        title: str,
+        action_url: str,
+        fields: dict[str, str],
+        lines: list[str],
+        button: str,
+        button_id: str,
+        cancel_url: str = "",
+    ) -> HttpResponse:
+        """A page that asks before an action acts: the same POST again, with ``confirmed``."""
+        context = {
+            **self.admin_site.each_context(request),
+            "title": title,
+            "opts": self.model._meta,
+            "action_url": action_url,
+            "fields": fields,
+            "lines": lines,
+            "button": button,
+            "button_id": button_id,
+            "cancel_url": cancel_url
+            or reverse(
+                f"admin:{self.model._meta.app_label}_{self.model._meta.model_name}_changelist"
+            ),
+        }
+        return TemplateResponse(request, "admin/profiles/confirm_action.html", context)
+
 
 # --- Filters that never list all organizations or runs --------------------------------------
 
@@ -146,6 +195,32 @@ class RunFilter(InputFilter):
             return queryset.filter(run_id=uuid.UUID(value))
         except ValueError:
             return queryset.none()
+
+
+class ObjectIdFilter(InputFilter):
+    """A finding's object, by id (indexed): a drift record links its findings with it."""
+
+    title = "object id"
+    parameter_name = "object_id"
+    placeholder = "object id"
+
+    def filter_typed(self, queryset, value):
+        try:
+            return queryset.filter(object_id=uuid.UUID(value))
+        except ValueError:
+            return queryset.none()
+
+
+class ExternalIdFilter(InputFilter):
+    """A finding's external id (indexed), with its platform when the URL gives one (a missing
+    profile's drift record links its findings with both)."""
+
+    title = "external id"
+    parameter_name = "external_id"
+    placeholder = "external id"
+
+    def filter_typed(self, queryset, value):
+        return queryset.filter(external_id=value)
 
 
 class FixedFilter(admin.SimpleListFilter):
@@ -215,6 +290,7 @@ class AuditRunAdmin(ReadOnlyAdmin):
                     "organizations_audited",
                     "types_list",
                     "by_type_table",
+                    "held_text",
                     "changes_text",
                     "error_text",
                 ]
@@ -257,6 +333,24 @@ class AuditRunAdmin(ReadOnlyAdmin):
                 )
             return "missed by changes: 0 (every finding was in a marked or unsettled organization)"
         return "-"
+
+    @admin.display(description="held (fighting)")
+    def held_text(self, run: AuditRun) -> str:
+        """Findings a fixing run left alone because they fight another writer (one indexed
+        count on (run, outcome))."""
+        if not run.fix or run.trigger == AuditTrigger.REVERT:
+            return "-"
+        held = run.findings.filter(outcome=FindingOutcome.HELD).count()
+        if not held:
+            return "none: nothing it found was fighting another writer"
+        findings = reverse("admin:profiles_auditfinding_changelist")
+        return format_html(
+            '<a href="{}" id="held-findings">{}</a> held, not fixed: another writer keeps undoing '
+            'their fix (<a href="{}">the fights</a>)',
+            f"{findings}?" + urlencode({"run": run.id, "outcome__exact": FindingOutcome.HELD}),
+            plural(held, "finding"),
+            reverse("admin:profiles_driftrecord_changelist") + "?held=yes",
+        )
 
     @admin.display(description="started", ordering="started_at")
     def started(self, run: AuditRun) -> str:
@@ -713,31 +807,6 @@ class AuditRunAdmin(ReadOnlyAdmin):
         )
         return HttpResponseRedirect(changelist)
 
-    def _confirm(
-        self,
-        request: HttpRequest,
-        *,
-        title: str,
-        action_url: str,
-        fields: dict[str, str],
-        lines: list[str],
-        button: str,
-        button_id: str,
-    ) -> HttpResponse:
-        """A page that asks before an action acts: the same POST again, with ``confirmed``."""
-        context = {
-            **self.admin_site.each_context(request),
-            "title": title,
-            "opts": self.model._meta,
-            "action_url": action_url,
-            "fields": fields,
-            "lines": lines,
-            "button": button,
-            "button_id": button_id,
-            "cancel_url": reverse("admin:profiles_auditrun_changelist"),
-        }
-        return TemplateResponse(request, "admin/profiles/auditrun/confirm_action.html", context)
-
     def revert_view(self, request: HttpRequest, run_id: uuid.UUID) -> HttpResponse:
         """GET: what a revert of this run would do. POST: revert it (or record a dry run)."""
         if not (self.has_view_permission(request) and self.has_revert_permission(request)):
@@ -851,7 +920,16 @@ class AuditFindingAdmin(ReadOnlyAdmin):
         "object_link",
         "external_key",
     ]
-    list_filter = ["type", "action", FixedFilter, "outcome", RunFilter, OrganizationFilter]
+    list_filter = [
+        "type",
+        "action",
+        FixedFilter,
+        "outcome",
+        RunFilter,
+        OrganizationFilter,
+        ObjectIdFilter,
+        ExternalIdFilter,
+    ]
     list_select_related = ["organization"]
     search_fields = ["=object_id", "=external_id", "=run__id"]
     search_help_text = "An object id, a run id or an external id, exactly."
@@ -879,6 +957,9 @@ class AuditFindingAdmin(ReadOnlyAdmin):
         "action",
         "outcome_badge",
         "detail",
+        "drift_link",
+        "recurring_text",
+        "writers_text",
         "model",
         "object_link",
         "platform",
@@ -887,6 +968,10 @@ class AuditFindingAdmin(ReadOnlyAdmin):
         "after_json",
     ]
     readonly_fields = fields
+
+    def lookup_allowed(self, lookup, value, request=None):
+        # A missing profile's drift record links its findings by platform and external id.
+        return lookup == "platform" or super().lookup_allowed(lookup, value, request)
 
     def get_search_results(self, request, queryset, search_term):
         """Exact matches only, each on its own index: an id is an object's or a run's, anything
@@ -921,7 +1006,34 @@ class AuditFindingAdmin(ReadOnlyAdmin):
 
     @admin.display(description="outcome", ordering="outcome")
     def outcome_badge(self, finding: AuditFinding) -> str:
-        return _outcome_badge(finding)
+        return format_html("{}{}", _outcome_badge(finding), _drift_mark(finding))
+
+    @admin.display(description="drift record")
+    def drift_link(self, finding: AuditFinding) -> str:
+        """Its fingerprint's history, with the record's state now (one query)."""
+        if finding.drift_id is None:
+            return "-"
+        record = DriftRecord.objects.filter(id=finding.drift_id).only("id", "state").first()
+        if record is None:
+            return "gone: pruned after a long quiet period (PROFILE_AUDIT_DRIFT_RETENTION_DAYS)"
+        return format_html(
+            "{} {}",
+            _link(_drift_url(record.id), f"drift record {str(record.id)[:8]}"),
+            _drift_state_badge(record),
+        )
+
+    @admin.display(description="new or recurring")
+    def recurring_text(self, finding: AuditFinding) -> str:
+        if finding.drift_id is None:
+            return "-"
+        if finding.recurring:
+            return "recurring: found again after it was fixed or resolved"
+        return "new: first found by this run, or open since it was first found"
+
+    @admin.display(description="writers")
+    def writers_text(self, finding: AuditFinding) -> str:
+        """Who changed the organization before it was found (its change marks' writers)."""
+        return _writers_html(finding.writers, empty="none named (no change mark, or no writer tag)")
 
     @admin.display(description="object")
     def object_link(self, finding: AuditFinding) -> str:
@@ -966,11 +1078,478 @@ class AuditFindingAdmin(ReadOnlyAdmin):
         )
 
 
+# --- Drift records --------------------------------------------------------------------------
+
+
+class DriftStateFilter(admin.SimpleListFilter):
+    title = "state"
+    parameter_name = "state"
+
+    def lookups(self, request, model_admin):
+        return [
+            *DriftState.choices,
+            ("comes_back", "Recurring or fighting"),
+        ]
+
+    def queryset(self, request, queryset):
+        value = self.value()
+        if value == "comes_back":
+            return queryset.filter(state__in=run_state.COMES_BACK)
+        if value in DriftState.values:
+            return queryset.filter(state=value)
+        return queryset
+
+
+class HeldFilter(admin.SimpleListFilter):
+    title = "fixing"
+    parameter_name = "held"
+
+    def lookups(self, request, model_admin):
+        return [("yes", "Held (fights)"), ("no", "Not held")]
+
+    def queryset(self, request, queryset):
+        if self.value() == "yes":
+            return queryset.filter(held_since__isnull=False)
+        if self.value() == "no":
+            return queryset.filter(held_since__isnull=True)
+        return queryset
+
+
+class SeenFilter(admin.SimpleListFilter):
+    title = "last seen"
+    parameter_name = "seen"
+
+    def lookups(self, request, model_admin):
+        return [("7d", "In the last 7 days"), ("30d", "In the last 30 days")]
+
+    def queryset(self, request, queryset):
+        days = {"7d": 7, "30d": 30}.get(self.value() or "")
+        if days is None:
+            return queryset
+        return queryset.filter(last_seen_at__gte=timezone.now() - timedelta(days=days))
+
+
+class WriterFilter(InputFilter):
+    """Records a writer is named on: as the one that undid the fix, or among the writers of the
+    changes that led to it. ``unknown``: records no writer is named on as the one that undid it."""
+
+    title = "writer"
+    parameter_name = "writer"
+    placeholder = "writer tag or application"
+
+    def filter_typed(self, queryset, value):
+        if value == run_state.UNKNOWN_WRITER:
+            return queryset.filter(Q(undone_by="") | Q(undone_by=value))
+        # Matched in the JSON text, on both backends (SQLite keeps it ASCII-escaped).
+        quoted = json.dumps(value, ensure_ascii=connection.vendor != "postgresql")
+        return queryset.filter(Q(undone_by=value) | Q(last_writers__icontains=quoted))
+
+
+@admin.register(DriftRecord)
+class DriftRecordAdmin(ReadOnlyAdmin):
+    change_list_template = "admin/profiles/driftrecord/change_list.html"
+    change_form_template = "admin/profiles/driftrecord/change_form.html"
+    list_display = [
+        "last_seen",
+        "organization",
+        "type",
+        "object_text",
+        "state_badge",
+        "counts",
+        "undone_text",
+        "findings_link",
+    ]
+    list_filter = [
+        DriftStateFilter,
+        HeldFilter,
+        SeenFilter,
+        "type",
+        OrganizationFilter,
+        WriterFilter,
+    ]
+    list_select_related = ["organization"]
+    search_fields = ["=key", "=external_id"]
+    search_help_text = "An object id, or a missing profile's external id, exactly."
+    show_full_result_count = False
+    sortable_by = ["last_seen"]
+    paginator = CappedCountPaginator
+    actions = ["resume_fixing_selected"]
+    fieldsets = [
+        (
+            None,
+            {
+                "fields": [
+                    "organization_link",
+                    "type",
+                    "object_text",
+                    "key",
+                    "state_badge",
+                    "fight_text",
+                    "findings_link",
+                ]
+            },
+        ),
+        (
+            "History",
+            {
+                "fields": [
+                    "first_seen_at_text",
+                    "last_seen_at_text",
+                    "times_found",
+                    "times_fixed",
+                    "last_fixed_at_text",
+                    "recent_fixes_text",
+                    "resolved_at_text",
+                ]
+            },
+        ),
+        (
+            "Who caused it",
+            {"fields": ["undone_text", "last_writers_text"]},
+        ),
+        ("Fixing held and resumed", {"fields": ["held_since_text", "resumed_text"]}),
+    ]
+    readonly_fields = [name for _, options in fieldsets for name in options["fields"]]
+
+    def get_changelist(self, request, **kwargs):
+        return SortableOnlyChangeList
+
+    def get_search_results(self, request, queryset, search_term):
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        return queryset.filter(Q(key=term) | Q(external_id=term)), False
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).select_related("organization")
+
+    # --- Columns and fields -------------------------------------------------------------
+
+    @admin.display(description="last seen", ordering="last_seen_at")
+    def last_seen(self, record: DriftRecord) -> str:
+        return moment_html(record.last_seen_at)
+
+    @admin.display(description="organization")
+    def organization_link(self, record: DriftRecord) -> str:
+        url = reverse("admin:orgs_organization_change", args=[record.organization_id])
+        return _link(url, str(record.organization))
+
+    @admin.display(description="object")
+    def object_text(self, record: DriftRecord) -> str:
+        if record.object_id is None:
+            return f"{record.platform}:{record.external_id}"
+        app_label, _, model_name = record.model.partition(".")
+        try:
+            url = reverse(f"admin:{app_label}_{model_name.lower()}_change", args=[record.object_id])
+        except NoReverseMatch:
+            return f"{record.model} {record.object_id}"
+        return _link(url, f"{model_name} {str(record.object_id)[:8]}")
+
+    @admin.display(description="state", ordering="state")
+    def state_badge(self, record: DriftRecord) -> str:
+        return _drift_state_badge(record)
+
+    @admin.display(description="found / fixed")
+    def counts(self, record: DriftRecord) -> str:
+        return f"{record.times_found:,} / {record.times_fixed:,}"
+
+    @admin.display(description="undone by")
+    def undone_text(self, record: DriftRecord) -> str:
+        if not record.undone_by:
+            return "-"
+        return format_html("{}<br>{}", record.undone_by, moment_html(record.undone_at))
+
+    @admin.display(description="findings")
+    def findings_link(self, record: DriftRecord) -> str:
+        return _link(drift_findings_url(record), "findings")
+
+    @admin.display(description="fight")
+    def fight_text(self, record: DriftRecord) -> str:
+        if record.held_since is None:
+            return "-"
+        return fight_detail(record)
+
+    @admin.display(description="first seen")
+    def first_seen_at_text(self, record: DriftRecord) -> str:
+        return moment_html(record.first_seen_at)
+
+    @admin.display(description="last seen")
+    def last_seen_at_text(self, record: DriftRecord) -> str:
+        return moment_html(record.last_seen_at)
+
+    @admin.display(description="last fixed")
+    def last_fixed_at_text(self, record: DriftRecord) -> str:
+        return moment_html(record.last_fixed_at)
+
+    @admin.display(description="resolved")
+    def resolved_at_text(self, record: DriftRecord) -> str:
+        return moment_html(record.resolved_at)
+
+    @admin.display(description="recent fixes (a fight is judged on them)")
+    def recent_fixes_text(self, record: DriftRecord) -> str:
+        fixes = [f for f in record.recent_fixes or [] if isinstance(f, dict)]
+        if not fixes:
+            return "-"
+        items = []
+        for fix in fixes:
+            at = parse_datetime(str(fix.get("at") or ""))
+            run = _uuid(fix.get("run"))
+            items.append(
+                format_html(
+                    "<li>{}{}</li>",
+                    moment_html(at) if at else "-",
+                    format_html(" by run {}", _link(_run_url(run), str(run)[:8])) if run else "",
+                )
+            )
+        return format_html('<ul class="audit-orgs">{}</ul>', SafeString("".join(items)))
+
+    @admin.display(description="writers of the changes that led to it")
+    def last_writers_text(self, record: DriftRecord) -> str:
+        return _writers_html(record.last_writers, empty="none named")
+
+    @admin.display(description="held since")
+    def held_since_text(self, record: DriftRecord) -> str:
+        if record.held_since is None:
+            return "not held"
+        return moment_html(record.held_since)
+
+    @admin.display(description="resumed")
+    def resumed_text(self, record: DriftRecord) -> str:
+        if not record.resumed_at:
+            return "-"
+        return format_html("by {} at {}", record.resumed_by or "-", moment_html(record.resumed_at))
+
+    # --- This week, and the fights ---------------------------------------------------------
+
+    def has_resume_fixing_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("profiles.resume_fixing_driftrecord")
+
+    def changelist_view(self, request, extra_context=None):
+        changelist = reverse("admin:profiles_driftrecord_changelist")
+        fights = list(
+            run_state.fights()
+            .select_related("organization")
+            .order_by("-held_since", "id")[: FIGHTS_SHOWN + 1]
+        )
+        shown = fights[:FIGHTS_SHOWN]
+
+        def filtered(**params: str) -> str:
+            return f"{changelist}?" + urlencode({"state": "comes_back", "seen": "7d", **params})
+
+        context = {
+            "by_organization": [
+                (org, n, filtered(organization=org.id))
+                for org, n in run_state.recurring_drift_by_organization(limit=DRIFT_TOP)
+            ],
+            "by_writer": [
+                (writer, n, filtered(writer=writer))
+                for writer, n in list(run_state.recurring_drift_by_writer().items())[:DRIFT_TOP]
+            ],
+            "fights": [
+                {
+                    "record": record,
+                    "url": _drift_url(record.id),
+                    "held_since": moment_html(record.held_since),
+                    "detail": fight_detail(record),
+                    "findings_url": drift_findings_url(record),
+                }
+                for record in shown
+            ],
+            "fights_more": len(fights) > FIGHTS_SHOWN,
+            "fights_url": f"{changelist}?held=yes",
+            "can_resume": self.has_resume_fixing_permission(request),
+            "resume_url": reverse("admin:profiles_driftrecord_resume"),
+            **(extra_context or {}),
+        }
+        return super().changelist_view(request, extra_context=context)
+
+    def render_change_form(self, request, context, add=False, change=False, form_url="", obj=None):
+        if obj is not None:
+            context["can_resume"] = (
+                self.has_resume_fixing_permission(request) and obj.held_since is not None
+            )
+            context["resume_url"] = reverse("admin:profiles_driftrecord_resume")
+        return super().render_change_form(request, context, add, change, form_url, obj)
+
+    def get_urls(self):
+        return [
+            path(
+                "resume/",
+                self.admin_site.admin_view(self.resume_view),
+                name="profiles_driftrecord_resume",
+            ),
+            *super().get_urls(),
+        ]
+
+    # --- Resume fixing: an action and a button, both through one confirmation page ---------
+
+    @admin.action(description="Resume fixing of the selected fights", permissions=["resume_fixing"])
+    def resume_fixing_selected(self, request: HttpRequest, queryset: QuerySet[DriftRecord]):
+        ids = list(
+            queryset.filter(held_since__isnull=False).values_list("id", flat=True)[
+                : RESUME_AT_MOST + 1
+            ]
+        )
+        if not ids:
+            self.message_user(request, "None of the selected records is held.", messages.WARNING)
+            return None
+        if len(ids) > RESUME_AT_MOST:
+            self.message_user(
+                request,
+                f"Select at most {RESUME_AT_MOST} fights at a time.",
+                messages.ERROR,
+            )
+            return None
+        return self._confirm_resume(request, ids)
+
+    def resume_view(self, request: HttpRequest) -> HttpResponse:
+        """POST: ask, then resume fixing of the records named (those still held)."""
+        changelist = reverse("admin:profiles_driftrecord_changelist")
+        if request.method != "POST":
+            return HttpResponseRedirect(changelist)
+        if not (self.has_view_permission(request) and self.has_resume_fixing_permission(request)):
+            raise PermissionDenied
+        ids = [i for i in (_uuid(v) for v in request.POST.get("ids", "").split(",")) if i]
+        if not ids or len(ids) > RESUME_AT_MOST:
+            self.message_user(request, "Not resumed: no fight named.", messages.ERROR)
+            return HttpResponseRedirect(changelist)
+        if request.POST.get("confirmed") != "yes":
+            return self._confirm_resume(request, ids)
+        user = request.user.get_username()
+        held = list(
+            DriftRecord.objects.filter(id__in=ids, held_since__isnull=False).select_related(
+                "organization"
+            )
+        )
+        resumed = resume_fixing(DriftRecord.objects.filter(id__in=[r.id for r in held]), by=user)
+        if not resumed:
+            self.message_user(
+                request, "Not resumed: none of them is held any more.", messages.WARNING
+            )
+            return HttpResponseRedirect(changelist)
+        for record in held:
+            self.log_change(
+                request,
+                record,
+                f"Resumed fixing (held since {moment(record.held_since)}, "
+                f"undone by {record.undone_by or 'a writer not named'})",
+            )
+        audit_logger().info(
+            "profile_audit.drift_fixing_resumed",
+            resumed_by=user,
+            records=resumed,
+            drift_ids=[str(r.id) for r in held],
+            org_ids=sorted({str(r.organization_id) for r in held}),
+        )
+        self.message_user(
+            request,
+            f"Resumed fixing of {plural(resumed, 'drift record')}: the next fixing run fixes "
+            f"{'it' if resumed == 1 else 'them'} again, and a fight is judged afresh.",
+            messages.SUCCESS,
+        )
+        if len(held) == 1:
+            return HttpResponseRedirect(_drift_url(held[0].id))
+        return HttpResponseRedirect(changelist)
+
+    def _confirm_resume(self, request: HttpRequest, ids: list[uuid.UUID]) -> HttpResponse:
+        records = list(
+            DriftRecord.objects.filter(id__in=ids, held_since__isnull=False)
+            .select_related("organization")
+            .order_by("-held_since", "id")[:20]
+        )
+        lines = [
+            f"{record.organization}: {record.get_type_display()} {record.key} — "
+            f"{fight_detail(record)}"
+            for record in records
+        ]
+        if len(ids) > len(records):
+            lines.append(f"… {plural(len(ids), 'record')} selected in all.")
+        lines += [
+            "Resuming lets the next fixing run fix them again. If the other writer still undoes "
+            "the fix, they are held again after PROFILE_AUDIT_FIGHT_FIXES more fixes within "
+            "PROFILE_AUDIT_FIGHT_WINDOW: stop or reconfigure that writer first.",
+        ]
+        return self._confirm(
+            request,
+            title="Resume fixing?",
+            action_url=reverse("admin:profiles_driftrecord_resume"),
+            fields={"ids": ",".join(str(i) for i in ids)},
+            lines=lines,
+            button="Yes, resume fixing",
+            button_id="confirm-resume-fixing",
+        )
+
+
 # --- Rendering helpers ----------------------------------------------------------------------
 
 
 def _run_url(run_id: uuid.UUID) -> str:
     return reverse("admin:profiles_auditrun_change", args=[run_id])
+
+
+def _uuid(value: object) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(str(value).strip())
+    except ValueError:
+        return None
+
+
+def _drift_url(record_id: uuid.UUID) -> str:
+    return reverse("admin:profiles_driftrecord_change", args=[record_id])
+
+
+def drift_findings_url(record: DriftRecord) -> str:
+    """The findings of a drift record, on indexed columns: its organization, type and object id,
+    or platform and external id for a missing profile."""
+    params: dict[str, Any] = {"organization": record.organization_id, "type__exact": record.type}
+    if record.object_id is not None:
+        params["object_id"] = record.object_id
+    else:
+        params.update(platform=record.platform, external_id=record.external_id)
+    return reverse("admin:profiles_auditfinding_changelist") + "?" + urlencode(params)
+
+
+def _drift_state_badge(record: DriftRecord) -> str:
+    return _badge(
+        record.state,
+        DRIFT_STATE_COLOURS.get(record.state, "#757575"),
+        title=record.get_state_display(),
+    )
+
+
+def _drift_mark(finding: AuditFinding) -> str:
+    """Under a finding's outcome: new or recurring, linking to its drift record."""
+    if finding.drift_id is None:
+        return ""
+    return format_html(
+        '<br><a class="audit-drift quiet" href="{}" title="Its drift record">{}</a>',
+        _drift_url(finding.drift_id),
+        "recurring" if finding.recurring else "new",
+    )
+
+
+def _writers_html(writers: object, *, empty: str) -> str:
+    """Writers as the marks name them: the tag (else the application), when, the application."""
+    entries = [e for e in writers or [] if isinstance(e, dict)] if isinstance(writers, list) else []
+    if not entries:
+        return empty
+    return format_html(
+        '<ul class="audit-writers">{}</ul>',
+        format_html_join(
+            "",
+            '<li><span class="writer">{}</span> <span class="quiet">{}{}</span></li>',
+            (
+                (
+                    writer_name(entry),
+                    moment(parse_datetime(str(entry.get("at") or ""))),
+                    format_html(", application {}", entry["application_name"])
+                    if entry.get("writer") and entry.get("application_name")
+                    else "",
+                )
+                for entry in reversed(entries)  # newest first
+            ),
+        ),
+    )
 
 
 def _link(url: str, text: str) -> str:
@@ -1086,7 +1665,8 @@ def _finding_row(finding: AuditFinding) -> dict[str, Any]:
         "organization": finding.organization.name if finding.organization_id else "-",
         "type": finding.get_type_display(),
         "action": finding.get_action_display(),
-        "outcome": _outcome_badge(finding),
+        "outcome": format_html("{}{}", _outcome_badge(finding), _drift_mark(finding)),
+        "writers": _writers_html(finding.writers, empty="-"),
         "object": _object_link(finding),
         "before": _compact_json(finding, "before"),
         "after": _compact_json(finding, "after"),

@@ -97,6 +97,13 @@ def status_reason(run: AuditRun) -> str | None:
                 .order_by()
             )
         )
+        if run.fix and run.trigger != AuditTrigger.REVERT:
+            held = run.findings.filter(outcome=FindingOutcome.HELD).count()
+            if held:
+                reasons.append(
+                    f"{plural(held, 'finding')} held: fixing them fights another writer "
+                    "(see Drift records)"
+                )
         if shards.get(ShardStatus.SKIPPED):
             reasons.append(f"{plural(shards[ShardStatus.SKIPPED], 'shard')} skipped (deadline)")
         if shards.get(ShardStatus.FAILED):
@@ -193,6 +200,8 @@ class Dashboard:
     changes: run_state.ChangeBacklog
     last_change_run: AuditRun | None
     changes_behind: str | None
+    fights_held: int  # drift records whose fixing is held (DESIGN "Drift history and fights")
+    fights_url: str
 
     @property
     def chart_title(self) -> str:
@@ -228,6 +237,8 @@ def build_dashboard() -> Dashboard:
         .order_by("-started_at")
         .first(),
         changes_behind=change_backlog_problem(changes),
+        fights_held=run_state.fights_held(),
+        fights_url=reverse("admin:profiles_driftrecord_changelist") + "?held=yes",
     )
 
 

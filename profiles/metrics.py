@@ -18,12 +18,15 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from profiles import run_state
-from profiles.models import AuditStatus, AuditTrigger
+from profiles.models import AuditStatus, AuditTrigger, DriftState
 from profiles.plan import ALL_TYPES
 from profiles.schedule import AUDIT_ENTRY
 from profiles.services.run_lock import fixing_run_lock_state
 
 PREFIX = "profile_audit"
+# Writers named as label values of the recurring drift per writer; the rest are summed as
+# "other", so the series stay few whatever other programs call themselves.
+TOP_WRITERS = 5
 
 
 class AuditCollector(Collector):
@@ -38,6 +41,7 @@ class AuditCollector(Collector):
         yield from self._lock()
         yield from self._shards()
         yield from self._changes()
+        yield from self._drift()
 
     def _last_runs(self) -> Iterator[Metric]:
         start = _gauge("last_run_start_timestamp_seconds", "Start of the latest run", ["trigger"])
@@ -266,11 +270,83 @@ class AuditCollector(Collector):
             missed.add_metric([], sweep.missed_by_changes)
         yield from (organizations, oldest, checked, success, latency, missed)
 
+    def _drift(self) -> Iterator[Metric]:
+        """Drift history (DESIGN "Drift history and fights"): records by state and type, the
+        fights held and the newest of them (for the alert), and recurring drift per writer."""
+        records = _gauge(
+            "drift_records",
+            "Drift records (one per finding fingerprint) by state and finding type",
+            ["state", "type"],
+        )
+        counts = run_state.drift_by_state_and_type()
+        for state in DriftState.values:
+            for finding_type in ALL_TYPES:
+                records.add_metric(
+                    [state, finding_type.value], counts.get((state, finding_type.value), 0)
+                )
+        held = _gauge(
+            "drift_fights_held",
+            "Drift records whose fixing is held: fixed PROFILE_AUDIT_FIGHT_FIXES times within "
+            "PROFILE_AUDIT_FIGHT_WINDOW and back again (another writer undoes the fix)",
+        )
+        fights = run_state.fights()
+        held.add_metric([], fights.count())
+        newest = _gauge(
+            "drift_newest_fight_info",
+            "1, labelled with the newest held fight: its organization, type, the writer that "
+            "undid the fix, its admin page and the admin's list of fights (absent without one)",
+            ["organization_id", "type", "undone_by", "admin_url", "fights_url"],
+        )
+        since = _gauge(
+            "drift_newest_fight_held_since_timestamp_seconds",
+            "When fixing of the newest held fight was held",
+        )
+        record = (
+            fights.order_by("-held_since", "id")
+            .only("id", "organization_id", "type", "undone_by", "held_since")
+            .first()
+        )
+        if record is not None and record.held_since is not None:
+            newest.add_metric(
+                [
+                    str(record.organization_id),
+                    record.type,
+                    record.undone_by or run_state.UNKNOWN_WRITER,
+                    drift_admin_url(record.id),
+                    fights_admin_url(),
+                ],
+                1.0,
+            )
+            since.add_metric([], record.held_since.timestamp())
+        by_writer = _gauge(
+            "drift_recurring_by_writer",
+            f"Drift records recurring or fighting seen in the last 7 days, by the writer that "
+            f"last undid the fix: the top {TOP_WRITERS} writers, the rest as other, none named as "
+            "unknown",
+            ["writer"],
+        )
+        writers = run_state.bounded_writers(run_state.recurring_drift_by_writer(), top=TOP_WRITERS)
+        for writer, n in writers.items():
+            by_writer.add_metric([writer], n)
+        yield from (records, held, newest, since, by_writer)
+
 
 def run_admin_url(run_id) -> str:
     """The run's page in the admin, absolute when PROFILE_AUDIT_ADMIN_BASE_URL is set."""
     path = reverse("admin:profiles_auditrun_change", args=[run_id])
     return f"{settings.PROFILE_AUDIT_ADMIN_BASE_URL}{path}"
+
+
+def drift_admin_url(record_id) -> str:
+    """A drift record's page in the admin, absolute when PROFILE_AUDIT_ADMIN_BASE_URL is set."""
+    path = reverse("admin:profiles_driftrecord_change", args=[record_id])
+    return f"{settings.PROFILE_AUDIT_ADMIN_BASE_URL}{path}"
+
+
+def fights_admin_url() -> str:
+    """The admin's list of drift records, filtered to the fights."""
+    path = reverse("admin:profiles_driftrecord_changelist")
+    return f"{settings.PROFILE_AUDIT_ADMIN_BASE_URL}{path}?held=yes"
 
 
 def _gauge(name: str, documentation: str, labels: list[str] | None = None) -> GaugeMetricFamily:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from django.db import connection
-from django.db.models import Count
+from django.db.models import Count, QuerySet
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
@@ -22,6 +22,8 @@ from profiles.models import (
     AuditTrigger,
     ChangeLoop,
     ChangeMark,
+    DriftRecord,
+    DriftState,
     FindingOutcome,
     ShardStatus,
     UnsettledOrganization,
@@ -224,3 +226,79 @@ def last_successful_change_run() -> AuditRun | None:
         .order_by("-started_at")
         .first()
     )
+
+
+# --- Drift history (DESIGN "Drift history and fights") ---------------------------------------
+
+# "This week": recurring drift is judged on records that came back within this window.
+RECURRING_WINDOW = timedelta(days=7)
+# Drift that came back after a fix or a resolution: recurring, or fighting (fixing held).
+COMES_BACK = (DriftState.RECURRING, DriftState.FIGHTING)
+# How a record with no named writer is counted (the triggers named nobody, or no mark was left).
+UNKNOWN_WRITER = "unknown"
+OTHER_WRITERS = "other"
+
+
+def drift_by_state_and_type() -> dict[tuple[str, str], int]:
+    """Drift records per (state, type): one grouped query."""
+    rows = DriftRecord.objects.values_list("state", "type").annotate(n=Count("id")).order_by()
+    return {(state, type_): n for state, type_, n in rows}
+
+
+def fights() -> QuerySet[DriftRecord]:
+    """Records whose fixing is held: fighting another writer (until resumed, or resolved for one
+    window; a held record may read *resolved* meanwhile)."""
+    return DriftRecord.objects.filter(held_since__isnull=False)
+
+
+def fights_held() -> int:
+    return fights().count()
+
+
+def recurring_drift(*, now: datetime | None = None) -> QuerySet[DriftRecord]:
+    """Records recurring or fighting seen within the last RECURRING_WINDOW (the (state,
+    last_seen_at) index)."""
+    since = (now or timezone.now()) - RECURRING_WINDOW
+    return DriftRecord.objects.filter(state__in=COMES_BACK, last_seen_at__gte=since)
+
+
+def recurring_drift_by_writer(*, now: datetime | None = None) -> dict[str, int]:
+    """Recurring drift of the last RECURRING_WINDOW per writer that undid it (``undone_by``;
+    UNKNOWN_WRITER for none), most first: one grouped query."""
+    rows = (
+        recurring_drift(now=now)
+        .values_list("undone_by")
+        .annotate(n=Count("id"))
+        .order_by("-n", "undone_by")
+    )
+    counts: dict[str, int] = {}
+    for writer, n in rows:
+        name = writer or UNKNOWN_WRITER
+        counts[name] = counts.get(name, 0) + n
+    return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+
+
+def bounded_writers(counts: dict[str, int], *, top: int) -> dict[str, int]:
+    """The ``top`` writers by count; the rest summed as OTHER_WRITERS, UNKNOWN_WRITER apart
+    (always present, as is OTHER_WRITERS): at most ``top`` + 2 label values whatever the
+    writers."""
+    named = [(w, n) for w, n in counts.items() if w not in (UNKNOWN_WRITER, OTHER_WRITERS)]
+    bounded = dict(named[:top])
+    bounded[OTHER_WRITERS] = sum(n for _, n in named[top:]) + counts.get(OTHER_WRITERS, 0)
+    bounded[UNKNOWN_WRITER] = counts.get(UNKNOWN_WRITER, 0)
+    return bounded
+
+
+def recurring_drift_by_organization(
+    *, limit: int, now: datetime | None = None
+) -> list[tuple[NamedOrganization, int]]:
+    """The ``limit`` organizations with the most recurring drift of the last RECURRING_WINDOW,
+    with their names: two queries."""
+    rows = list(
+        recurring_drift(now=now)
+        .values_list("organization_id")
+        .annotate(n=Count("id"))
+        .order_by("-n", "organization_id")[:limit]
+    )
+    named, _ = organizations_named([str(org) for org, _ in rows], limit=limit)
+    return [(org, n) for org, (_, n) in zip(named, rows, strict=True)]

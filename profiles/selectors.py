@@ -691,7 +691,15 @@ def run_findings_page(
             run_id=run_id, seq__gt=(page - 1) * per_page, seq__lte=page * per_page
         )
         .select_related("organization")
-        .only(*REVERT_FINDING_FIELDS, "organization__name", "outcome", "detail")
+        .only(
+            *REVERT_FINDING_FIELDS,
+            "organization__name",
+            "outcome",
+            "detail",
+            "drift_id",
+            "recurring",
+            "writers",
+        )
         .order_by("seq")
     )
     if value_chars is not None:

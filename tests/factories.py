@@ -1,5 +1,7 @@
 """factory-boy factories for the domain models."""
 
+import uuid
+
 import factory
 from django.utils import timezone
 
@@ -7,7 +9,7 @@ from boosts.models import BoostRule
 from connections.models import ConnectionAsset, ConnectionStatus, PlatformConnection, Provider
 from connections.platforms import ASSET_TYPE_PLATFORM
 from orgs.models import Organization
-from profiles.models import SocialProfile
+from profiles.models import DriftRecord, SocialProfile
 from queues.models import QueueSetting
 
 
@@ -80,3 +82,20 @@ class BoostRuleFactory(factory.django.DjangoModelFactory):
     organization = factory.SubFactory(OrganizationFactory)
     name = factory.Sequence(lambda n: f"Boost {n}")
     profile_ids = factory.LazyFunction(list)
+
+
+class DriftRecordFactory(factory.django.DjangoModelFactory):
+    """A finding fingerprint's history: an orphaned profile's, found once and open."""
+
+    class Meta:
+        model = DriftRecord
+
+    organization = factory.SubFactory(OrganizationFactory)
+    type = "orphaned"
+    model = "profiles.SocialProfile"
+    object_id = factory.LazyFunction(uuid.uuid4)
+    key = factory.LazyAttribute(
+        lambda r: str(r.object_id) if r.object_id else f"{r.platform}:{r.external_id}"
+    )
+    state = "open"
+    times_found = 1
