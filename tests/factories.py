@@ -94,6 +94,8 @@ class DriftRecordFactory(factory.django.DjangoModelFactory):
     type = "orphaned"
     model = "profiles.SocialProfile"
     object_id = factory.LazyFunction(uuid.uuid4)
+    platform = ""
+    external_id = ""
     key = factory.LazyAttribute(
         lambda r: str(r.object_id) if r.object_id else f"{r.platform}:{r.external_id}"
     )

@@ -386,3 +386,18 @@ def test_the_drift_pages_cost_a_fixed_number_of_queries(
         assert client.get(DRIFT).status_code == 200
     with django_assert_max_num_queries(20):
         assert client.get(DRIFT, {"state": "comes_back", "writer": "writer-3"}).status_code == 200
+
+
+def test_the_dashboard_counts_the_fights_held_and_links_to_them(client, drift):
+    login(client)
+    runs = reverse("admin:profiles_auditrun_changelist")
+    box = section(text(client.get(runs)), "drift-fights")
+    link = re.search(
+        r'<a href="([^"]+)" class="audit-overdue" id="fights-held">1 fight held</a>', box
+    )
+    assert link, box
+    assert listed(client, **dict([link[1].split("?")[1].split("=")])) == {drift["fighting"].id}
+    fight(drift["bakery"])
+    assert "2 fights held" in text(client.get(runs))
+    DriftRecord.objects.update(held_since=None)
+    assert "No fight held" in section(text(client.get(runs)), "drift-fights")
