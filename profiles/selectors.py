@@ -593,7 +593,7 @@ FINDING_CHANGE_FIELDS = (
     "before",
     "after",
 )
-REVERT_FINDING_FIELDS = ("id", "seq", *FINDING_CHANGE_FIELDS)
+REVERT_FINDING_FIELDS = ("id", "seq", *FINDING_CHANGE_FIELDS, "drift_id")
 
 
 @dataclass(frozen=True, slots=True)

@@ -153,6 +153,8 @@ class OrgReport:
     organization_id: UUID
     by_type: dict[str, dict[str, int]] = field(default_factory=empty_counts)
     guarded: bool = False
+    held: int = 0
+    """Findings held: their fingerprints fight another writer (DESIGN "Drift history")."""
     error: str = ""
 
     @property
@@ -173,6 +175,7 @@ class OrgReport:
             "totals": {"found": self.found, "fixed": self.fixed, "sync_sent": self.sync_sent},
             "by_type": self.by_type,
             "guarded": self.guarded,
+            "held": self.held,
             "error": self.error or None,
         }
 
@@ -206,6 +209,7 @@ class RunReport:
             if outcome == FindingOutcome.SENT:
                 counts["sync_sent"] = counts.get("sync_sent", 0) + n
             report.guarded |= outcome == FindingOutcome.GUARDED
+            report.held += n if outcome == FindingOutcome.HELD else 0
         for org, error in (self.run.failed_organizations or {}).items():
             reports.setdefault(UUID(org), OrgReport(UUID(org))).error = error
         return [reports[org] for org in sorted(reports)]
@@ -469,6 +473,7 @@ def work_shard(
         shard_id=shard.id,
         cursor=shard.cursor,
         epoch=run.lock_epoch if run.fix else None,
+        types=types,
     )
     lease = lease_of(run) if run.fix else None
     budget_of_run = (

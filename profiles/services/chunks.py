@@ -50,6 +50,7 @@ from profiles.services.changes import (
     apply_profile_findings,
     planned_change,
 )
+from profiles.services.drift import DriftBook
 from profiles.services.lease import LeaseLost, end_fenced_transactions, mark_fencing_epoch
 from profiles.services.organization_lock import lock_organizations, lock_timed_out
 from profiles.services.recording import FindingRow
@@ -59,6 +60,8 @@ from profiles.services.sync import confirm_sent_findings
 
 STALE = "no longer held when re-checked under the organization's lock"
 GUARDED = "mass-deletion guard"
+WAITS_ON_HELD = "held: waits on a profile fix that is held (fighting)"
+DRY_FIGHTING = "fighting: a fixing run holds it until it is resumed in the admin"
 OVER_BUDGET = (
     "run budget: its deletions do not fit in what is left of PROFILE_AUDIT_RUN_MAX_DELETIONS"
 )
@@ -297,11 +300,16 @@ def record_dry_chunk(
             OrgOutcome(plan, found=len(plan.findings), guarded=plan.guarded, error=plan.error)
         )
     with transaction.atomic():
+        drift = DriftBook.read([p.organization_id for p in plans])
+        for row in rows:
+            if drift.fighting(row):
+                row.detail = DRY_FIGHTING
         position.commit(
             last=plans[-1].organization_id,
             organizations=len(plans),
             rows=rows,
             failed=_failures(plans),
+            drift=drift,
         )
     position.cursor = plans[-1].organization_id
     _time_shares(outcome, since=started, organizations=len(plans))
@@ -402,6 +410,8 @@ def _fix_in_one_transaction(
     with transaction.atomic(), writer(AUDIT_FIX):
         _lock_within_bound(org_ids, epoch=position.epoch)
         fresh = load_snapshots(org_ids)
+        # Their drift history, read before the fix writes (its marks name the other writers).
+        drift = DriftBook.read(org_ids, now=now)
         decided: list[tuple[OrgPlan, list[tuple[Finding, str, str]]]] = []
         decisions: list[Finding] = []
         cleanup: list[Finding] = []
@@ -422,9 +432,24 @@ def _fix_in_one_transaction(
                 decided.append((plan, [(f, FindingOutcome.GUARDED, why) for f in plan.findings]))
                 continue
             still = set(now_plan.profile_findings)
-            org_decisions = [f for f in plan.profile_findings if f in still]
+            # A fingerprint that fights another writer is left alone (and what waits on it).
+            held = _held(drift, plan.organization_id, [f for f in plan.findings if f in still])
+            org_decisions = [f for f in plan.profile_findings if f in still and id(f) not in held]
             still_cleanup = set(find_cleanup_findings(snapshot, org_decisions, types))
-            org_cleanup = [f for f in plan.cleanup_findings if f in still_cleanup]
+            if held:
+                all_decisions = [f for f in plan.profile_findings if f in still]
+                would = set(find_cleanup_findings(snapshot, all_decisions, types)) - still_cleanup
+                held.update((id(f), WAITS_ON_HELD) for f in plan.cleanup_findings if f in would)
+                held.update(
+                    _held(
+                        drift,
+                        plan.organization_id,
+                        [f for f in plan.cleanup_findings if f in still_cleanup],
+                    )
+                )
+            org_cleanup = [
+                f for f in plan.cleanup_findings if f in still_cleanup and id(f) not in held
+            ]
             decisions += org_decisions
             cleanup += org_cleanup
             applied = {id(f) for f in (*org_decisions, *org_cleanup)}
@@ -434,6 +459,8 @@ def _fix_in_one_transaction(
                     [
                         (f, _applied_outcome(f), "")
                         if id(f) in applied
+                        else (f, FindingOutcome.HELD, held[id(f)])
+                        if id(f) in held
                         else (f, FindingOutcome.STALE, STALE)
                         for f in plan.findings
                     ],
@@ -473,13 +500,25 @@ def _fix_in_one_transaction(
                     over_budget=any(r.detail == OVER_BUDGET for r in org_rows),
                 )
             )
-        position.commit(last=org_ids[-1], organizations=len(plans), rows=rows, failed=failed)
+        position.commit(
+            last=org_ids[-1], organizations=len(plans), rows=rows, failed=failed, drift=drift
+        )
         missing = [r for r in rows if r.outcome == FindingOutcome.SENT]
         if missing:
             transaction.on_commit(lambda: send_sync(missing))
     position.cursor = org_ids[-1]
     _time_shares(outcome, since=started, organizations=len(plans))
     return outcome
+
+
+def _held(drift: DriftBook, organization_id: UUID, findings: Sequence[Finding]) -> dict[int, str]:
+    """{id(finding): why} for those of ``findings`` whose fingerprint is fighting."""
+    held = {}
+    for f in findings:
+        why = drift.holds(organization_id, type=f.type, object_id=f.object_id, key=f.key)
+        if why:
+            held[id(f)] = why
+    return held
 
 
 def _lock_within_bound(org_ids: Sequence[UUID], *, epoch: int | None) -> None:

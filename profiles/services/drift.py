@@ -150,6 +150,31 @@ class DriftBook:
     def _window_start(self) -> datetime:
         return self.now - timedelta(seconds=settings.PROFILE_AUDIT_FIGHT_WINDOW)
 
+    def _fingerprint(
+        self,
+        organization_id: UUID,
+        type: str,
+        object_id: UUID | None,
+        platform: str,
+        external_id: str,
+    ) -> Fingerprint:
+        return (
+            organization_id,
+            str(type),
+            fingerprint_key(object_id=object_id, platform=platform, external_id=external_id),
+        )
+
+    def fighting(self, row: FindingRow) -> bool:
+        """Whether a fixing run would hold this finding's fingerprint (it is fighting)."""
+        if row.organization_id is None:
+            return False
+        record = self.records.get(
+            self._fingerprint(
+                row.organization_id, row.type, row.object_id, row.platform, row.external_id
+            )
+        )
+        return record is not None and record.held_since is not None
+
     def holds(
         self,
         organization_id: UUID,
@@ -160,11 +185,7 @@ class DriftBook:
     ) -> str | None:
         """For a fixing run: why this finding must be left alone (it is fighting), or None."""
         platform, external_id = key or ("", "")
-        fp = (
-            organization_id,
-            str(type),
-            fingerprint_key(object_id=object_id, platform=platform, external_id=external_id),
-        )
+        fp = self._fingerprint(organization_id, type, object_id, platform, external_id)
         record = self.records.get(fp)
         if record is None:
             return None
@@ -204,12 +225,8 @@ class DriftBook:
         for row in rows:
             if row.organization_id is None:
                 continue
-            fp = (
-                row.organization_id,
-                str(row.type),
-                fingerprint_key(
-                    object_id=row.object_id, platform=row.platform, external_id=row.external_id
-                ),
+            fp = self._fingerprint(
+                row.organization_id, row.type, row.object_id, row.platform, row.external_id
             )
             record = self.records.get(fp)
             if record is None:

@@ -265,6 +265,14 @@ def guarded_organizations(run_id: UUID) -> list[str]:
     )
 
 
+def left_alone(run_id: UUID) -> bool:
+    """Whether the run left findings alone on purpose — guarded (the guard, the run budget) or
+    held (a fight): either leaves it partial."""
+    return AuditFinding.objects.filter(
+        run_id=run_id, outcome__in=(FindingOutcome.GUARDED, FindingOutcome.HELD)
+    ).exists()
+
+
 def shard_failures(run_id: UUID) -> tuple[dict[str, str], list[str]]:
     """({organization id: error} over the run's shards, ["shard N: why"] for shards that did
     not finish)."""

@@ -21,6 +21,7 @@ from django.utils import timezone
 from audit_project.log_config import audit_logger
 from profiles.models import AuditFinding, AuditRun, AuditStatus, StaleQueueSettingDeletion
 from profiles.selectors import prunable_runs, stale_queue_setting_deletions
+from profiles.services.drift import prune_quiet_records
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,8 @@ class PruneReport:
     """Stale queue setting deletions kept, from pruned findings, for a later restore."""
     dry_run_findings_deleted: int = 0
     dry_run_cutoff: str = ""
+    drift_records_deleted: int = 0
+    """Drift records not seen for PROFILE_AUDIT_DRIFT_RETENTION_DAYS (they outlive runs)."""
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -41,6 +44,7 @@ class PruneReport:
             "queue_setting_deletions_kept": self.queue_setting_deletions_kept,
             "dry_run_findings_deleted": self.dry_run_findings_deleted,
             "dry_run_cutoff": self.dry_run_cutoff,
+            "drift_records_deleted": self.drift_records_deleted,
         }
 
 
@@ -96,6 +100,11 @@ def prune_audit_runs(
     dry_deleted, dry_cutoff = prune_dry_run_findings(
         older_than_days=min(dry_days, older_than_days), batch_size=batch_size
     )
+    # Drift records are small and outlive the findings that link them (never sooner than runs).
+    quiet_days = max(settings.PROFILE_AUDIT_DRIFT_RETENTION_DAYS, older_than_days)
+    drift_deleted = prune_quiet_records(
+        before=timezone.now() - timedelta(days=quiet_days), batch_size=batch_size
+    )
     report = PruneReport(
         runs_deleted,
         findings_deleted,
@@ -103,6 +112,7 @@ def prune_audit_runs(
         queue_setting_deletions_kept=kept,
         dry_run_findings_deleted=dry_deleted,
         dry_run_cutoff=dry_cutoff,
+        drift_records_deleted=drift_deleted,
     )
     audit_logger().info("profile_audit.pruned", older_than_days=older_than_days, **report.as_json())
     return report

@@ -63,6 +63,7 @@ from profiles.selectors import (
 )
 from profiles.services import runs
 from profiles.services.bulk import update_rows
+from profiles.services.drift import forget_fixes
 from profiles.services.lease import FixingLease, LeaseHeld, LeaseLost, prove
 from profiles.services.organization_lock import lock_organization
 from profiles.services.recording import ABANDONED_AFTER, FindingRow, record_findings
@@ -417,6 +418,16 @@ class _OrganizationRevert:
             )
             self.report.put_back += done
             self.report.conflicts += not done
+        if self.fix:
+            # What the revert put back is no fix that another writer undid (no fight).
+            forget_fixes(
+                run_id=self.target.id,
+                drift_ids=[
+                    f.drift_id
+                    for f, d in zip(chunk, plan.decisions, strict=True)
+                    if d.result == Result.PUT_BACK
+                ],
+            )
         record_findings(run_id=self.revert.id, rows=rows, organizations=organizations)
 
     def _row(

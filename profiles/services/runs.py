@@ -13,7 +13,7 @@ import contextlib
 import enum
 import os
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from uuid import UUID
@@ -33,7 +33,9 @@ from profiles.models import (
     AuditTrigger,
     ShardStatus,
 )
+from profiles.plan import ALL_TYPES
 from profiles.services.change_runs import clear_marks, settle
+from profiles.services.drift import DriftBook
 from profiles.services.lease import (
     FixingLease,
     LeaseHeld,
@@ -46,7 +48,7 @@ from profiles.services.recording import (
     ABANDONED_AFTER,
     FindingRow,
     close_run,
-    guarded_organizations,
+    left_alone,
     record_findings,
     shard_failures,
 )
@@ -255,8 +257,11 @@ class ShardCursor:
         cursor: UUID | None,
         epoch: int | None = None,
         fix: bool | None = None,
+        types: Iterable[str] = ALL_TYPES,
     ) -> None:
         self.run_id = run_id
+        # The finding types the run looks for: only their drift records resolve when not found.
+        self.types = frozenset(str(t) for t in types)
         self.shard_id = shard_id
         self.cursor = cursor
         self.epoch = epoch
@@ -284,10 +289,17 @@ class ShardCursor:
         organizations: int,
         rows: Sequence[FindingRow],
         failed: dict[str, str] | None = None,
+        drift: DriftBook | None = None,
     ) -> None:
-        """Inside the chunk's transaction: count it on the run, move the cursor (compare and
-        set), and — fixing — prove the lease last, just before the commit. Run row before shard
-        row, the order every writer takes them in."""
+        """Inside the chunk's transaction: update the drift records of its organizations (with
+        ``drift``, the book the fix read them into; else read here), count it on the run, move
+        the cursor (compare and set), and — fixing — prove the lease last, just before the
+        commit. Run row before shard row, the order every writer takes them in."""
+        covered = [o for o in self.chunk if (self.cursor is None or o > self.cursor) and o <= last]
+        audited = [o for o in covered if str(o) not in (failed or {})]
+        if drift is None:
+            drift = DriftBook.read(covered)
+        drift.record(rows, audited=audited, types=self.types, run_id=self.run_id, fix=self.fix)
         record_findings(run_id=self.run_id, rows=rows, organizations=organizations)
         shards = AuditShard.objects.filter(id=self.shard_id, status=ShardStatus.RUNNING)
         shards = (
@@ -308,7 +320,6 @@ class ShardCursor:
             shard = AuditShard.objects.get(id=self.shard_id)
             shard.failed_organizations = {**shard.failed_organizations, **failed}
             shard.save(update_fields=["failed_organizations"])
-        covered = [o for o in self.chunk if (self.cursor is None or o > self.cursor) and o <= last]
         if self.fix and covered:
             clear_marks({o: self.marks[o] for o in covered if o in self.marks})
             settle(organization_ids=covered, left_undone=_left_undone(rows, failed or {}))
@@ -363,7 +374,7 @@ def finish_run_if_complete(run_id: UUID) -> AuditRun | None:
     shards = run.shards.count()
     if unfinished and len(unfinished) == shards and not run.organizations_audited:
         status = AuditStatus.FAILED
-    elif unfinished or failed or guarded_organizations(run.id):
+    elif unfinished or failed or left_alone(run.id):
         status = AuditStatus.PARTIAL
     else:
         status = AuditStatus.SUCCEEDED

@@ -307,7 +307,7 @@ class Command(AuditCommand):
         if verbosity >= 2 and report.findings_recorded:
             self._write_findings(run.id)
 
-        flagged = [o for o in report.organizations if o.guarded or o.error]
+        flagged = [o for o in report.organizations if o.guarded or o.held or o.error]
         names = _organization_names(o.organization_id for o in flagged)
         for org in flagged:
             label = f"{org.organization_id} ({names.get(org.organization_id, 'deleted')})"
@@ -317,6 +317,14 @@ class Command(AuditCommand):
                         f"Guarded: organization {label} — the plan would "
                         "soft-delete too many of its profiles; nothing fixed there "
                         "(--force overrides)."
+                    )
+                )
+            if org.held:
+                out.write(
+                    self.style.WARNING(
+                        f"Held: organization {label} — {org.held} findings fight another "
+                        "writer (fixed too often lately); left alone until resumed in the "
+                        "admin (Drift records → Resume fixing)."
                     )
                 )
             if org.error:

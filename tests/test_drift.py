@@ -1,0 +1,284 @@
+"""Drift history and fights (DESIGN "Drift history and fights"), on the database the suite runs
+on (PostgreSQL, and the same on SQLite): fingerprints and their states, fights held and resumed,
+the writers a finding names, and the audit never fighting itself."""
+
+from contextlib import contextmanager
+from datetime import timedelta
+
+import pytest
+from django.core.management import CommandError, call_command
+from django.db import transaction
+from django.utils import timezone
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from connections.models import ConnectionAsset
+from profiles.change_marks import writer
+from profiles.models import (
+    AuditFinding,
+    AuditRun,
+    AuditStatus,
+    DriftRecord,
+    DriftState,
+    FindingOutcome,
+    SocialProfile,
+)
+from profiles.services import retention
+from profiles.services.audit import ProfileConnectionAuditService
+from profiles.services.drift import prune_quiet_records, resume_fixing
+from profiles.services.revert import revert_run
+from tests.factories import AssetFactory, ConnectionFactory, OrganizationFactory
+from tests.strategies import build_org, org_states
+from tests.test_design_rules import profile_for
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def audit():
+    return ProfileConnectionAuditService()
+
+
+def deselected_profile():
+    """An organization with one profile whose asset is no longer selected (a deselected
+    finding), beside a selected one (so the guard never trips)."""
+    org = OrganizationFactory()
+    connection = ConnectionFactory(organization=org)
+    for _ in range(3):
+        profile_for(AssetFactory(connection=connection))
+    asset = AssetFactory(connection=connection)
+    profile = profile_for(asset)
+    ConnectionAsset.objects.filter(id=asset.id).update(is_selected=False)
+    return org, profile
+
+
+def revive(profile, *, by="partner-sync"):
+    """Another program undoes the audit's soft delete, tagged as itself."""
+    with writer(by):
+        SocialProfile.objects.filter(id=profile.id).update(deleted_at=None)
+
+
+def finding_of(run, profile):
+    return AuditFinding.objects.get(run=run, object_id=profile.id)
+
+
+def record_of(profile):
+    return DriftRecord.objects.get(object_id=profile.id)
+
+
+def test_a_finding_found_in_two_runs_is_one_drift_record_found_twice(audit):
+    org, profile = deselected_profile()
+
+    first = audit.run_full_audit(org_id=org.id).run
+    second = audit.run_full_audit(org_id=org.id).run
+
+    record = record_of(profile)
+    assert record.times_found == 2
+    assert record.state == DriftState.OPEN
+    assert record.times_fixed == 0
+    assert finding_of(first, profile).drift_id == finding_of(second, profile).drift_id == record.id
+    assert not finding_of(second, profile).recurring  # never fixed or resolved: still the same
+
+
+def test_fixed_then_undone_by_partner_sync_it_recurs_and_names_the_writer(audit, committed):
+    org, profile = deselected_profile()
+    committed(audit.run_full_audit, org_id=org.id, fix=True)
+    revive(profile)
+
+    again = audit.run_full_audit(org_id=org.id).run
+
+    record = record_of(profile)
+    finding = finding_of(again, profile)
+    assert record.state == DriftState.RECURRING
+    assert record.times_fixed == 1 and record.times_found == 2
+    assert record.undone_by == "partner-sync"
+    assert finding.recurring
+    assert "partner-sync" in [w["writer"] for w in finding.writers]
+    # The audit's own fix is not a writer that led to the finding.
+    assert "audit-fix" not in [w["writer"] for w in finding.writers]
+
+
+def fight(audit, committed, org, profile, *, fixes=3):
+    """The audit fixes the profile ``fixes`` times, and partner-sync undoes each fix."""
+    for _ in range(fixes):
+        run = committed(audit.run_full_audit, org_id=org.id, fix=True).run
+        assert finding_of(run, profile).outcome == FindingOutcome.FIXED
+        revive(profile)
+
+
+def test_fixed_three_times_in_the_window_the_fourth_finding_is_held(audit, committed):
+    org, profile = deselected_profile()
+    fight(audit, committed, org, profile)
+
+    run = committed(audit.run_full_audit, org_id=org.id, fix=True).run
+
+    finding = finding_of(run, profile)
+    assert finding.outcome == FindingOutcome.HELD
+    assert finding.detail.startswith("fighting: fixed 3 times in 24 h; undone by partner-sync at ")
+    profile.refresh_from_db()
+    assert profile.deleted_at is None  # left alone
+    assert run.status == AuditStatus.PARTIAL  # not failed
+    assert record_of(profile).state == DriftState.FIGHTING
+    # And it stays held on every later run, however the window moves.
+    later = committed(audit.run_full_audit, org_id=org.id, fix=True).run
+    assert finding_of(later, profile).outcome == FindingOutcome.HELD
+
+
+def test_a_held_run_exits_like_a_guarded_one(audit, committed, capsys):
+    org, profile = deselected_profile()
+    fight(audit, committed, org, profile)
+
+    committed(call_command, "profiles_audit_sync", "--fix", "--org", str(org.id))  # exit 0
+
+    out = capsys.readouterr().out
+    assert "Held: organization" in out and "1 findings fight another writer" in out
+    with pytest.raises(CommandError) as check:
+        committed(call_command, "profiles_audit_sync", "--org", str(org.id), "--check")
+    assert check.value.returncode == 1
+
+
+def test_fixes_outside_the_window_are_no_fight(audit, committed, settings):
+    org, profile = deselected_profile()
+    fight(audit, committed, org, profile, fixes=2)
+    record = record_of(profile)
+    long_ago = (timezone.now() - timedelta(days=2)).isoformat()
+    record.recent_fixes = [{**f, "at": long_ago} for f in record.recent_fixes]
+    record.save()
+
+    run = committed(audit.run_full_audit, org_id=org.id, fix=True).run
+
+    assert finding_of(run, profile).outcome == FindingOutcome.FIXED
+
+
+def test_resume_fixing_fixes_it_on_the_next_run(audit, committed):
+    org, profile = deselected_profile()
+    fight(audit, committed, org, profile)
+    committed(audit.run_full_audit, org_id=org.id, fix=True)  # held
+
+    assert resume_fixing(DriftRecord.objects.filter(object_id=profile.id), by="alice") == 1
+    run = committed(audit.run_full_audit, org_id=org.id, fix=True).run
+
+    assert finding_of(run, profile).outcome == FindingOutcome.FIXED
+    profile.refresh_from_db()
+    assert profile.deleted_at is not None
+    record = record_of(profile)
+    assert record.resumed_by == "alice" and record.held_since is None
+
+
+def test_a_fight_resumes_by_itself_once_resolved_for_one_window(audit, committed):
+    org, profile = deselected_profile()
+    fight(audit, committed, org, profile)
+    committed(audit.run_full_audit, org_id=org.id, fix=True)  # held
+    SocialProfile.objects.filter(id=profile.id).update(deleted_at=timezone.now())  # by hand
+    audit.run_full_audit(org_id=org.id)  # clean: resolved
+    assert record_of(profile).state == DriftState.RESOLVED
+
+    revive(profile)
+    soon = committed(audit.run_full_audit, org_id=org.id, fix=True).run
+    assert finding_of(soon, profile).outcome == FindingOutcome.HELD  # within the window
+
+    SocialProfile.objects.filter(id=profile.id).update(deleted_at=timezone.now())
+    audit.run_full_audit(org_id=org.id)
+    DriftRecord.objects.filter(object_id=profile.id).update(
+        resolved_at=timezone.now() - timedelta(days=1, minutes=1)
+    )
+    revive(profile)
+    later = committed(audit.run_full_audit, org_id=org.id, fix=True).run
+    assert finding_of(later, profile).outcome == FindingOutcome.FIXED
+
+
+def test_a_record_resolves_when_its_organization_audits_clean(audit, committed):
+    org, profile = deselected_profile()
+    committed(audit.run_full_audit, org_id=org.id, fix=True)
+
+    clean = audit.run_full_audit(org_id=org.id).run
+
+    assert clean.found == 0
+    record = record_of(profile)
+    assert record.state == DriftState.RESOLVED and record.resolved_at is not None
+
+
+def test_a_run_of_other_types_resolves_nothing_of_this_type(audit, committed):
+    org, profile = deselected_profile()
+    audit.run_full_audit(org_id=org.id)
+
+    audit.run_full_audit(org_id=org.id, scopes=["missing"])
+
+    assert record_of(profile).state == DriftState.OPEN
+
+
+def test_a_dry_run_updates_history_but_never_holds_or_resumes(audit, committed):
+    org, profile = deselected_profile()
+    fight(audit, committed, org, profile)
+    committed(audit.run_full_audit, org_id=org.id, fix=True)  # held
+    found_before = record_of(profile).times_found
+
+    dry = audit.run_full_audit(org_id=org.id).run
+
+    finding = finding_of(dry, profile)
+    assert finding.outcome == FindingOutcome.PLANNED
+    assert finding.detail.startswith("fighting")
+    record = record_of(profile)
+    assert record.times_found == found_before + 1
+    assert record.state == DriftState.FIGHTING and record.held_since is not None
+
+    # Nor does a dry run start a fight: three fixes, then a dry run plans it as ever.
+    org2, profile2 = deselected_profile()
+    fight(audit, committed, org2, profile2)
+    assert finding_of(audit.run_full_audit(org_id=org2.id).run, profile2).outcome == "planned"
+    assert record_of(profile2).held_since is None
+
+
+def test_a_revert_does_not_count_as_the_other_writer(audit, committed):
+    org, profile = deselected_profile()
+    for _ in range(3):
+        run = committed(audit.run_full_audit, org_id=org.id, fix=True).run
+        assert finding_of(run, profile).outcome == FindingOutcome.FIXED
+        committed(revert_run, run_id=run.id, fix=True)  # puts the profile back
+
+    run = committed(audit.run_full_audit, org_id=org.id, fix=True).run
+
+    assert finding_of(run, profile).outcome == FindingOutcome.FIXED
+    assert record_of(profile).undone_by == ""
+
+
+def test_retention_keeps_drift_records_and_prunes_them_after_a_long_quiet(audit, settings):
+    org, profile = deselected_profile()
+    run = audit.run_full_audit(org_id=org.id).run
+    audit.run_full_audit(org_id=org.id)
+    AuditRun.objects.filter(id=run.id).update(started_at=timezone.now() - timedelta(days=400))
+
+    retention.prune_audit_runs(older_than_days=90)
+
+    assert not AuditRun.objects.filter(id=run.id).exists()
+    assert record_of(profile).times_found == 2
+    DriftRecord.objects.update(last_seen_at=timezone.now() - timedelta(days=400))
+    assert retention.prune_audit_runs(older_than_days=90).drift_records_deleted == 1
+    assert not DriftRecord.objects.exists()
+    assert prune_quiet_records(before=timezone.now()) == 0
+
+
+@contextmanager
+def rolled_back():
+    with transaction.atomic():
+        yield
+        transaction.set_rollback(True)
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(state=org_states(), runs=st.integers(min_value=2, max_value=5))
+def test_the_audit_never_fights_itself(audit, committed, state, runs):
+    """No self-oscillation: with no other writer, fixing again and again never finds anything
+    the first fix did not leave settled — no fingerprint is fixed twice, none recurs or fights."""
+    with rolled_back():
+        org = build_org(state)
+        for _ in range(runs):
+            committed(audit.run_full_audit, org_id=org.id, fix=True, force=True)
+        records = DriftRecord.objects.filter(organization=org)
+        assert all(r.times_fixed <= 1 for r in records), [(r.key, r.times_fixed) for r in records]
+        assert not records.filter(state__in=[DriftState.RECURRING, DriftState.FIGHTING]).exists()
+        assert not AuditFinding.objects.filter(run__organization=org, recurring=True).exists()
