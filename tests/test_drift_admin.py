@@ -401,3 +401,62 @@ def test_the_dashboard_counts_the_fights_held_and_links_to_them(client, drift):
     assert "2 fights held" in text(client.get(runs))
     DriftRecord.objects.update(held_since=None)
     assert "No fight held" in section(text(client.get(runs)), "drift-fights")
+
+
+# --- After real runs: what the audit recorded is what the pages and /metrics say ----------------
+
+
+def test_a_real_fight_is_shown_counted_and_resumed_from_the_admin(client, committed):
+    """partner-sync revives a profile the audit soft-deletes, three times: the fourth fixing run
+    holds it; the run page, the drift page and /metrics say so, and Resume fixing lets the next
+    run fix it again."""
+    from connections.models import ConnectionAsset
+    from profiles.change_marks import writer
+    from profiles.models import SocialProfile
+    from profiles.services.audit import ProfileConnectionAuditService
+    from tests.factories import AssetFactory, ConnectionFactory, profile_for
+    from tests.test_metrics import scrape, value
+
+    org = OrganizationFactory(name="Partnered Ltd")
+    connection = ConnectionFactory(organization=org)
+    for _ in range(3):
+        profile_for(AssetFactory(connection=connection))
+    asset = AssetFactory(connection=connection)
+    profile = profile_for(asset)
+    ConnectionAsset.objects.filter(id=asset.id).update(is_selected=False)
+    audit = ProfileConnectionAuditService()
+
+    def fix():
+        return committed(audit.run_full_audit, org_id=org.id, fix=True).run
+
+    for _ in range(3):
+        fix()
+        with writer("partner-sync"):
+            SocialProfile.objects.filter(id=profile.id).update(deleted_at=None)
+    held_run = fix()
+    assert held_run.status == AuditStatus.PARTIAL
+
+    login(client, "resume_fixing_driftrecord")
+    page = text(client.get(reverse("admin:profiles_auditrun_change", args=[held_run.id])))
+    assert re.search(r'id="held-findings">1 finding</a> held', page)
+    assert "1 finding held: fixing them fights another writer" in page
+    assert '<span class="writer">partner-sync</span>' in page
+    record = DriftRecord.objects.get(object_id=profile.id)
+    fights = section(text(client.get(DRIFT)), "drift-fights")
+    assert "Partnered Ltd: Deselected profile" in fights and "undone by partner-sync" in fights
+    assert "Partnered Ltd</a>: 1 record" in section(
+        text(client.get(DRIFT)), "drift-by-organization"
+    )
+
+    samples = scrape(client)
+    assert value(samples, "drift_fights_held") == 1
+    assert value(samples, "drift_records", state="fighting", type="deselected") == 1
+    assert value(samples, "drift_recurring_by_writer", writer="partner-sync") == 1
+    assert value(samples, "drift_recurring_by_writer", writer="other") == 0
+
+    client.post(RESUME, {"ids": str(record.id), "confirmed": "yes"})
+    assert value(scrape(client), "drift_fights_held") == 0
+    after = fix()
+    assert AuditFinding.objects.get(run=after, object_id=profile.id).outcome == FindingOutcome.FIXED
+    profile.refresh_from_db()
+    assert profile.deleted_at is not None

@@ -116,7 +116,7 @@ def test_recurring_drift_per_writer_names_the_top_five_and_sums_the_rest(client)
         "unknown": 2,
     }
     # Whatever the writers, the label values stay bounded.
-    for n in range(20):
+    for _ in range(20):
         recurring(org, f"script-{uuid.uuid4()}", 1)
     assert len([k for k in scrape(client) if k[0].endswith("recurring_by_writer")]) == 7
 
