@@ -16,7 +16,12 @@ from profiles.plan import ALL_TYPES
 from profiles.services.audit import AuditRequest, run_audit
 from profiles.services.run_lock import fixing_run_lock
 from profiles.tasks import audit_sync_task
-from tests.factories import AssetFactory, OrganizationFactory, ProfileFactory
+from tests.factories import (
+    AssetFactory,
+    DriftRecordFactory,
+    OrganizationFactory,
+    ProfileFactory,
+)
 
 pytestmark = pytest.mark.django_db
 RULES = Path(settings.BASE_DIR) / "deploy" / "prometheus" / "alerts.yml"
@@ -161,6 +166,8 @@ def test_every_metric_the_alert_rules_use_is_exported(client, two_scheduled_runs
     assert len(rules) >= 8 and len(used) >= 6
     ProfileFactory()  # a mark, and the change-driven loop's heartbeat: a dry check
     run_audit(AuditRequest(changed=True))
+    # A drift fight held: the newest fight's series exists only then.
+    DriftRecordFactory(state="fighting", held_since=timezone.now(), undone_by="partner-sync")
     lock = fixing_run_lock()
     assert lock.acquire()
     try:
