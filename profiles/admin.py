@@ -1528,28 +1528,36 @@ def _drift_mark(finding: AuditFinding) -> str:
     )
 
 
-def _writers_html(writers: object, *, empty: str) -> str:
-    """Writers as the marks name them: the tag (else the application), when, the application."""
+def _writers_html(writers: object, *, empty: str, compact: bool = False) -> str:
+    """Writers as the marks name them, newest first: the tag (else the application) and when;
+    the application beside a tag (``compact``: on hover, for the run page's narrow column)."""
     entries = [e for e in writers or [] if isinstance(e, dict)] if isinstance(writers, list) else []
     if not entries:
         return empty
-    return format_html(
-        '<ul class="audit-writers">{}</ul>',
-        format_html_join(
-            "",
-            '<li><span class="writer">{}</span> <span class="quiet">{}{}</span></li>',
-            (
-                (
+    rows = []
+    for entry in reversed(entries):
+        application = entry.get("application_name") if entry.get("writer") else None
+        at = moment(parse_datetime(str(entry.get("at") or "")))
+        if compact:
+            rows.append(
+                format_html(
+                    '<li title="{}"><span class="writer">{}</span><br>'
+                    '<span class="quiet">{}</span></li>',
+                    f"application {application}" if application else "",
                     writer_name(entry),
-                    moment(parse_datetime(str(entry.get("at") or ""))),
-                    format_html(", application {}", entry["application_name"])
-                    if entry.get("writer") and entry.get("application_name")
-                    else "",
+                    at,
                 )
-                for entry in reversed(entries)  # newest first
-            ),
-        ),
-    )
+            )
+        else:
+            rows.append(
+                format_html(
+                    '<li><span class="writer">{}</span> <span class="quiet">{}{}</span></li>',
+                    writer_name(entry),
+                    at,
+                    format_html(", application {}", application) if application else "",
+                )
+            )
+    return format_html('<ul class="audit-writers">{}</ul>', SafeString("".join(rows)))
 
 
 def _link(url: str, text: str) -> str:
@@ -1666,7 +1674,7 @@ def _finding_row(finding: AuditFinding) -> dict[str, Any]:
         "type": finding.get_type_display(),
         "action": finding.get_action_display(),
         "outcome": format_html("{}{}", _outcome_badge(finding), _drift_mark(finding)),
-        "writers": _writers_html(finding.writers, empty="-"),
+        "writers": _writers_html(finding.writers, empty="", compact=True),
         "object": _object_link(finding),
         "before": _compact_json(finding, "before"),
         "after": _compact_json(finding, "after"),

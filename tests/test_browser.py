@@ -92,6 +92,8 @@ def test_an_operator_opens_a_run_sees_its_findings_and_reverts_it(
             expect(page.locator(".audit-by-type")).to_be_visible()
             SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(SCREENSHOT), full_page=True)
+            # Findings, with their writers, fit the window: nothing scrolls sideways at 1366 px.
+            assert page.evaluate("document.documentElement.scrollWidth") <= 1366
 
             # Its shards, each with the id `celery inspect active` shows for its task.
             shards = page.locator("#audit-shards tbody tr")
