@@ -4,8 +4,9 @@ through Playwright; ``make test-browser`` runs it (``.ci/run`` installs Chromium
 
 The run page is saved as a screenshot (``PROFILE_AUDIT_SCREENSHOT``, default
 ``var/browser/audit-run.png``; ``docs/audit-run.png`` in the README is one of these), and so are
-the top of the run page down to its shards (``audit-run-shards.png``) and the dashboard's trend
-chart (``trend-chart.png``), next to it in the same directory.
+the top of the run page down to its shards (``audit-run-shards.png``), the dashboard's trend
+chart (``trend-chart.png``) and the drift records page (``drift-records.png``), next to it in the
+same directory.
 """
 
 import os
@@ -17,6 +18,7 @@ import pytest
 from django.conf import settings
 from django.contrib.auth.models import User
 from django.core.management import call_command
+from django.utils import timezone
 
 from profiles.models import AuditRun, AuditStatus, AuditTrigger
 from profiles.services.audit import ProfileConnectionAuditService
@@ -296,3 +298,86 @@ def test_an_operator_reads_the_dashboard_and_runs_the_audit_now(
     asked = AuditRun.objects.get(trigger=AuditTrigger.ADMIN)
     assert asked.requested_by == "oncall" and not asked.fix
     assert DASHBOARD_SCREENSHOT.stat().st_size > 10_000
+
+
+def test_an_operator_reads_the_fights_and_resumes_fixing(live_server, monkeypatch):
+    """The drift page at 1366 px: the week's organizations and writers, the fights, and every
+    column of the list in view; Resume fixing asks on a page of its own, then resumes."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from profiles.models import DriftRecord, DriftState
+    from tests.factories import DriftRecordFactory, OrganizationFactory
+
+    User.objects.create_superuser("oncall", "oncall@example.com", "a long test password")
+    now = timezone.now()
+    writers = ["partner-sync", "crm-import", "billing"]
+    for n, name in enumerate(["Acme Bakery", "Blue Florist", "Corner Garage"]):
+        org = OrganizationFactory(name=name)
+        for m in range(3 - n):
+            writer = writers[(n + m) % 3]
+            DriftRecordFactory(
+                organization=org,
+                state=DriftState.RECURRING,
+                times_found=2 + m,
+                times_fixed=1 + m,
+                undone_by=writer,
+                undone_at=now - timedelta(hours=m + 1),
+                last_writers=[
+                    {"writer": writer, "application_name": "psql", "at": now.isoformat()}
+                ],
+            )
+        DriftRecordFactory(
+            organization=org,
+            type="missing",
+            object_id=None,
+            platform="facebook",
+            external_id="1234567890" * 3,
+            state=DriftState.FIGHTING,
+            times_found=5,
+            times_fixed=3,
+            held_since=now - timedelta(hours=n + 1),
+            undone_by=writers[n],
+            undone_at=now - timedelta(hours=n + 1, minutes=20),
+            recent_fixes=[{"at": (now - timedelta(hours=h)).isoformat()} for h in (9, 6, 3)],
+        )
+    fight = DriftRecord.objects.filter(held_since__isnull=False).order_by("-held_since").first()
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1366, "height": 900})
+            page.set_default_timeout(20_000)
+            page.goto(f"{live_server.url}/admin/login/?next=/admin/profiles/driftrecord/")
+            page.fill("#id_username", "oncall")
+            page.fill("#id_password", "a long test password")
+            page.click("input[type=submit]")
+
+            expect(page.locator("#drift-by-organization li").first).to_contain_text(
+                "Acme Bakery: 4 records"
+            )
+            expect(page.locator("#drift-by-writer li")).to_have_count(3)
+            expect(page.locator("#drift-fights tr.fight")).to_have_count(3)
+            page.screenshot(
+                path=str(DASHBOARD_SCREENSHOT.with_name("drift-records.png")), full_page=True
+            )
+            assert page.evaluate("document.documentElement.scrollWidth") <= 1366
+            for column in ("last_seen", "state_badge", "findings_link"):
+                assert in_view(page, f"#result_list th.column-{column}"), column
+
+            # Resume fixing asks first; cancelling changes nothing.
+            page.locator("#drift-fights tr.fight").first.locator("button.resume-fixing").click()
+            expect(page.locator("#confirm-resume-fixing")).to_be_visible()
+            expect(page.locator("#content-main")).to_contain_text("Acme Bakery: Missing profile")
+            page.click("#cancel-action")
+            expect(page.locator("#drift-fights tr.fight")).to_have_count(3)
+            page.locator("#drift-fights tr.fight").first.locator("button.resume-fixing").click()
+            page.click("#confirm-resume-fixing")
+            expect(page.locator(".messagelist")).to_contain_text("Resumed fixing of 1 drift record")
+        finally:
+            browser.close()
+    monkeypatch.delenv("DJANGO_ALLOW_ASYNC_UNSAFE")
+    fight.refresh_from_db()
+    assert fight.held_since is None and fight.resumed_by == "oncall"
