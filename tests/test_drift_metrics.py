@@ -127,3 +127,16 @@ def test_without_drift_the_series_are_there_at_zero(client):
     assert value(samples, "drift_fights_held") == 0
     assert value(samples, "drift_recurring_by_writer", writer="other") == 0
     assert value(samples, "drift_recurring_by_writer", writer="unknown") == 0
+
+
+def test_the_drift_metrics_pass_promtool_check_metrics(client):
+    from tests.test_alert_rules import run, tool
+
+    org = OrganizationFactory()
+    recurring(org, "partner-sync", 2)
+    recurring(org, "", 1, state=DriftState.FIGHTING, held_since=timezone.now())
+    exposition = client.get("/metrics").content.decode()
+    assert "profile_audit_drift_newest_fight_info{" in exposition
+    done = run(tool("promtool"), "check", "metrics", input=exposition)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip() == "" and done.stderr.strip() == "", done.stdout + done.stderr
