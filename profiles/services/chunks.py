@@ -6,6 +6,11 @@ holds every organization's lock, re-reads the chunk, applies what still holds wi
 per kind of change, writes its findings, and moves the shard's cursor past it (DESIGN rules 4
 and 8). A chunk whose fix fails is redone one organization per transaction, so one
 organization's failure stays its own (rule 6).
+
+In the same transaction the chunk's drift records are read and updated (one upsert,
+``profiles.services.drift``): a fixing chunk leaves alone, as ``held``, what fights another
+writer. What a fix sent to the sync job is returned (``ChunkOutcome.to_sync``) for the caller
+to dispatch once committed.
 """
 
 from __future__ import annotations
