@@ -298,8 +298,9 @@ class AuditFinding(models.Model):
         db_index=False,
         db_constraint=False,
     )
+    # A database default too: other programs (and the set-based bench floor) insert findings.
     recurring = models.BooleanField(
-        default=False, help_text="Found again after it was fixed or resolved."
+        default=False, db_default=False, help_text="Found again after it was fixed or resolved."
     )
     # Who changed the organization before it was found: [{"writer", "application_name", "at"}].
     writers = models.JSONField(null=True, blank=True)

@@ -282,3 +282,17 @@ def test_the_audit_never_fights_itself(audit, committed, state, runs):
         assert all(r.times_fixed <= 1 for r in records), [(r.key, r.times_fixed) for r in records]
         assert not records.filter(state__in=[DriftState.RECURRING, DriftState.FIGHTING]).exists()
         assert not AuditFinding.objects.filter(run__organization=org, recurring=True).exists()
+
+
+def test_the_command_lists_findings_as_new_or_recurring(audit, committed, capsys):
+    org, profile = deselected_profile()
+    committed(call_command, "profiles_audit_sync", "--org", str(org.id), "-v", "2")
+    first = [line for line in capsys.readouterr().out.splitlines() if str(profile.id) in line]
+    committed(audit.run_full_audit, org_id=org.id, fix=True)
+    revive(profile)
+
+    committed(call_command, "profiles_audit_sync", "--org", str(org.id), "-v", "2")
+
+    again = [line for line in capsys.readouterr().out.splitlines() if str(profile.id) in line]
+    assert " new " in first[0]
+    assert " recurring " in again[0]

@@ -236,7 +236,7 @@ def test_a_shard_delivered_twice_changes_nothing_twice(settings):
     late = ShardCursor(run_id=run.id, shard_id=shard.id, cursor=None)
     plans = plan_chunk([orphans[0].organization_id], types=frozenset(), guard=a_guard())
     with pytest.raises(ShardMoved):
-        fix_chunk(plans, position=late, types=frozenset(), guard=a_guard(), send_sync=None)
+        fix_chunk(plans, position=late, types=frozenset(), guard=a_guard())
     # The first delivery resumes, and a third delivery after the end finds nothing to do.
     audit_shard_task.delay(str(shard.id))
     audit_shard_task.delay(str(shard.id))

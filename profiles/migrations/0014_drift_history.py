@@ -17,7 +17,9 @@ class Migration(migrations.Migration):
             model_name="auditfinding",
             name="recurring",
             field=models.BooleanField(
-                default=False, help_text="Found again after it was fixed or resolved."
+                db_default=False,
+                default=False,
+                help_text="Found again after it was fixed or resolved.",
             ),
         ),
         migrations.AddField(

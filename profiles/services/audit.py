@@ -21,7 +21,7 @@ from uuid import UUID
 
 from celery import signature
 from django.conf import settings
-from django.db import DatabaseError
+from django.db import DatabaseError, transaction
 from django.db.models import Count, Sum
 from django.utils import timezone
 from structlog.stdlib import BoundLogger
@@ -52,7 +52,6 @@ from profiles.services.change_runs import beat, shard_lists, take_work_list
 from profiles.services.chunks import (
     ChunkOutcome,
     RunBudget,
-    SyncSender,
     collector_paused,
     fix_chunk,
     plan_chunk,
@@ -526,14 +525,20 @@ def work_shard(
                     end_shard(shard, ShardStatus.FAILED, f"stopped: {lost}", log=log)
                     return STOPPED
                 if run.fix:
-                    outcome = fix_chunk(
-                        plans,
-                        position=position,
-                        types=types,
-                        guard=guard,
-                        send_sync=_sender(run),
-                        budget=budget_of_run,
-                    )
+                    outcome = ChunkOutcome()
+                    try:
+                        fix_chunk(
+                            plans,
+                            position=position,
+                            types=types,
+                            guard=guard,
+                            budget=budget_of_run,
+                            into=outcome,
+                        )
+                    finally:
+                        # What committed is sent, even if the chunk stopped halfway.
+                        if outcome.to_sync:
+                            dispatch_sync(run, outcome.to_sync)
                 else:
                     outcome = record_dry_chunk(plans, position=position, now=run.started_at)
                 worked = True
@@ -634,33 +639,35 @@ def _log_organizations(log: BoundLogger, outcome: ChunkOutcome) -> None:
             )
 
 
-def _sender(run: AuditRun) -> SyncSender:
-    """Sends a chunk's missing profiles to the sync job once the chunk's fix has committed: one
-    message, sent once (no publish retries), so a broker that is down costs one refusal per
-    chunk. Their findings were recorded ``sent``; the job makes them ``fixed`` when it creates
-    the profiles. If it cannot be sent, they become failures, and the run goes on."""
+def dispatch_sync(run: AuditRun, rows: Sequence[FindingRow]) -> None:
+    """Send a chunk's committed missing profiles to the sync job (after the transaction around
+    the call, if any, commits): one message, sent once (no publish retries), so a broker that is
+    down costs one refusal per chunk. Their findings were recorded ``sent``; the job makes them
+    ``fixed`` when it creates the profiles. If it cannot be sent, they become failures, and the
+    run goes on."""
+    rows = list(rows)
+    transaction.on_commit(lambda: _send_sync(run, rows))
 
-    def send(rows: Sequence[FindingRow]) -> None:
-        keys = [[str(r.organization_id), r.platform, r.external_id] for r in rows]
-        try:
-            signature(
-                SYNC_TASK, args=(keys,), kwargs={"run_id": str(run.id)}, app=celery_app
-            ).apply_async(retry=False)
-        except Exception as exc:
-            error = f"{SYNC_NOT_SENT}: {type(exc).__name__}: {exc}"
-            audit_logger().error(
-                "profile_audit.sync_dispatch_failed",
-                run_id=str(run.id),
-                org_ids=sorted({k[0] for k in keys}),
-                profiles=len(keys),
-                error=error,
-            )
-            mark_findings_failed(run_id=run.id, finding_ids=[r.id for r in rows], error=error)
-            # A sent row is a missing profile's, recorded with its organization.
-            for org in {r.organization_id for r in rows if r.organization_id is not None}:
-                add_shard_failure(run_id=run.id, organization_id=org, error=error)
 
-    return send
+def _send_sync(run: AuditRun, rows: Sequence[FindingRow]) -> None:
+    keys = [[str(r.organization_id), r.platform, r.external_id] for r in rows]
+    try:
+        signature(
+            SYNC_TASK, args=(keys,), kwargs={"run_id": str(run.id)}, app=celery_app
+        ).apply_async(retry=False)
+    except Exception as exc:
+        error = f"{SYNC_NOT_SENT}: {type(exc).__name__}: {exc}"
+        audit_logger().error(
+            "profile_audit.sync_dispatch_failed",
+            run_id=str(run.id),
+            org_ids=sorted({k[0] for k in keys}),
+            profiles=len(keys),
+            error=error,
+        )
+        mark_findings_failed(run_id=run.id, finding_ids=[r.id for r in rows], error=error)
+        # A sent row is a missing profile's, recorded with its organization.
+        for org in {r.organization_id for r in rows if r.organization_id is not None}:
+            add_shard_failure(run_id=run.id, organization_id=org, error=error)
 
 
 def close_dead_runs() -> list[AuditRun]:

@@ -6,13 +6,18 @@ holds every organization's lock, re-reads the chunk, applies what still holds wi
 per kind of change, writes its findings, and moves the shard's cursor past it (DESIGN rules 4
 and 8). A chunk whose fix fails is redone one organization per transaction, so one
 organization's failure stays its own (rule 6).
+
+In the same transaction the chunk's drift records are read and updated (one upsert,
+``profiles.services.drift``): a fixing chunk leaves alone, as ``held``, what fights another
+writer. What a fix sent to the sync job is returned (``ChunkOutcome.to_sync``) for the caller
+to dispatch once committed.
 """
 
 from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -65,10 +70,6 @@ DRY_FIGHTING = "fighting: a fixing run holds it until it is resumed in the admin
 OVER_BUDGET = (
     "run budget: its deletions do not fit in what is left of PROFILE_AUDIT_RUN_MAX_DELETIONS"
 )
-
-SyncSender = Callable[[Sequence["FindingRow"]], None]
-"""Sends the profile sync job for a chunk's ``missing`` findings, recorded ``sent`` (one
-message); findings whose job cannot be sent are turned into failures."""
 
 
 # Not an organization's failure, so never recorded as one (rule 6 contains the rest): the
@@ -171,10 +172,17 @@ class OrgOutcome:
 @dataclass
 class ChunkOutcome:
     organizations: list[OrgOutcome] = field(default_factory=list)
+    to_sync: list[FindingRow] = field(default_factory=list)
+    """Missing profiles recorded ``sent`` by committed transactions: the caller dispatches
+    their sync job (one message per chunk)."""
 
     @property
     def deleted(self) -> int:
         return sum(o.deleted for o in self.organizations)
+
+    def add(self, part: ChunkOutcome) -> None:
+        self.organizations += part.organizations
+        self.to_sync += part.to_sync
 
 
 def plan_chunk(
@@ -325,23 +333,24 @@ def fix_chunk(
     position: ShardCursor,
     types: frozenset[FindingType],
     guard: Guard,
-    send_sync: SyncSender,
     budget: RunBudget | None = None,
+    into: ChunkOutcome | None = None,
 ) -> ChunkOutcome:
     """Apply the chunk's plans in one transaction; if that fails, one organization at a time,
     recording an organization that fails on its own as failed and going on (rule 6). With a
-    ``budget``, organizations whose deletions do not fit in it are guarded, not fixed."""
+    ``budget``, organizations whose deletions do not fit in it are guarded, not fixed.
+
+    ``into`` (returned) is filled as each transaction commits — so what is given back of the
+    budget, and what the caller must dispatch (``to_sync``), is right even if the shard is
+    interrupted halfway through the fall-back."""
     over, reserved = budget.reserve(plans) if budget else (set(), 0)
-    # Filled as each transaction commits, so what is given back of the budget is right even if
-    # the shard is interrupted halfway through the fall-back.
-    outcome = ChunkOutcome()
+    outcome = ChunkOutcome() if into is None else into
     try:
         _fix_chunk(
             plans,
             position=position,
             types=types,
             guard=guard,
-            send_sync=send_sync,
             over=over,
             into=outcome,
         )
@@ -359,27 +368,22 @@ def _fix_chunk(
     position: ShardCursor,
     types: frozenset[FindingType],
     guard: Guard,
-    send_sync: SyncSender,
     over: set[UUID],
     into: ChunkOutcome,
 ) -> None:
-    options: dict[str, Any] = dict(
-        position=position, types=types, guard=guard, send_sync=send_sync, over=over
-    )
+    options: dict[str, Any] = dict(position=position, types=types, guard=guard, over=over)
     try:
-        into.organizations += _fix_in_one_transaction(plans, **options).organizations
+        into.add(_fix_in_one_transaction(plans, **options))
         return
     except OrganizationsBusy as exc:
         # One bounded wait per chunk, not one per organization.
-        into.organizations += _record_busy(plans, position=position, error=str(exc)).organizations
+        into.add(_record_busy(plans, position=position, error=str(exc)))
         return
     except NOT_CONTAINED:
         raise
     except Exception as exc:
         if len(plans) == 1:
-            into.organizations += _record_failure(
-                plans[0], position=position, exc=exc
-            ).organizations
+            into.add(_record_failure(plans[0], position=position, exc=exc))
             return
     for plan in plans:
         try:
@@ -390,7 +394,7 @@ def _fix_chunk(
             raise
         except Exception as exc:
             part = _record_failure(plan, position=position, exc=exc)
-        into.organizations += part.organizations
+        into.add(part)
 
 
 def _fix_in_one_transaction(
@@ -399,7 +403,6 @@ def _fix_in_one_transaction(
     position: ShardCursor,
     types: frozenset[FindingType],
     guard: Guard,
-    send_sync: SyncSender,
     over: set[UUID],
 ) -> ChunkOutcome:
     started = time.monotonic()
@@ -503,9 +506,8 @@ def _fix_in_one_transaction(
         position.commit(
             last=org_ids[-1], organizations=len(plans), rows=rows, failed=failed, drift=drift
         )
-        missing = [r for r in rows if r.outcome == FindingOutcome.SENT]
-        if missing:
-            transaction.on_commit(lambda: send_sync(missing))
+    # Committed: their sync job is the caller's to send.
+    outcome.to_sync = [r for r in rows if r.outcome == FindingOutcome.SENT]
     position.cursor = org_ids[-1]
     _time_shares(outcome, since=started, organizations=len(plans))
     return outcome

@@ -350,6 +350,7 @@ class Command(AuditCommand):
                 "external_id",
                 "outcome",
                 "detail",
+                "recurring",
             )
         )
         for (
@@ -362,10 +363,12 @@ class Command(AuditCommand):
             external_id,
             outcome,
             detail,
+            recurring,
         ) in rows.iterator(chunk_size=2000):
             key = f"{platform}:{external_id}" if platform else ""
+            seen = "recurring" if recurring else "new"
             line = (
-                f"  {type_:<20} {action:<14} {outcome:<8} org={org_id} ({org_name}) "
+                f"  {type_:<20} {action:<14} {outcome:<8} {seen:<9} org={org_id} ({org_name}) "
                 f"obj={object_id or '-'} {key}"
             )
             self.stdout.write(line + (f"  ({detail})" if detail else ""))
