@@ -380,6 +380,18 @@ def build(orgs: int, profiles: int, rate: float) -> None:
     )
 
 
+def _without_drift_history() -> None:
+    """The audit as it was before drift history (bench/drift_cost.py): chunks read no drift
+    records and write none (in this process only: not in fanned-out workers)."""
+    from profiles.services import drift
+
+    def read(cls, organization_ids, *, now=None):
+        return cls(records={}, mark_writers={}, now=now, released=set())
+
+    drift.DriftBook.read = classmethod(read)
+    drift.DriftBook.record = lambda self, rows, **kwargs: None
+
+
 def measure(mode: str, *, workers: int, shard_size: int) -> None:
     """One measured run, in a process of its own: ``dry``/``fix`` in-process (workers 0) or
     fanned out over a worker with ``workers`` processes, or the set-based floor."""
@@ -396,6 +408,8 @@ def measure(mode: str, *, workers: int, shard_size: int) -> None:
     if mode.startswith("floor-"):
         _measure_floor(mode.removeprefix("floor-"))
         return
+    if os.environ.get("BENCH_DRIFT") == "off":
+        _without_drift_history()
     # The sync jobs for missing profiles are part of a fix's cost: in this process they run
     # inline as each chunk commits (eager); fanned out, the workers run them too.
     app.conf.task_always_eager = not workers

@@ -17,9 +17,10 @@ out of the count (``forget_fixes``): the audit never fights itself.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
@@ -105,7 +106,7 @@ def other_writer(
     return None
 
 
-def fight_detail(record: DriftRecord) -> str:
+def fight_detail(record: Drift) -> str:
     """Why a finding is held: 'fighting: fixed 3 times in 24 h; undone by partner-sync at ...'."""
     window = settings.PROFILE_AUDIT_FIGHT_WINDOW
     span = f"{window // 3600:g} h" if window % 3600 == 0 else f"{window // 60} min"
@@ -118,30 +119,62 @@ def fight_detail(record: DriftRecord) -> str:
     return f"fighting: fixed {fixes} times in {span}; {undone}"
 
 
+# Not frozen, slots: one per finding of a chunk, cheap to make (a model instance is not).
+@dataclass(slots=True)
+class Drift:
+    """A drift record as a chunk reads and writes it (the columns of ``DriftRecord``)."""
+
+    id: UUID
+    organization_id: UUID
+    type: str
+    model: str
+    key: str
+    object_id: UUID | None
+    platform: str
+    external_id: str
+    state: str
+    first_seen_at: datetime
+    last_seen_at: datetime
+    times_found: int = 0
+    times_fixed: int = 0
+    last_fixed_at: datetime | None = None
+    resolved_at: datetime | None = None
+    recent_fixes: list[dict[str, Any]] = field(default_factory=list)
+    held_since: datetime | None = None
+    last_writers: list[dict[str, Any]] = field(default_factory=list)
+    undone_by: str = ""
+    undone_at: datetime | None = None
+    resumed_by: str = ""
+
+
+COLUMNS = [f.name for f in fields(Drift)]
+JSON_COLUMNS = ("recent_fixes", "last_writers")
+
+
 @dataclass
 class DriftBook:
     """The drift records of a chunk's organizations, read once in the chunk's transaction, and
     the writers of their change marks as the chunk found them."""
 
-    records: dict[Fingerprint, DriftRecord]
+    records: dict[Fingerprint, Drift]
     mark_writers: dict[UUID, list[dict[str, Any]]]
     now: datetime
-    # Fingerprints a fixing run resumes by itself (resolved for one window) or starts holding.
+    # Fingerprints a fixing run resumes by itself (they stayed resolved for a window).
     released: set[Fingerprint]
 
     @classmethod
     def read(cls, organization_ids: Sequence[UUID], *, now: datetime | None = None) -> DriftBook:
-        records = DriftRecord.objects.filter(organization_id__in=list(organization_ids)).order_by(
-            "id"
-        )
+        ids = list(organization_ids)
+        records = DriftRecord.objects.filter(organization_id__in=ids).order_by("id")
         if connection.vendor == "postgresql" and connection.in_atomic_block:
             # Two runs recording the same organization (a dry run beside a fix) take turns.
             records = records.select_for_update()
-        marks = ChangeMark.objects.filter(organization_id__in=list(organization_ids)).values_list(
+        read = [Drift(*row) for row in records.values_list(*COLUMNS)]
+        marks = ChangeMark.objects.filter(organization_id__in=ids).values_list(
             "organization_id", "writers"
         )
         return cls(
-            records={(r.organization_id, r.type, r.key): r for r in records},
+            records={(r.organization_id, r.type, r.key): r for r in read},
             mark_writers={org: list(writers or []) for org, writers in marks},
             now=now or timezone.now(),
             released=set(),
@@ -150,23 +183,19 @@ class DriftBook:
     def _window_start(self) -> datetime:
         return self.now - timedelta(seconds=settings.PROFILE_AUDIT_FIGHT_WINDOW)
 
+    @staticmethod
     def _fingerprint(
-        self,
-        organization_id: UUID,
-        type: str,
-        object_id: UUID | None,
-        platform: str,
-        external_id: str,
+        organization_id: UUID, type: str, object_id: UUID | None, platform: str, external_id: str
     ) -> Fingerprint:
         return (
             organization_id,
             str(type),
-            fingerprint_key(object_id=object_id, platform=platform, external_id=external_id),
+            str(object_id) if object_id is not None else f"{platform}:{external_id}",
         )
 
     def fighting(self, row: FindingRow) -> bool:
         """Whether a fixing run would hold this finding's fingerprint (it is fighting)."""
-        if row.organization_id is None:
+        if row.organization_id is None or not self.records:
             return False
         record = self.records.get(
             self._fingerprint(
@@ -184,6 +213,8 @@ class DriftBook:
         key: tuple[str, str] | None,
     ) -> str | None:
         """For a fixing run: why this finding must be left alone (it is fighting), or None."""
+        if not self.records:
+            return None
         platform, external_id = key or ("", "")
         fp = self._fingerprint(organization_id, type, object_id, platform, external_id)
         record = self.records.get(fp)
@@ -220,20 +251,21 @@ class DriftBook:
         now = self.now
         fix_needed = settings.PROFILE_AUDIT_FIGHT_FIXES
         since = self._window_start()
-        seen: set[Fingerprint] = set()
-        changed: dict[Fingerprint, DriftRecord] = {}
+        changed: dict[Fingerprint, Drift] = {}
+        # The writers of a new record are its organization's marks' writers: shared.
+        org_writers: dict[UUID, list[dict[str, Any]]] = {}
+        fix_entry = {"at": now.isoformat(), "run": str(run_id)}
         for row in rows:
-            if row.organization_id is None:
+            org = row.organization_id
+            if org is None:
                 continue
-            fp = self._fingerprint(
-                row.organization_id, row.type, row.object_id, row.platform, row.external_id
-            )
+            fp = self._fingerprint(org, row.type, row.object_id, row.platform, row.external_id)
             record = self.records.get(fp)
             if record is None:
-                record = self.records[fp] = DriftRecord(
+                record = self.records[fp] = Drift(
                     id=uuid.uuid4(),
-                    organization_id=row.organization_id,
-                    type=row.type,
+                    organization_id=org,
+                    type=str(row.type),
                     model=row.model,
                     key=fp[2],
                     object_id=row.object_id,
@@ -242,19 +274,16 @@ class DriftBook:
                     state=DriftState.OPEN,
                     first_seen_at=now,
                     last_seen_at=now,
-                    times_found=0,
-                    times_fixed=0,
-                    recent_fixes=[],
-                    last_writers=[],
                 )
                 recurring = False
             else:
                 recurring = record.state != DriftState.OPEN or record.last_fixed_at is not None
-            seen.add(fp)
-            writers = merge_writers(
-                record.last_writers if record.state != DriftState.RESOLVED else (),
-                self.mark_writers.get(row.organization_id, ()),
-            )
+            if record.last_writers and record.state != DriftState.RESOLVED:
+                writers = merge_writers(record.last_writers, self.mark_writers.get(org, ()))
+            elif org in org_writers:
+                writers = org_writers[org]
+            else:
+                writers = org_writers[org] = merge_writers(self.mark_writers.get(org, ()))
             if recurring and (other := other_writer(writers, after=record.last_fixed_at)):
                 record.undone_by = writer_name(other)[:255]
                 record.undone_at = _at(other)
@@ -270,9 +299,7 @@ class DriftBook:
                 record.times_fixed += 1
                 record.last_fixed_at = now
                 recent = [f for f in record.recent_fixes if (_at(f) or since) > since]
-                record.recent_fixes = [*recent, {"at": now.isoformat(), "run": str(run_id)}][
-                    -fix_needed:
-                ]
+                record.recent_fixes = [*recent, fix_entry][-fix_needed:]
             if record.held_since is not None:
                 record.state = DriftState.FIGHTING
             elif recurring or record.state == DriftState.RECURRING:
@@ -287,7 +314,7 @@ class DriftBook:
         audited_orgs, audited_types = set(audited), {str(t) for t in types}
         for fp, record in self.records.items():
             if (
-                fp not in seen
+                fp not in changed
                 and record.state != DriftState.RESOLVED
                 and record.organization_id in audited_orgs
                 and record.type in audited_types
@@ -296,12 +323,82 @@ class DriftBook:
                 record.resolved_at = now
                 changed[fp] = record
         if changed:
-            DriftRecord.objects.bulk_create(
-                list(changed.values()),
-                update_conflicts=True,
-                unique_fields=["organization", "type", "key"],
-                update_fields=UPDATED_FIELDS,
-            )
+            upsert(list(changed.values()))
+
+
+UPSERT_SQL = """
+INSERT INTO {table} ({columns})
+SELECT {values} FROM jsonb_array_elements(%s::jsonb) AS r
+ON CONFLICT (organization_id, type, key) DO UPDATE SET {updates}
+"""
+
+
+def upsert(records: Sequence[Drift]) -> None:
+    """Write the records, new or changed, in one statement (PostgreSQL: one INSERT from one
+    JSON parameter, ON CONFLICT on the fingerprint; SQLite: Django's bulk upsert, batched by its
+    parameter limit)."""
+    if connection.vendor != "postgresql":
+        DriftRecord.objects.bulk_create(
+            [DriftRecord(**{c: getattr(r, c) for c in COLUMNS}) for r in records],
+            update_conflicts=True,
+            unique_fields=["organization", "type", "key"],
+            update_fields=UPDATED_FIELDS,
+        )
+        return
+    texts: dict[object, str] = {}  # the chunk's few organizations and times, each made once
+
+    def text(value: UUID | datetime | None) -> str | None:
+        if value is None:
+            return None
+        if (made := texts.get(value)) is None:
+            made = texts[value] = value.isoformat() if isinstance(value, datetime) else str(value)
+        return made
+
+    rows = [
+        [
+            str(r.id),
+            text(r.organization_id),
+            r.type,
+            r.model,
+            r.key,
+            None if r.object_id is None else r.key,  # an object's key is its id
+            r.platform,
+            r.external_id,
+            r.state,
+            text(r.first_seen_at),
+            text(r.last_seen_at),
+            r.times_found,
+            r.times_fixed,
+            text(r.last_fixed_at),
+            text(r.resolved_at),
+            r.recent_fixes,
+            text(r.held_since),
+            r.last_writers,
+            r.undone_by,
+            text(r.undone_at),
+            r.resumed_by,
+        ]
+        for r in records
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(_upsert_sql(), [json.dumps(rows)])
+
+
+def _upsert_sql() -> str:
+    fields_by_name = {f.attname: f for f in DriftRecord._meta.concrete_fields}
+    values = []
+    for i, name in enumerate(COLUMNS):
+        field = fields_by_name[name]
+        # Each record is a JSON array in COLUMNS' order: JSON columns as they are, the rest as
+        # text cast to the column's type (JSON null is SQL NULL either way).
+        value = f"r->{i}" if name in JSON_COLUMNS else f"(r->>{i})::{field.db_type(connection)}"
+        values.append(value)
+    return UPSERT_SQL.format(
+        table=DriftRecord._meta.db_table,
+        columns=", ".join(str(fields_by_name[c].column) for c in COLUMNS),
+        values=", ".join(values),
+        updates=", ".join(f"{c} = EXCLUDED.{c}" for c in UPDATED_FIELDS),
+    )
 
 
 def forget_fixes(*, run_id: UUID, drift_ids: Iterable[UUID | None]) -> int:

@@ -5,6 +5,7 @@ a run is closed by recounting its findings — also a run whose process died (``
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -119,6 +120,17 @@ def _insert(run_id: UUID, rows: Sequence[FindingRow], *, first_seq: int) -> None
         from psycopg.types.json import Jsonb
 
         table = AuditFinding._meta.db_table
+        # An organization's findings share one list of writers: dumped once (as JSON text,
+        # which COPY hands to the jsonb column as it is).
+        writers: dict[int, str] = {}
+
+        def writers_text(value: list[dict[str, Any]] | None) -> str | None:
+            if value is None:
+                return None
+            if (text := writers.get(id(value))) is None:
+                text = writers[id(value)] = json.dumps(value)
+            return text
+
         with (
             connection.cursor() as cursor,
             cursor.cursor.copy(f"COPY {table} ({', '.join(FINDING_COLUMNS)}) FROM STDIN") as copy,
@@ -142,7 +154,7 @@ def _insert(run_id: UUID, rows: Sequence[FindingRow], *, first_seq: int) -> None
                         r.detail,
                         r.drift_id,
                         r.recurring,
-                        None if r.writers is None else Jsonb(r.writers),
+                        writers_text(r.writers),
                     )
                 )
         return

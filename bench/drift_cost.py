@@ -1,0 +1,95 @@
+#!/usr/bin/env python
+"""What drift history costs (issue 16's budget: within 10 % of the run without it).
+
+Builds audit_bench.py's data set once, then measures a dry run and a fix in this process, each
+with drift bookkeeping and without it (``BENCH_DRIFT=off``: chunks read and write no drift
+records), alternating the two in every round so that a noisy machine slows both alike. Every
+measured run is its own process on a fresh copy of the data set (drift records start empty, so
+every finding creates its record: the bookkeeping's dearest case); a fix's sync jobs run inline.
+
+    DATABASE_URL=postgres://postgres@127.0.0.1:5432/psa python bench/drift_cost.py \\
+        --orgs 5000 --profiles 20 --repeat 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from audit_bench import Databases, _child
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--orgs", type=int, default=5000)
+    parser.add_argument("--profiles", type=int, default=20)
+    parser.add_argument("--rate", type=float, default=0.05)
+    parser.add_argument("--repeat", type=int, default=5, help="rounds (median shown)")
+    parser.add_argument("--keep", action="store_true")
+    args = parser.parse_args()
+    args.workers = "0"
+    dbs = Databases(os.environ.get("DATABASE_URL"))
+    print(
+        f"drift history cost: {args.orgs} organizations x {args.profiles} profiles, rate "
+        f"{args.rate:g}, {'PostgreSQL' if dbs.url else 'SQLite'}, in-process, {args.repeat} rounds"
+    )
+    dbs.fresh_template()
+    _child(dbs.env(template=True), "_build", args)
+    walls: dict[tuple[str, str], list[float]] = {}
+    cpus: dict[tuple[str, str], list[float]] = {}
+    found: dict[str, int] = {}
+    try:
+        for round_ in range(args.repeat):
+            for mode in ("dry", "fix"):
+                variants = ("with", "without") if round_ % 2 == 0 else ("without", "with")
+                for variant in variants:
+                    dbs.copy_for_run()
+                    env = dbs.env(template=False)
+                    if variant == "without":
+                        env["BENCH_DRIFT"] = "off"
+                    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+                    result = _child(env, "_measure", args, mode=mode, extra=["--workers", "0"])
+                    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                    walls.setdefault((mode, variant), []).append(result["wall_seconds"])
+                    # The measured process's CPU (its Django start-up included): less
+                    # sensitive than wall time to what else the machine runs.
+                    cpus.setdefault((mode, variant), []).append(
+                        after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+                    )
+                    found[mode] = result["found"]
+    finally:
+        if not args.keep:
+            dbs.drop()
+    print(
+        f"\n{'phase':<6}{'drift history':<15}{'wall s':>9}{'min':>7}{'max':>7}"
+        f"{'CPU s':>8}{'found':>8}"
+    )
+    for mode in ("dry", "fix"):
+        for variant in ("without", "with"):
+            w = walls[(mode, variant)]
+            print(
+                f"{mode:<6}{variant:<15}{statistics.median(w):>9.2f}{min(w):>7.2f}{max(w):>7.2f}"
+                f"{statistics.median(cpus[(mode, variant)]):>8.2f}{found[mode]:>8}"
+            )
+        ratio = statistics.median(walls[(mode, "with")]) / statistics.median(
+            walls[(mode, "without")]
+        )
+        pairs = [
+            a / b for a, b in zip(walls[(mode, "with")], walls[(mode, "without")], strict=True)
+        ]
+        cpu = statistics.median(cpus[(mode, "with")]) - statistics.median(cpus[(mode, "without")])
+        print(
+            f"  {mode}: wall with / without = {ratio:.3f} (medians; per round "
+            + ", ".join(f"{p:.2f}" for p in pairs)
+            + f"); CPU with - without = {cpu:+.2f} s"
+        )
+
+
+if __name__ == "__main__":
+    main()
