@@ -519,6 +519,10 @@ class DriftRecord(models.Model):
         indexes = [
             # The admin by state, /metrics' counts, the prune of long-quiet records.
             models.Index(fields=["state", "last_seen_at"], name="drift_state_seen_idx"),
+            # The fights (held): counted by the dashboard, /metrics and the admin.
+            models.Index(
+                fields=["held_since"], condition=Q(held_since__isnull=False), name="drift_held_idx"
+            ),
         ]
         permissions = [("resume_fixing_driftrecord", "Can resume fixing a fighting drift record")]
 

@@ -154,6 +154,14 @@ class Migration(migrations.Migration):
             model_name="driftrecord",
             index=models.Index(fields=["state", "last_seen_at"], name="drift_state_seen_idx"),
         ),
+        migrations.AddIndex(
+            model_name="driftrecord",
+            index=models.Index(
+                condition=models.Q(("held_since__isnull", False)),
+                fields=["held_since"],
+                name="drift_held_idx",
+            ),
+        ),
         migrations.AddConstraint(
             model_name="driftrecord",
             constraint=models.UniqueConstraint(

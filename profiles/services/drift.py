@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 from uuid import UUID
 
 from django.conf import settings
@@ -106,7 +106,16 @@ def other_writer(
     return None
 
 
-def fight_detail(record: Drift) -> str:
+class FightFacts(Protocol):
+    """What a fight's detail is made of: a ``Drift`` (a chunk's) or a ``DriftRecord`` (the
+    admin's)."""
+
+    recent_fixes: list[dict[str, Any]]
+    undone_by: str
+    undone_at: datetime | None
+
+
+def fight_detail(record: FightFacts) -> str:
     """Why a finding is held: 'fighting: fixed 3 times in 24 h; undone by partner-sync at ...'."""
     window = settings.PROFILE_AUDIT_FIGHT_WINDOW
     span = f"{window // 3600:g} h" if window % 3600 == 0 else f"{window // 60} min"
