@@ -517,8 +517,9 @@ class DriftRecord(models.Model):
             )
         ]
         indexes = [
-            # The admin by state, /metrics' counts, the prune of long-quiet records.
-            models.Index(fields=["state", "last_seen_at"], name="drift_state_seen_idx"),
+            # No index on state or last_seen_at: every run rewrites both in the records it sees,
+            # and such an index made those writes a third dearer and never HOT (the admin's,
+            # /metrics' and the prune's scans of this small table are cheaper than that).
             # The fights (held): counted by the dashboard, /metrics and the admin.
             models.Index(
                 fields=["held_since"], condition=Q(held_since__isnull=False), name="drift_held_idx"
