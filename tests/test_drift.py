@@ -2,6 +2,7 @@
 on (PostgreSQL, and the same on SQLite): fingerprints and their states, fights held and resumed,
 the writers a finding names, and the audit never fighting itself."""
 
+import uuid
 from contextlib import contextmanager
 from datetime import timedelta
 
@@ -23,9 +24,12 @@ from profiles.models import (
     FindingOutcome,
     SocialProfile,
 )
+from profiles.plan import ALL_TYPES, Guard
 from profiles.services import retention
 from profiles.services.audit import ProfileConnectionAuditService
-from profiles.services.drift import prune_quiet_records, resume_fixing
+from profiles.services.chunks import plan_chunk
+from profiles.services.drift import DriftBook, prune_quiet_records, resume_fixing
+from profiles.services.recording import FindingRow
 from profiles.services.revert import revert_run
 from tests.factories import AssetFactory, ConnectionFactory, OrganizationFactory
 from tests.strategies import build_org, org_states
@@ -296,3 +300,37 @@ def test_the_command_lists_findings_as_new_or_recurring(audit, committed, capsys
     again = [line for line in capsys.readouterr().out.splitlines() if str(profile.id) in line]
     assert " new " in first[0]
     assert " recurring " in again[0]
+
+
+def test_a_dry_run_beside_a_fix_never_undoes_its_hold(audit, committed):
+    """Records are read without row locks: a dry run that read a record before a fixing run
+    held it writes only what it observed, and the hold stays."""
+    org, profile = deselected_profile()
+    fight(audit, committed, org, profile)
+    dry_plans = plan_chunk([org.id], types=ALL_TYPES, guard=Guard(minimum=5, ratio=0.5))
+    dry_book = DriftBook.read([org.id])  # read before the hold
+
+    committed(audit.run_full_audit, org_id=org.id, fix=True)  # holds it
+    held_since = record_of(profile).held_since
+    assert held_since is not None
+    rows = [
+        FindingRow(
+            organization_id=org.id,
+            type=f.type,
+            action=f.action,
+            model=f.model,
+            object_id=f.object_id,
+            platform=f.key[0] if f.key else "",
+            external_id=f.key[1] if f.key else "",
+            before=None,
+            after=None,
+            outcome=FindingOutcome.PLANNED,
+        )
+        for p in dry_plans
+        for f in p.findings
+    ]
+    dry_book.record(rows, audited=[org.id], types=ALL_TYPES, run_id=uuid.uuid4(), fix=False)
+
+    record = record_of(profile)
+    assert record.held_since == held_since
+    assert record.state == DriftState.FIGHTING

@@ -42,19 +42,22 @@ KEPT_WRITERS = 5
 # A finding whose fix counts towards a fight: its change was made (or its sync job sent).
 FIXING_OUTCOMES = frozenset({FindingOutcome.FIXED, FindingOutcome.SENT})
 
-UPDATED_FIELDS = [
+# What any run writes of a record it saw (or resolved) ...
+OBSERVED_FIELDS = [
     "state",
     "last_seen_at",
     "times_found",
-    "times_fixed",
-    "last_fixed_at",
     "resolved_at",
-    "recent_fixes",
-    "held_since",
     "last_writers",
     "undone_by",
     "undone_at",
 ]
+# ... and what only a fixing run does: its fixes and holds. Fixing runs of an organization take
+# turns on its lock, and a dry run never writes these, so no run overwrites another's fixes or
+# holds, and the records are read without row locks. A dry run racing a hold leaves the record
+# fighting (the state is judged on held_since in the statement itself).
+FIXING_FIELDS = ["times_fixed", "last_fixed_at", "recent_fixes", "held_since"]
+UPDATED_FIELDS = OBSERVED_FIELDS + FIXING_FIELDS
 
 Fingerprint = tuple[UUID, str, str]
 
@@ -180,10 +183,7 @@ class DriftBook:
     @classmethod
     def read(cls, organization_ids: Sequence[UUID], *, now: datetime | None = None) -> DriftBook:
         ids = list(organization_ids)
-        records = DriftRecord.objects.filter(organization_id__in=ids).order_by("id")
-        if connection.vendor == "postgresql" and connection.in_atomic_block:
-            # Two runs recording the same organization (a dry run beside a fix) take turns.
-            records = records.select_for_update()
+        records = DriftRecord.objects.filter(organization_id__in=ids)
         read = [Drift(*row) for row in records.values_list(*COLUMNS)]
         marks = ChangeMark.objects.filter(organization_id__in=ids).values_list(
             "organization_id", "writers"
@@ -267,6 +267,7 @@ class DriftBook:
         fix_needed = settings.PROFILE_AUDIT_FIGHT_FIXES
         since = self._window_start()
         changed: dict[Fingerprint, Drift] = {}
+        created: set[Fingerprint] = set()
         # The writers of a new record are its organization's marks' writers: shared.
         org_writers: dict[UUID, list[dict[str, Any]]] = {}
         fix_entry = {"at": now.isoformat(), "run": str(run_id)}
@@ -277,6 +278,7 @@ class DriftBook:
             fp = self._fingerprint(org, row.type, row.object_id, row.platform, row.external_id)
             record = self.records.get(fp)
             if record is None:
+                created.add(fp)
                 record = self.records[fp] = Drift(
                     id=uuid.uuid4(),
                     organization_id=org,
@@ -338,7 +340,11 @@ class DriftBook:
                 record.resolved_at = now
                 changed[fp] = record
         if changed:
-            upsert(list(changed.values()))
+            upsert(
+                list(changed.values()),
+                fix=fix,
+                existing=[r.id for fp, r in changed.items() if fp not in created],
+            )
 
 
 UPSERT_SQL = """
@@ -348,17 +354,21 @@ ON CONFLICT (organization_id, type, key) DO UPDATE SET {updates}
 """
 
 
-def upsert(records: Sequence[Drift]) -> None:
+def upsert(records: Sequence[Drift], *, fix: bool, existing: Sequence[UUID] = ()) -> None:
     """Write the records, new or changed, in one statement (PostgreSQL: one INSERT from one
     JSON parameter, ON CONFLICT on the fingerprint; SQLite: Django's bulk upsert, batched by its
-    parameter limit)."""
+    parameter limit). A dry run's writes leave the fixing runs' columns as they are."""
     if connection.vendor != "postgresql":
         DriftRecord.objects.bulk_create(
             [DriftRecord(**{c: getattr(r, c) for c in COLUMNS}) for r in records],
             update_conflicts=True,
             unique_fields=["organization", "type", "key"],
-            update_fields=UPDATED_FIELDS,
+            update_fields=UPDATED_FIELDS if fix else OBSERVED_FIELDS,
         )
+        if not fix and existing:  # as _dry_state does on PostgreSQL (a new one is not held)
+            DriftRecord.objects.filter(id__in=existing, held_since__isnull=False).exclude(
+                state__in=[DriftState.RESOLVED, DriftState.FIGHTING]
+            ).update(state=DriftState.FIGHTING)
         return
     texts: dict[object, str] = {}  # the chunk's few organizations and times, each made once
 
@@ -396,10 +406,10 @@ def upsert(records: Sequence[Drift]) -> None:
         for r in records
     ]
     with connection.cursor() as cursor:
-        cursor.execute(_upsert_sql(), [json.dumps(rows)])
+        cursor.execute(_upsert_sql(fix=fix), [json.dumps(rows)])
 
 
-def _upsert_sql() -> str:
+def _upsert_sql(*, fix: bool) -> str:
     fields_by_name = {f.attname: f for f in DriftRecord._meta.concrete_fields}
     values = []
     for i, name in enumerate(COLUMNS):
@@ -412,7 +422,19 @@ def _upsert_sql() -> str:
         table=DriftRecord._meta.db_table,
         columns=", ".join(str(fields_by_name[c].column) for c in COLUMNS),
         values=", ".join(values),
-        updates=", ".join(f"{c} = EXCLUDED.{c}" for c in UPDATED_FIELDS),
+        updates=", ".join(
+            f"{c} = EXCLUDED.{c}" if fix or c != "state" else _dry_state(DriftRecord._meta.db_table)
+            for c in (UPDATED_FIELDS if fix else OBSERVED_FIELDS)
+        ),
+    )
+
+
+def _dry_state(table: str) -> str:
+    """A dry run's state: held meanwhile by a fixing run (the dry run read the record before),
+    it stays fighting unless the dry run found it resolved."""
+    return (
+        f"state = CASE WHEN {table}.held_since IS NOT NULL AND EXCLUDED.state <> "
+        f"'{DriftState.RESOLVED}' THEN '{DriftState.FIGHTING}' ELSE EXCLUDED.state END"
     )
 
 
