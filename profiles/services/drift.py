@@ -27,7 +27,8 @@ from uuid import UUID
 
 from django.conf import settings
 from django.db import connection
-from django.db.models import QuerySet
+from django.db.models import QuerySet, TextField
+from django.db.models.functions import Cast
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
@@ -184,7 +185,25 @@ class DriftBook:
     def read(cls, organization_ids: Sequence[UUID], *, now: datetime | None = None) -> DriftBook:
         ids = list(organization_ids)
         records = DriftRecord.objects.filter(organization_id__in=ids)
-        read = [Drift(*row) for row in records.values_list(*COLUMNS)]
+        # JSON read as text and decoded once per distinct value: an organization's records
+        # mostly share their writers (and have no recent fixes), so most rows cost no decoding.
+        decoded: dict[str, Any] = {}
+
+        def decode(text: str | None) -> Any:
+            if text is None:
+                return []
+            if (value := decoded.get(text)) is None:
+                value = decoded[text] = json.loads(text)
+            return value
+
+        columns = [Cast(c, output_field=TextField()) if c in JSON_COLUMNS else c for c in COLUMNS]
+        json_at = [COLUMNS.index(c) for c in JSON_COLUMNS]
+        read = []
+        for row in records.values_list(*columns):
+            values = list(row)
+            for i in json_at:
+                values[i] = decode(values[i])
+            read.append(Drift(*values))
         marks = ChangeMark.objects.filter(organization_id__in=ids).values_list(
             "organization_id", "writers"
         )
@@ -270,6 +289,7 @@ class DriftBook:
         created: set[Fingerprint] = set()
         # The writers of a new record are its organization's marks' writers: shared.
         org_writers: dict[UUID, list[dict[str, Any]]] = {}
+        merged: dict[tuple[UUID, int], list[dict[str, Any]]] = {}
         fix_entry = {"at": now.isoformat(), "run": str(run_id)}
         for row in rows:
             org = row.organization_id
@@ -296,7 +316,12 @@ class DriftBook:
             else:
                 recurring = record.state != DriftState.OPEN or record.last_fixed_at is not None
             if record.last_writers and record.state != DriftState.RESOLVED:
-                writers = merge_writers(record.last_writers, self.mark_writers.get(org, ()))
+                # Shared lists (decoded once), so merged once per organization and list.
+                pair = (org, id(record.last_writers))
+                if (writers := merged.get(pair)) is None:
+                    writers = merged[pair] = merge_writers(
+                        record.last_writers, self.mark_writers.get(org, ())
+                    )
             elif org in org_writers:
                 writers = org_writers[org]
             else:
