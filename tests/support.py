@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -46,6 +47,14 @@ def wait_for(condition: Callable[[], T], *, timeout: float = 30.0, what: str = "
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         pause.wait(0.05)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now, for a server a test starts: never a fixed one,
+    since another suite (.ci/run runs several at once) may be running the same test."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def redis_client() -> redis.Redis:

@@ -20,13 +20,9 @@ from django.conf import settings
 from profiles.models import AuditRun, AuditStatus, AuditTrigger
 from profiles.tasks import audit_sync_task
 from tests.factories import OrganizationFactory, ProfileFactory
-from tests.support import wait_for
+from tests.support import free_port, wait_for
 
 DEPLOY = settings.BASE_DIR / "deploy"
-# This project's ports for monitoring tools.
-PROMETHEUS_PORT = 9090
-ALERTMANAGER_PORT = 9093
-WEBHOOK_PORT = 9095
 
 
 class Receiver(BaseHTTPRequestHandler):
@@ -44,11 +40,12 @@ class Receiver(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def webhook():
+    """The receiver, on a port the system picks (another suite may run this test at once)."""
     Receiver.notifications = []
-    server = ThreadingHTTPServer(("127.0.0.1", WEBHOOK_PORT), Receiver)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield Receiver.notifications
+    yield server.server_address[1], Receiver.notifications
     server.shutdown()
     server.server_close()
 
@@ -75,18 +72,21 @@ def answers(url: str) -> bool:
 @pytest.fixture
 def monitoring(tmp_path, live_server, webhook):
     """Prometheus scraping the live server every second, and Alertmanager with the shipped
-    routing (only its waits shortened, and its receivers pointed at the test's webhook)."""
+    routing (only its waits shortened, and its receivers pointed at the test's webhook), each
+    on a free port."""
+    webhook_port, notifications = webhook
+    prometheus_port, alertmanager_port = free_port(), free_port()
     routing = yaml.safe_load((DEPLOY / "alertmanager" / "alertmanager.yml").read_text())
     routing["route"].update(group_wait="1s", group_interval="2s")
     for receiver in routing["receivers"]:
         for hook in receiver["webhook_configs"]:
-            hook["url"] = f"http://127.0.0.1:{WEBHOOK_PORT}/{receiver['name']}"
+            hook["url"] = f"http://127.0.0.1:{webhook_port}/{receiver['name']}"
     (tmp_path / "alertmanager.yml").write_text(yaml.safe_dump(routing))
     scrape = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     scrape["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
     scrape["rule_files"] = [str(DEPLOY / "prometheus" / "alerts.yml")]
     scrape["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] = [
-        f"127.0.0.1:{ALERTMANAGER_PORT}"
+        f"127.0.0.1:{alertmanager_port}"
     ]
     scrape["scrape_configs"][0]["static_configs"][0]["targets"] = [
         live_server.url.removeprefix("http://")
@@ -99,7 +99,7 @@ def monitoring(tmp_path, live_server, webhook):
             tool("prometheus-alertmanager"),
             f"--config.file={tmp_path / 'alertmanager.yml'}",
             f"--storage.path={tmp_path / 'am'}",
-            f"--web.listen-address=127.0.0.1:{ALERTMANAGER_PORT}",
+            f"--web.listen-address=127.0.0.1:{alertmanager_port}",
             "--cluster.listen-address=",  # one instance: no gossip port
         ],
         stdout=logs,
@@ -110,23 +110,23 @@ def monitoring(tmp_path, live_server, webhook):
             tool("prometheus"),
             f"--config.file={tmp_path / 'prometheus.yml'}",
             f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{PROMETHEUS_PORT}",
+            f"--web.listen-address=127.0.0.1:{prometheus_port}",
         ],
         stdout=logs,
         stderr=subprocess.STDOUT,
     )
     try:
         wait_for(
-            lambda: answers(f"http://127.0.0.1:{ALERTMANAGER_PORT}/-/ready"),
+            lambda: answers(f"http://127.0.0.1:{alertmanager_port}/-/ready"),
             timeout=60,
             what="Alertmanager to be ready",
         )
         wait_for(
-            lambda: answers(f"http://127.0.0.1:{PROMETHEUS_PORT}/-/ready"),
+            lambda: answers(f"http://127.0.0.1:{prometheus_port}/-/ready"),
             timeout=60,
             what="Prometheus to be ready",
         )
-        yield webhook
+        yield f"http://127.0.0.1:{alertmanager_port}", notifications
     finally:
         for proc in (prometheus, alertmanager):
             proc.terminate()
@@ -134,13 +134,14 @@ def monitoring(tmp_path, live_server, webhook):
             proc.wait(timeout=30)
 
 
-def firing_alerts() -> dict[str, dict]:
-    alerts = get_json(f"http://127.0.0.1:{ALERTMANAGER_PORT}/api/v2/alerts")
+def firing_alerts(alertmanager: str) -> dict[str, dict]:
+    alerts = get_json(f"{alertmanager}/api/v2/alerts")
     return {alert["labels"]["alertname"]: alert for alert in alerts}
 
 
 @pytest.mark.django_db(transaction=True)
 def test_a_partial_run_makes_one_ticket_naming_the_run(monitoring, settings):
+    alertmanager, received = monitoring
     settings.PROFILE_AUDIT_ADMIN_BASE_URL = "https://audit.example.com"
     ProfileFactory()  # an orphaned profile, fixed
     guarded = OrganizationFactory(name="Expired Token Ltd")
@@ -152,7 +153,7 @@ def test_a_partial_run_makes_one_ticket_naming_the_run(monitoring, settings):
 
     # Both alerts about the run reach Alertmanager; the detail is held back by the summary.
     def both_there():
-        alerts = firing_alerts()
+        alerts = firing_alerts(alertmanager)
         wanted = {"ProfileAuditScheduledRunPartial", "ProfileAuditGuardTripped"}
         return alerts if wanted <= set(alerts) else None
 
@@ -160,7 +161,7 @@ def test_a_partial_run_makes_one_ticket_naming_the_run(monitoring, settings):
     assert alerts["ProfileAuditGuardTripped"]["status"]["inhibitedBy"]
     assert not alerts["ProfileAuditScheduledRunPartial"]["status"]["inhibitedBy"]
     notifications = wait_for(
-        lambda: list(monitoring), timeout=30, what="the webhook to receive a notification"
+        lambda: list(received), timeout=30, what="the webhook to receive a notification"
     )
     # Alertmanager has had both alerts for longer than the group's wait: what it sent is final
     # for this group until group_interval, and every alert of the run is in that one group.

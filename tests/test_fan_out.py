@@ -200,15 +200,16 @@ def test_the_waiting_command_rides_out_a_database_that_stops_answering(tmp_path)
 
 
 def _end_connections_of(application_name: str, *, seconds: float) -> int:
-    """Terminate every backend of that application for ``seconds``: a database that does not
-    answer it (the worker's connections are left alone)."""
+    """Terminate every backend of that application on the test database for ``seconds``: a
+    database that does not answer it (the worker's connections are left alone, and so are
+    another suite's, which may run this test at the same time on a database of its own)."""
     ended = 0
     deadline = time.monotonic() + seconds
     with psycopg.connect(database_env()["DATABASE_URL"], autocommit=True) as conn:
         while time.monotonic() < deadline:
             row = conn.execute(
                 "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE application_name = %s",
+                "WHERE application_name = %s AND datname = current_database()",
                 [application_name],
             ).fetchone()
             ended += row[0]

@@ -185,8 +185,13 @@ def test_a_run_stopped_inside_a_chunk_past_its_expiry_commits_nothing_and_its_su
 
 
 def _waits_for_an_advisory_lock() -> bool:
+    """A session of the test database waits for an advisory lock (pg_locks spans the cluster:
+    another suite's database, which may be running this test too, does not count)."""
     with connection.cursor() as cursor:
-        cursor.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+        cursor.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        )
         return cursor.fetchone()[0] > 0
 
 

@@ -10,13 +10,11 @@ import urllib.request
 
 from django.conf import settings
 
-from tests.support import wait_for
-
-PORT = 9096  # this project's test range for monitoring tools
+from tests.support import free_port, wait_for
 
 
-def get(path: str, *, auth: str | None = None) -> int:
-    request = urllib.request.Request(f"http://127.0.0.1:{PORT}{path}")
+def get(port: int, path: str, *, auth: str | None = None) -> int:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
     if auth:
         request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
     try:
@@ -29,6 +27,7 @@ def get(path: str, *, auth: str | None = None) -> int:
 
 
 def test_flower_logs_its_start_up_and_guards_its_api(tmp_path):
+    port = free_port()  # not a fixed one: another suite may run this test at once
     log = tmp_path / "flower.log"
     env = {
         **os.environ,
@@ -46,7 +45,7 @@ def test_flower_logs_its_start_up_and_guards_its_api(tmp_path):
                 "audit_project",
                 "flower",
                 "--address=127.0.0.1",
-                f"--port={PORT}",
+                f"--port={port}",
                 "--basic-auth=ops:s3cret",
             ],
             cwd=settings.BASE_DIR,
@@ -61,13 +60,13 @@ def test_flower_logs_its_start_up_and_guards_its_api(tmp_path):
             what="Flower's start-up lines",
         )
         text = log.read_text()
-        assert f'"Visit me at http://127.0.0.1:{PORT}"' in text
+        assert f'"Visit me at http://127.0.0.1:{port}"' in text
         assert '"logger": "flower.command"' in text
         assert "Registered tasks" in text and "profiles.audit_shard" in text
-        wait_for(lambda: get("/healthcheck") == 200, timeout=30, what="Flower to answer")
-        assert get("/api/workers") == 401
-        assert get("/api/workers", auth="ops:wrong") == 401
-        assert get("/api/workers", auth="ops:s3cret") == 200
+        wait_for(lambda: get(port, "/healthcheck") == 200, timeout=30, what="Flower to answer")
+        assert get(port, "/api/workers") == 401
+        assert get(port, "/api/workers", auth="ops:wrong") == 401
+        assert get(port, "/api/workers", auth="ops:s3cret") == 200
     finally:
         flower.terminate()
         flower.wait(timeout=20)

@@ -5,7 +5,6 @@ its database. Both answer whatever the Host and name no internal host or port.""
 
 import json
 import shutil
-import socket
 import subprocess
 from datetime import timedelta
 
@@ -16,7 +15,7 @@ from django_celery_beat.models import PeriodicTask
 
 from profiles.models import AuditRun, AuditStatus, AuditTrigger
 from profiles.schedule import AUDIT_ENTRY
-from tests.support import wait_for
+from tests.support import free_port, wait_for
 
 pytestmark = pytest.mark.django_db
 
@@ -79,12 +78,6 @@ def test_a_schedule_switched_off_in_the_admin_is_not_a_failure(client):
     scheduled_run(hours_ago=30)
     PeriodicTask.objects.filter(name=AUDIT_ENTRY).update(enabled=False)
     assert health(client)[0] == 200
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture

@@ -24,15 +24,12 @@ import yaml
 from django.conf import settings
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import wait_for
+from tests.support import free_port, wait_for
 
 ROOT = Path(settings.BASE_DIR)
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
 BIN = Path(sys.executable).parent
-# This project's own ports for the stack (gunicorn, redis-server).
-WEB_PORT = 8030
-REDIS_PORT = 6430
 
 
 def env_file(path: Path) -> dict[str, str]:
@@ -44,11 +41,11 @@ def env_file(path: Path) -> dict[str, str]:
     return pairs
 
 
-def on_loopback(command: list[str]) -> list[str]:
+def on_loopback(command: list[str], port: int) -> list[str]:
     """The container's command with its listening address moved to this test's port."""
     return [
-        arg.replace("0.0.0.0:8000", f"127.0.0.1:{WEB_PORT}").replace(
-            "127.0.0.1:8000", f"127.0.0.1:{WEB_PORT}"
+        arg.replace("0.0.0.0:8000", f"127.0.0.1:{port}").replace(
+            "127.0.0.1:8000", f"127.0.0.1:{port}"
         )
         for arg in command
     ]
@@ -60,8 +57,8 @@ def executable(command: list[str]) -> list[str]:
     return [first, *command[1:]]
 
 
-def http(path: str, **headers: str) -> tuple[int, str]:
-    request = urllib.request.Request(f"http://127.0.0.1:{WEB_PORT}{path}", headers=headers)
+def http(port: int, path: str, **headers: str) -> tuple[int, str]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, response.read().decode()
@@ -73,14 +70,17 @@ def http(path: str, **headers: str) -> tuple[int, str]:
 
 @pytest.fixture
 def stack_services(tmp_path):
-    """A PostgreSQL database and a Redis of the stack's own, dropped and stopped afterwards."""
+    """A PostgreSQL database and a Redis of the stack's own, dropped and stopped afterwards.
+    Redis (and, in the test, gunicorn) listen on free ports: another suite may run this test
+    on the same machine at the same time."""
+    redis_port = free_port()
     server = shutil.which("redis-server")
     assert server, "redis-server is needed (apt-get install redis-server)"
     redis_proc = subprocess.Popen(
         [
             server,
             "--port",
-            str(REDIS_PORT),
+            str(redis_port),
             "--bind",
             "127.0.0.1",
             "--save",
@@ -93,7 +93,7 @@ def stack_services(tmp_path):
 
     def answers() -> bool:
         try:
-            return redis.Redis(port=REDIS_PORT, socket_connect_timeout=0.2).ping()
+            return redis.Redis(port=redis_port, socket_connect_timeout=0.2).ping()
         except redis.RedisError:
             return False
 
@@ -105,7 +105,7 @@ def stack_services(tmp_path):
         conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
         conn.execute(f'CREATE DATABASE "{name}"')
     database_url = urlunsplit(base._replace(path=f"/{name}"))
-    yield database_url, f"redis://127.0.0.1:{REDIS_PORT}/0"
+    yield database_url, f"redis://127.0.0.1:{redis_port}/0"
     redis_proc.terminate()
     redis_proc.wait(timeout=10)
     with psycopg.connect(admin_url, autocommit=True) as conn:
@@ -114,6 +114,7 @@ def stack_services(tmp_path):
 
 def test_the_compose_stack_runs_a_scheduled_audit_end_to_end(tmp_path, stack_services):
     database_url, redis_url = stack_services
+    web_port = free_port()
     # The environment compose gives every service: .env.example, then .env's overrides (here: a
     # real secret, and this machine's services in place of the containers'), then the service's
     # own `environment`.
@@ -137,7 +138,7 @@ def test_the_compose_stack_runs_a_scheduled_audit_end_to_end(tmp_path, stack_ser
     def start(name: str) -> subprocess.Popen:
         log = (tmp_path / f"{name}.log").open("w")
         return subprocess.Popen(
-            executable(on_loopback(SERVICES[name]["command"])),
+            executable(on_loopback(SERVICES[name]["command"], web_port)),
             cwd=ROOT,
             env=service_env(name),
             stdout=log,
@@ -184,12 +185,14 @@ def test_the_compose_stack_runs_a_scheduled_audit_end_to_end(tmp_path, stack_ser
         assert status in ("succeeded", "partial"), (status, log_of("worker"))
         assert "profile-connection-sync-audit" in log_of("beat")
 
-        wait_for(lambda: http("/health/live/")[0] == 200, timeout=60, what="gunicorn to answer")
+        wait_for(
+            lambda: http(web_port, "/health/live/")[0] == 200, timeout=60, what="gunicorn to answer"
+        )
         # The web service's own healthcheck command, as compose runs it.
         probe = SERVICES["web"]["healthcheck"]["test"]
         assert probe[0] == "CMD"
         done = subprocess.run(
-            executable(on_loopback(probe[1:])),
+            executable(on_loopback(probe[1:], web_port)),
             env=service_env("web"),
             capture_output=True,
             text=True,
@@ -197,11 +200,13 @@ def test_the_compose_stack_runs_a_scheduled_audit_end_to_end(tmp_path, stack_ser
         )
         assert done.returncode == 0, done.stderr
         # Readiness is green now the scheduled run completed; a probe by IP gets an answer.
-        assert http("/health/?format=json", Host="10.0.3.7:8000")[0] == 200
-        assert http("/health/live/?format=json", Host="10.0.3.7")[0] == 200
-        assert http("/metrics", Host="10.0.3.7")[0] == 400  # only the probes skip ALLOWED_HOSTS
+        assert http(web_port, "/health/?format=json", Host="10.0.3.7:8000")[0] == 200
+        assert http(web_port, "/health/live/?format=json", Host="10.0.3.7")[0] == 200
+        assert (
+            http(web_port, "/metrics", Host="10.0.3.7")[0] == 400
+        )  # only the probes skip ALLOWED_HOSTS
 
-        code, exposition = http("/metrics")
+        code, exposition = http(web_port, "/metrics")
         assert code == 200
         samples = {
             (s.name, tuple(sorted(s.labels.items()))): s.value
