@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
+from audit_project.log_config import audit_logger
 from connections.models import ConnectionStatus, PlatformConnection
 from orgs.models import Organization
 from profiles.models import (
@@ -36,8 +37,11 @@ from profiles.services.audit import (
     run_audit,
     start_change_run,
     start_run,
+    wait_for_change_runs,
     work_shard,
 )
+from profiles.services.lease import FixingLease, LeaseHeld
+from profiles.services.runs import LeaseTaken
 from tests.factories import AssetFactory, ConnectionFactory, OrganizationFactory, profile_for
 from tests.strategies import build_org, org_states
 from tests.support import redis_client
@@ -351,3 +355,36 @@ def test_the_dashboard_and_run_pages_show_the_backlog_and_what_the_sweep_missed(
     assert "last run" in page
     run_page = client.get(reverse("admin:profiles_auditrun_change", args=[sweep.id]))
     assert "missed by changes: 1 findings" in run_page.content.decode()
+
+
+def test_a_sweep_waits_for_a_change_driven_run_that_holds_the_lease():
+    """The six-hourly sweep falls due in the same minute as a change-driven run four times a
+    day: it waits for that short run and goes on, never skipped for it."""
+    _, profile = healthy_org()
+    audited_and_clean()
+    orphan(profile)
+    change_run = start_change_run(AuditRequest(fix=True, changed=True))
+    assert isinstance(change_run, AuditRun)
+
+    def pause(seconds):  # while the sweep waits, the change-driven run finishes
+        for shard in change_run.shards.all():
+            work_shard(shard_id=shard.id)
+
+    held = FixingLease().take()
+    assert isinstance(held, LeaseHeld)
+    taken = wait_for_change_runs(held, log=audit_logger(), pause=pause)
+
+    assert isinstance(taken, LeaseTaken)
+    change_run.refresh_from_db()
+    assert change_run.status == AuditStatus.SUCCEEDED
+    taken.lease.release()
+    sweep = start_run(AuditRequest(fix=True, trigger=AuditTrigger.SCHEDULE))
+    assert sweep.status == AuditStatus.RUNNING  # not skipped
+
+
+def test_a_sweep_is_still_skipped_for_another_kind_of_holder():
+    sweep = start_run(AuditRequest(fix=True, trigger=AuditTrigger.SCHEDULE))
+    again = start_run(AuditRequest(fix=True, trigger=AuditTrigger.SCHEDULE))
+
+    assert again.status == AuditStatus.SKIPPED  # a sweep holds it: no waiting
+    assert sweep.status == AuditStatus.RUNNING
