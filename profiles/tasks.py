@@ -19,12 +19,14 @@ from django.conf import settings
 from django.db import DatabaseError, InterfaceError, OperationalError
 
 from audit_project.log_config import audit_logger
-from profiles.models import AuditStatus, AuditTrigger
+from profiles.models import AuditRun, AuditStatus, AuditTrigger
 from profiles.services.audit import (
     CONTINUE,
     AuditRequest,
     Budget,
+    ChangeRunsHoldLease,
     NoRun,
+    WhenChangeRunHolds,
     close_dead_runs,
     fail_shard,
     resend_stale_shards,
@@ -147,19 +149,21 @@ def audit_sync_task(
     requested_by: str = "",
 ) -> dict[str, Any]:
     """Start an audit of every organization and fan it out over the workers, one
-    ``profiles.audit_shard`` task per shard (beat entry "profile-connection-sync-audit")."""
+    ``profiles.audit_shard`` task per shard (beat entry "profile-connection-sync-audit").
+
+    A change-driven run holding the lease (both fall due in the same minute four times a day)
+    is not waited for here, where this worker may be the one to run its shards: the task is
+    sent again in CHANGE_RUN_RETRY_DELAY s, up to CHANGE_RUN_RETRIES times, before the run is
+    recorded skipped."""
     with structlog.contextvars.bound_contextvars(task_id=self.request.id):
-        run = start_run(
-            AuditRequest(
-                fix=fix,
-                trigger=trigger,
-                requested_by=requested_by,
-                task_id=self.request.id or "",
-                deadline=timedelta(seconds=settings.PROFILE_AUDIT_RUN_DEADLINE)
-                if trigger == AuditTrigger.SCHEDULE
-                else None,
-            )
-        )
+        try:
+            run = _start_sweep(self, fix=fix, trigger=trigger, requested_by=requested_by)
+        except ChangeRunsHoldLease as exc:
+            raise self.retry(
+                exc=exc,
+                countdown=CHANGE_RUN_RETRY_DELAY,
+                max_retries=self.request.retries + 1,
+            ) from exc
         shards = send_shards(run) if run.status == AuditStatus.RUNNING else 0
     run.refresh_from_db()
     return {
@@ -170,6 +174,29 @@ def audit_sync_task(
         "total_issues_found": run.found,
         "total_issues_fixed": run.fixed,
     }
+
+
+# A sweep that finds a change-driven run holding the lease tries again this often (s), this
+# many times (five minutes in all) before it is recorded skipped.
+CHANGE_RUN_RETRY_DELAY = 15
+CHANGE_RUN_RETRIES = 20
+
+
+def _start_sweep(self: AuditTask, *, fix: bool, trigger: str, requested_by: str) -> AuditRun:
+    return start_run(
+        AuditRequest(
+            fix=fix,
+            trigger=trigger,
+            requested_by=requested_by,
+            task_id=self.request.id or "",
+            deadline=timedelta(seconds=settings.PROFILE_AUDIT_RUN_DEADLINE)
+            if trigger == AuditTrigger.SCHEDULE
+            else None,
+        ),
+        change_run_holds=WhenChangeRunHolds.DEFER
+        if self.request.retries < CHANGE_RUN_RETRIES
+        else WhenChangeRunHolds.SKIP,
+    )
 
 
 @shared_task(

@@ -8,6 +8,7 @@ from datetime import timedelta
 from io import StringIO
 
 import pytest
+from celery.exceptions import Retry
 from django.conf import settings
 from django.core.management import CommandError, call_command
 from django.db import connection
@@ -33,7 +34,9 @@ from profiles.models import (
 )
 from profiles.services.audit import (
     AuditRequest,
+    ChangeRunsHoldLease,
     NoRun,
+    WhenChangeRunHolds,
     run_audit,
     start_change_run,
     start_run,
@@ -42,6 +45,7 @@ from profiles.services.audit import (
 )
 from profiles.services.lease import FixingLease, LeaseHeld
 from profiles.services.runs import LeaseTaken
+from profiles.tasks import CHANGE_RUN_RETRIES, audit_sync_task
 from tests.factories import AssetFactory, ConnectionFactory, OrganizationFactory, profile_for
 from tests.strategies import build_org, org_states
 from tests.support import redis_client
@@ -388,3 +392,31 @@ def test_a_sweep_is_still_skipped_for_another_kind_of_holder():
 
     assert again.status == AuditStatus.SKIPPED  # a sweep holds it: no waiting
     assert sweep.status == AuditStatus.RUNNING
+
+
+def test_the_sweep_task_defers_to_a_change_driven_run_then_is_skipped_once():
+    """On a worker the sweep does not wait for a change-driven run (its shards may need this
+    very worker): the task sends itself again, and only once its tries are spent is the sweep
+    recorded skipped, once."""
+    _, profile = healthy_org()
+    audited_and_clean()
+    orphan(profile)
+    change_run = start_change_run(AuditRequest(fix=True, changed=True))  # and never ends here
+    assert isinstance(change_run, AuditRun)
+
+    with pytest.raises(ChangeRunsHoldLease):
+        start_run(
+            AuditRequest(fix=True, trigger=AuditTrigger.SCHEDULE),
+            change_run_holds=WhenChangeRunHolds.DEFER,
+        )
+    assert not AuditRun.objects.filter(trigger=AuditTrigger.SCHEDULE).exists()
+
+    sweep = {"fix": True, "trigger": AuditTrigger.SCHEDULE}
+    with pytest.raises(Retry):  # sent again, nothing recorded
+        audit_sync_task.apply(kwargs=sweep)
+    assert not AuditRun.objects.filter(trigger=AuditTrigger.SCHEDULE).exists()
+
+    last = audit_sync_task.apply(kwargs=sweep, retries=CHANGE_RUN_RETRIES)  # its tries spent
+
+    assert last.get()["status"] == AuditStatus.SKIPPED
+    assert AuditRun.objects.filter(trigger=AuditTrigger.SCHEDULE).count() == 1

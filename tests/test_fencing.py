@@ -146,6 +146,10 @@ def test_a_run_stopped_inside_a_chunk_past_its_expiry_commits_nothing_and_its_su
             wait_for(
                 lambda: _waits_for_an_advisory_lock(), what="the command to wait inside a chunk"
             )
+        else:
+            # Stopped while it waits for the write lock, not halfway through a read (whose
+            # shared lock would block every writer, the successor included, while it is stopped).
+            wait_for(_idle_since(command.pid), what="the command to wait for SQLite's write lock")
         os.kill(command.pid, signal.SIGSTOP)
     stopped.refresh_from_db()
     committed = stopped.fixed
@@ -182,6 +186,21 @@ def test_a_run_stopped_inside_a_chunk_past_its_expiry_commits_nothing_and_its_su
     }
     assert alive_orphans() == 0
     assert command.returncode != 0
+
+
+def _idle_since(pid: int):
+    """A condition: the process has been asleep, using no CPU, over the last few checks (it
+    waits in SQLite's busy handler)."""
+    samples: list[tuple[str, int]] = []
+
+    def idle() -> bool:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        samples.append((fields[0], int(fields[11]) + int(fields[12])))  # state, utime + stime
+        recent = samples[-4:]
+        return len(recent) == 4 and all(s == "S" for s, _ in recent) and len(set(recent)) == 1
+
+    return idle
 
 
 def _waits_for_an_advisory_lock() -> bool:

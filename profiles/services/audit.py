@@ -10,6 +10,7 @@ is inconsistent.
 
 from __future__ import annotations
 
+import enum
 import itertools
 import socket
 import time
@@ -263,12 +264,31 @@ class NoRun:
 # --- Starting a run -----------------------------------------------------------------------------
 
 
-def start_run(request: AuditRequest, *, in_process: bool = False) -> AuditRun:
+class ChangeRunsHoldLease(Exception):
+    """A change-driven run holds the lease and the caller asked not to wait for it here (a task
+    on the worker that may have to run that very run's shards): send it again shortly."""
+
+
+class WhenChangeRunHolds(enum.Enum):
+    """What a fixing run does when a change-driven run holds the lease."""
+
+    WAIT = "wait"  # for it to end (at most CHANGE_RUN_WAIT): the command
+    DEFER = "defer"  # raise ChangeRunsHoldLease, nothing recorded: the task sends itself again
+    SKIP = "skip"  # recorded skipped, as for any other holder
+
+
+def start_run(
+    request: AuditRequest,
+    *,
+    in_process: bool = False,
+    change_run_holds: WhenChangeRunHolds = WhenChangeRunHolds.WAIT,
+) -> AuditRun:
     """Record the run and its shards. A fixing run first takes the fixing-run lease, which
     closes the runs it fenced out (``interrupted``); if another run holds it, the run is
     recorded ``skipped`` and nothing else happens. Raises ``RunLockUnavailable`` (recorded as a
     failed run) when the lock's service does not answer: never a fix without the lease.
-    ``in_process``: this process works every shard (the run lives exactly as long as it)."""
+    ``in_process``: this process works every shard (the run lives exactly as long as it).
+    A change-driven run holding the lease is dealt with as ``change_run_holds`` says."""
     if request.organization_id is not None and not (
         Organization.objects.filter(id=request.organization_id).exists()
     ):
@@ -278,7 +298,16 @@ def start_run(request: AuditRequest, *, in_process: bool = False) -> AuditRun:
     if request.fix:
         try:
             taken = take_lease(log=log)
-            if isinstance(taken, LeaseHeld) and request.trigger != AuditTrigger.CHANGES:
+            if (
+                isinstance(taken, LeaseHeld)
+                and request.trigger != AuditTrigger.CHANGES
+                and change_run_holds is not WhenChangeRunHolds.SKIP
+                and change_runs_running()
+            ):
+                if change_run_holds is WhenChangeRunHolds.DEFER:
+                    raise ChangeRunsHoldLease(
+                        f"a change-driven run holds the lease ({taken.reason})"
+                    )
                 taken = wait_for_change_runs(taken, log=log)
         except RunLockUnavailable as exc:
             error = f"{exc}; nothing was fixed"
@@ -325,19 +354,22 @@ def start_run(request: AuditRequest, *, in_process: bool = False) -> AuditRun:
 CHANGE_RUN_WAIT = 300.0
 
 
+def change_runs_running() -> bool:
+    return AuditRun.objects.filter(
+        status=AuditStatus.RUNNING, fix=True, trigger=AuditTrigger.CHANGES
+    ).exists()
+
+
 def wait_for_change_runs(
     held: LeaseHeld, *, log: BoundLogger, pause: Callable[[float], None] = time.sleep
 ) -> LeaseTaken | LeaseHeld:
     """While change-driven runs hold the lease, wait for them (at most CHANGE_RUN_WAIT) and take
     it then: a sweep or an operator's fix is not skipped for a run that ends within seconds.
     Any other holder: ``held`` as it was (the run is skipped)."""
-    running = AuditRun.objects.filter(
-        status=AuditStatus.RUNNING, fix=True, trigger=AuditTrigger.CHANGES
-    )
     deadline = time.monotonic() + min(CHANGE_RUN_WAIT, settings.PROFILE_AUDIT_SOFT_TIME_LIMIT / 2)
     taken: LeaseTaken | LeaseHeld = held
     waited = False
-    while isinstance(taken, LeaseHeld) and running.exists() and time.monotonic() < deadline:
+    while isinstance(taken, LeaseHeld) and change_runs_running() and time.monotonic() < deadline:
         if not waited:
             log.info("profile_audit.waiting_for_change_run", held_by=taken.reason)
             waited = True

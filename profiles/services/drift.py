@@ -27,7 +27,8 @@ from uuid import UUID
 
 from django.conf import settings
 from django.db import connection
-from django.db.models import QuerySet, TextField
+from django.db.models import JSONField, QuerySet, TextField
+from django.db.models.expressions import RawSQL
 from django.db.models.functions import Cast
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
@@ -465,16 +466,25 @@ def _dry_state(table: str) -> str:
 
 def forget_fixes(*, run_id: UUID, drift_ids: Iterable[UUID | None]) -> int:
     """A revert put back the run's changes to these records' objects: their fixes by that run no
-    longer count towards a fight (the audit does not fight its own revert)."""
-    ids = {d for d in drift_ids if d is not None}
+    longer count towards a fight (the audit does not fight its own revert). One statement."""
+    ids = [d for d in drift_ids if d is not None]
     if not ids:
         return 0
-    run = str(run_id)
-    records = list(DriftRecord.objects.filter(id__in=ids).only("id", "recent_fixes"))
-    for record in records:
-        record.recent_fixes = [f for f in record.recent_fixes if f.get("run") != run]
-    DriftRecord.objects.bulk_update(records, ["recent_fixes"], batch_size=500)
-    return len(records)
+    if connection.vendor == "postgresql":
+        kept = (
+            "(SELECT coalesce(jsonb_agg(e ORDER BY n), '[]'::jsonb) FROM "
+            "jsonb_array_elements(recent_fixes) WITH ORDINALITY AS f(e, n) "
+            "WHERE e ->> 'run' IS DISTINCT FROM %s)"
+        )
+    else:
+        kept = (
+            "(SELECT json_group_array(json(value)) FROM "
+            "(SELECT value FROM json_each(recent_fixes) "
+            "WHERE json_extract(value, '$.run') IS NOT %s ORDER BY key))"
+        )
+    return DriftRecord.objects.filter(id__in=ids).update(
+        recent_fixes=RawSQL(kept, [str(run_id)], output_field=JSONField())
+    )
 
 
 def resume_fixing(records: QuerySet[DriftRecord], *, by: str) -> int:
