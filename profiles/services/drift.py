@@ -65,6 +65,7 @@ Fingerprint = tuple[UUID, str, str]
 
 
 def fingerprint_key(*, object_id: UUID | None, platform: str, external_id: str) -> str:
+    """A fingerprint's key: the object's id, or platform:external_id for a missing profile."""
     return str(object_id) if object_id is not None else f"{platform}:{external_id}"
 
 
@@ -225,7 +226,7 @@ class DriftBook:
         return (
             organization_id,
             str(type),
-            str(object_id) if object_id is not None else f"{platform}:{external_id}",
+            fingerprint_key(object_id=object_id, platform=platform, external_id=external_id),
         )
 
     def fighting(self, row: FindingRow) -> bool:
