@@ -43,10 +43,10 @@ def audit():
     return ProfileConnectionAuditService()
 
 
-def deselected_profile():
+def deselected_profile(**organization):
     """An organization with one profile whose asset is no longer selected (a deselected
     finding), beside a selected one (so the guard never trips)."""
-    org = OrganizationFactory()
+    org = OrganizationFactory(**organization)
     connection = ConnectionFactory(organization=org)
     for _ in range(3):
         profile_for(AssetFactory(connection=connection))

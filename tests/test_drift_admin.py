@@ -410,20 +410,11 @@ def test_a_real_fight_is_shown_counted_and_resumed_from_the_admin(client, commit
     """partner-sync revives a profile the audit soft-deletes, three times: the fourth fixing run
     holds it; the run page, the drift page and /metrics say so, and Resume fixing lets the next
     run fix it again."""
-    from connections.models import ConnectionAsset
-    from profiles.change_marks import writer
-    from profiles.models import SocialProfile
     from profiles.services.audit import ProfileConnectionAuditService
-    from tests.factories import AssetFactory, ConnectionFactory, profile_for
+    from tests.test_drift import deselected_profile, revive
     from tests.test_metrics import scrape, value
 
-    org = OrganizationFactory(name="Partnered Ltd")
-    connection = ConnectionFactory(organization=org)
-    for _ in range(3):
-        profile_for(AssetFactory(connection=connection))
-    asset = AssetFactory(connection=connection)
-    profile = profile_for(asset)
-    ConnectionAsset.objects.filter(id=asset.id).update(is_selected=False)
+    org, profile = deselected_profile(name="Partnered Ltd")
     audit = ProfileConnectionAuditService()
 
     def fix():
@@ -431,8 +422,7 @@ def test_a_real_fight_is_shown_counted_and_resumed_from_the_admin(client, commit
 
     for _ in range(3):
         fix()
-        with writer("partner-sync"):
-            SocialProfile.objects.filter(id=profile.id).update(deleted_at=None)
+        revive(profile)  # by partner-sync
     held_run = fix()
     assert held_run.status == AuditStatus.PARTIAL
 
