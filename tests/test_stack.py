@@ -166,6 +166,14 @@ def test_the_compose_stack_runs_a_scheduled_audit_end_to_end(tmp_path, stack_ser
             " WHERE name = 'profile-connection-sync-audit' AND enabled"
         ).rowcount
         assert updated == 1
+        # The minute's change-driven entry is switched off, as an operator may: seed_demo's
+        # writes marked every organization, and a change-driven run due in the same minute
+        # would fix them before the sweep looks (change-driven runs: tests/test_change_runs).
+        switched_off = conn.execute(
+            "UPDATE django_celery_beat_periodictask SET enabled = false"
+            " WHERE name = 'profile-connection-sync-audit-changes'"
+        ).rowcount
+        assert switched_off == 1
 
     processes = {name: start(name) for name in ("web", "worker", "beat")}
     try:
