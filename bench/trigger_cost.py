@@ -53,7 +53,9 @@ def main() -> None:
     os.environ["DATABASE_URL"] = urlunsplit(parts._replace(path="/" + scratch))
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "audit_project.settings")
     os.environ.setdefault("DJANGO_DEBUG", "false")
-    os.environ.setdefault("DJANGO_SECRET_KEY", "local-benchmark-only-key-not-for-serving-anything")
+    os.environ.setdefault(
+        "DJANGO_SECRET_KEY", "local-benchmark-only-key-not-for-serving-anything-at-all"
+    )
     os.environ.setdefault("PROFILE_AUDIT_CONSOLE_LEVEL", "WARNING")
     sys.path.insert(0, str(ROOT))
     try:

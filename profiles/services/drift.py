@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -182,11 +182,12 @@ class DriftBook:
     now: datetime
     # Fingerprints a fixing run resumes by itself (they stayed resolved for a window).
     released: set[Fingerprint]
+    # Fingerprints held (fighting) when read: few or none, so most findings skip the lookup.
+    held: set[Fingerprint] = field(default_factory=set)
 
     @classmethod
     def read(cls, organization_ids: Sequence[UUID], *, now: datetime | None = None) -> DriftBook:
         ids = list(organization_ids)
-        records = DriftRecord.objects.filter(organization_id__in=ids)
         # JSON read as text and decoded once per distinct value: an organization's records
         # mostly share their writers (and have no recent fixes), so most rows cost no decoding.
         decoded: dict[str, Any] = {}
@@ -198,10 +199,9 @@ class DriftBook:
                 value = decoded[text] = json.loads(text)
             return value
 
-        columns = [Cast(c, output_field=TextField()) if c in JSON_COLUMNS else c for c in COLUMNS]
         json_at = [COLUMNS.index(c) for c in JSON_COLUMNS]
         read = []
-        for row in records.values_list(*columns):
+        for row in _record_rows(ids):
             values = list(row)
             for i in json_at:
                 values[i] = decode(values[i])
@@ -209,11 +209,13 @@ class DriftBook:
         marks = ChangeMark.objects.filter(organization_id__in=ids).values_list(
             "organization_id", "writers"
         )
+        records = {(r.organization_id, r.type, r.key): r for r in read}
         return cls(
-            records={(r.organization_id, r.type, r.key): r for r in read},
+            records=records,
             mark_writers={org: list(writers or []) for org, writers in marks},
             now=now or timezone.now(),
             released=set(),
+            held={fp for fp, r in records.items() if r.held_since is not None},
         )
 
     def _window_start(self) -> datetime:
@@ -231,14 +233,12 @@ class DriftBook:
 
     def fighting(self, row: FindingRow) -> bool:
         """Whether a fixing run would hold this finding's fingerprint (it is fighting)."""
-        if row.organization_id is None or not self.records:
+        if row.organization_id is None or not self.held:
             return False
-        record = self.records.get(
-            self._fingerprint(
-                row.organization_id, row.type, row.object_id, row.platform, row.external_id
-            )
+        fp = self._fingerprint(
+            row.organization_id, row.type, row.object_id, row.platform, row.external_id
         )
-        return record is not None and record.held_since is not None
+        return fp in self.held
 
     def holds(
         self,
@@ -374,6 +374,36 @@ class DriftBook:
             )
 
 
+def _record_rows(organization_ids: list[UUID]) -> Iterable[tuple[Any, ...]]:
+    """The records of these organizations, as tuples in COLUMNS' order, JSON columns as text.
+
+    On PostgreSQL each organization's records are read through the fingerprint's index (it
+    leads with the organization), one index scan per organization: a plain ``IN`` is planned on
+    the table's statistics, and while they are missing or stale (a table that grew since its
+    last ANALYZE, as in a first run over many organizations) that was a scan of every record
+    for every chunk, quadratic in the installation.
+    """
+    if connection.vendor != "postgresql":
+        columns = [Cast(c, output_field=TextField()) if c in JSON_COLUMNS else c for c in COLUMNS]
+        yield from DriftRecord.objects.filter(organization_id__in=organization_ids).values_list(
+            *columns
+        )
+        return
+    fields_by_name = {f.attname: f for f in DriftRecord._meta.concrete_fields}
+    select = ", ".join(
+        f"d.{fields_by_name[c].column}" + ("::text" if c in JSON_COLUMNS else "") for c in COLUMNS
+    )
+    # OFFSET 0 keeps the subquery from being flattened into a join the planner may hash.
+    sql = (
+        f"SELECT {select} FROM unnest(%s::uuid[]) AS o(id) CROSS JOIN LATERAL "
+        f"(SELECT * FROM {DriftRecord._meta.db_table} r WHERE r.organization_id = o.id "
+        "OFFSET 0) d"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [organization_ids])
+        yield from cursor.fetchall()
+
+
 UPSERT_SQL = """
 INSERT INTO {table} ({columns})
 SELECT {values} FROM jsonb_array_elements(%s::jsonb) AS r
@@ -382,9 +412,13 @@ ON CONFLICT (organization_id, type, key) DO UPDATE SET {updates}
 
 
 def upsert(records: Sequence[Drift], *, fix: bool, existing: Sequence[UUID] = ()) -> None:
-    """Write the records, new or changed, in one statement (PostgreSQL: one INSERT from one
-    JSON parameter, ON CONFLICT on the fingerprint; SQLite: Django's bulk upsert, batched by its
-    parameter limit). A dry run's writes leave the fixing runs' columns as they are."""
+    """Write the records, new or changed (``existing``: the ids of those read from the table).
+
+    PostgreSQL: the new ones in one INSERT from one JSON parameter, ON CONFLICT on the
+    fingerprint (another run may have created one meanwhile); the existing ones in one UPDATE by
+    id of only the columns a run changes, their shared writers' lists sent once. SQLite:
+    Django's bulk upsert, batched by its parameter limit. A dry run's writes leave the fixing
+    runs' columns as they are."""
     if connection.vendor != "postgresql":
         DriftRecord.objects.bulk_create(
             [DriftRecord(**{c: getattr(r, c) for c in COLUMNS}) for r in records],
@@ -406,34 +440,102 @@ def upsert(records: Sequence[Drift], *, fix: bool, existing: Sequence[UUID] = ()
             made = texts[value] = value.isoformat() if isinstance(value, datetime) else str(value)
         return made
 
-    rows = [
-        [
-            str(r.id),
-            text(r.organization_id),
-            r.type,
-            r.model,
-            r.key,
-            None if r.object_id is None else r.key,  # an object's key is its id
-            r.platform,
-            r.external_id,
-            r.state,
-            text(r.first_seen_at),
-            text(r.last_seen_at),
-            r.times_found,
-            r.times_fixed,
-            text(r.last_fixed_at),
-            text(r.resolved_at),
-            r.recent_fixes,
-            text(r.held_since),
-            r.last_writers,
-            r.undone_by,
-            text(r.undone_at),
-            r.resumed_by,
-        ]
-        for r in records
-    ]
+    read = set(existing)
+    created = [r for r in records if r.id not in read]
+    changed = [r for r in records if r.id in read]
     with connection.cursor() as cursor:
-        cursor.execute(_upsert_sql(fix=fix), [json.dumps(rows)])
+        if created:
+            rows = [
+                [
+                    str(r.id),
+                    text(r.organization_id),
+                    r.type,
+                    r.model,
+                    r.key,
+                    None if r.object_id is None else r.key,  # an object's key is its id
+                    r.platform,
+                    r.external_id,
+                    r.state,
+                    text(r.first_seen_at),
+                    text(r.last_seen_at),
+                    r.times_found,
+                    r.times_fixed,
+                    text(r.last_fixed_at),
+                    text(r.resolved_at),
+                    r.recent_fixes,
+                    text(r.held_since),
+                    r.last_writers,
+                    r.undone_by,
+                    text(r.undone_at),
+                    r.resumed_by,
+                ]
+                for r in created
+            ]
+            cursor.execute(_upsert_sql(fix=fix), [json.dumps(rows)])
+        if changed:
+            # An organization's records share their writers' list (one object): sent once.
+            writers: dict[int, int] = {}
+            lists: list[list[dict[str, Any]]] = []
+
+            def writers_at(value: list[dict[str, Any]]) -> int:
+                if (at := writers.get(id(value))) is None:
+                    at = writers[id(value)] = len(lists)
+                    lists.append(value)
+                return at
+
+            values: dict[str, Callable[[Drift], Any]] = {
+                "state": lambda r: r.state,
+                "last_seen_at": lambda r: text(r.last_seen_at),
+                "times_found": lambda r: r.times_found,
+                "resolved_at": lambda r: text(r.resolved_at),
+                "last_writers": lambda r: writers_at(r.last_writers),
+                "undone_by": lambda r: r.undone_by,
+                "undone_at": lambda r: text(r.undone_at),
+                "times_fixed": lambda r: r.times_fixed,
+                "last_fixed_at": lambda r: text(r.last_fixed_at),
+                "recent_fixes": lambda r: r.recent_fixes,
+                "held_since": lambda r: text(r.held_since),
+            }
+            names = UPDATED_FIELDS if fix else OBSERVED_FIELDS
+            getters = [values[n] for n in names]
+            rows = [[str(r.id), *(get(r) for get in getters)] for r in changed]
+            cursor.execute(_update_sql(fix=fix), [json.dumps(lists), json.dumps(rows)])
+
+
+UPDATE_SQL = """
+UPDATE {table} AS d SET {updates}
+FROM jsonb_array_elements(%s::jsonb) AS r WHERE d.id = (r->>0)::uuid
+"""
+
+
+def _update_sql(*, fix: bool) -> str:
+    """The UPDATE of existing records: each row a JSON array of its id and the changed columns
+    (UPDATED_FIELDS or OBSERVED_FIELDS, in order; ``last_writers`` an index into the first
+    parameter, the chunk's distinct writers' lists)."""
+    table = DriftRecord._meta.db_table
+    fields_by_name = {f.attname: f for f in DriftRecord._meta.concrete_fields}
+    names = UPDATED_FIELDS if fix else OBSERVED_FIELDS
+    updates = []
+    writers = ""
+    for i, name in enumerate(names, start=1):
+        field = fields_by_name[name]
+        if name == "last_writers":
+            # The writers' lists come first in the statement's text, so first in its parameters.
+            writers = "WITH lists AS MATERIALIZED (SELECT %s::jsonb AS l) "
+            value = f"(SELECT l -> ((r->>{i})::int) FROM lists)"
+        elif name in JSON_COLUMNS:
+            value = f"r->{i}"
+        else:
+            value = f"(r->>{i})::{field.db_type(connection)}"
+        if name == "state" and not fix:
+            # A dry run's state: held meanwhile by a fixing run, it stays fighting unless the
+            # dry run found it resolved.
+            value = (
+                f"CASE WHEN d.held_since IS NOT NULL AND {value} <> '{DriftState.RESOLVED}' "
+                f"THEN '{DriftState.FIGHTING}' ELSE {value} END"
+            )
+        updates.append(f"{field.column} = {value}")
+    return writers + UPDATE_SQL.format(table=table, updates=", ".join(updates))
 
 
 def _upsert_sql(*, fix: bool) -> str:
