@@ -92,6 +92,7 @@ def run(args: argparse.Namespace) -> None:
     bulk = measure_bulk(state, repeat=args.bulk_repeat)
     trigger_ms, share = measure_in_statement(state, repeat=args.bulk_repeat)
     tag = measure_writer_block(calls=args.rounds * args.calls)
+    there, cleared, plain = measure_in_calls(state, calls=args.rounds * args.calls)
 
     print(f"{'':52} {'wall time, ms':^33}  {'CPU time (ours + backend), ms':^33}  backend CPU")
     print(f"{'writer':52} " + f"{'off':>7} {'on':>7} {'medians':>8} {'paired':>8}  " * 2, end="")
@@ -109,6 +110,12 @@ def run(args: argparse.Namespace) -> None:
     print(
         f"\nInside the 10,000-row update (EXPLAIN ANALYZE): the trigger takes {trigger_ms:.1f} ms,"
         f" {_pct(1 + share)} of the update without it (median of {args.bulk_repeat})."
+    )
+    print(
+        f"Inside set_asset_selection (track_functions): the trigger functions' own time is"
+        f" {there:.3f} ms a call with the mark there, {cleared:.3f} ms with it cleared:"
+        f" {_pct(1 + there / plain)} and {_pct(1 + cleared / plain)} of a call without them"
+        f" ({plain:.2f} ms, median)."
     )
     print(f"An empty writer() block in a transaction: {tag:.3f} ms (median).")
     print(
@@ -362,6 +369,69 @@ def measure_in_statement(state: State, *, repeat: int) -> tuple[float, float]:
         shares.append(trigger / (total - trigger))
         trigger_ms.append(trigger)
     return statistics.median(trigger_ms), statistics.median(shares)
+
+
+def measure_in_calls(state: State, *, calls: int) -> tuple[float, float, float]:
+    """The trigger functions' own time in one set_asset_selection call, as PostgreSQL counts it
+    (``track_functions``): ms a call with the mark there, with it cleared, and the median call
+    with the triggers off. Unlike the side-by-side times, this is the triggers' work alone, not
+    a difference between two noisy figures."""
+    import psycopg
+    from django.db import connection
+
+    from connections.models import PlatformConnection
+    from connections.services import set_asset_selection
+
+    connection_ = PlatformConnection.objects.get(pk=state.connection_id)
+    url = os.environ["DATABASE_URL"]
+
+    def spent() -> float:
+        """ms in the trigger functions so far, once this session's counts are flushed."""
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_stat_force_next_flush()")
+        # The counts reach shared memory when the session next goes idle (it is now).
+        with psycopg.connect(url, autocommit=True) as other:
+            for _ in range(50):
+                row = other.execute(
+                    "SELECT coalesce(sum(self_time), 0), coalesce(sum(calls), 0) "
+                    "FROM pg_stat_user_functions WHERE funcname LIKE 'profile_sync_mark%%'"
+                ).fetchone()
+                if row[1] >= expected:
+                    return float(row[0])
+                time.sleep(0.02)
+        raise SystemExit("pg_stat_user_functions did not count the trigger calls")
+
+    with connection.cursor() as cursor:
+        cursor.execute("SET track_functions = 'pl'")
+    set_triggers(enabled=True)
+    figures = []
+    expected = 0
+    selected = False
+    for cleared in (False, True):
+        clear_marks()
+        before = spent() if expected else 0.0
+        for n in range(calls):
+            if cleared:
+                clear_marks()
+            asset = state.asset_ids[n % len(state.asset_ids)]
+            set_asset_selection(connection=connection_, asset_ids=[asset], selected=selected)
+            if (n + 1) % len(state.asset_ids) == 0:
+                selected = not selected
+        expected += 2 * calls  # an asset's update and its profile's: one trigger call each
+        figures.append((spent() - before) / calls)
+    with connection.cursor() as cursor:
+        cursor.execute("SET track_functions = 'none'")
+    set_triggers(enabled=False)
+    off = []
+    for n in range(calls):
+        asset = state.asset_ids[n % len(state.asset_ids)]
+        started = time.perf_counter()
+        set_asset_selection(connection=connection_, asset_ids=[asset], selected=selected)
+        off.append((time.perf_counter() - started) * 1000)
+        if (n + 1) % len(state.asset_ids) == 0:
+            selected = not selected
+    set_triggers(enabled=True)
+    return figures[0], figures[1], statistics.median(off)
 
 
 def measure_writer_block(*, calls: int) -> float:
