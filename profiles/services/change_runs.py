@@ -14,11 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from functools import reduce
-from operator import or_
 from uuid import UUID
 
-from django.db.models import Q
 from django.utils import timezone
 
 from profiles.models import AuditRun, ChangeLoop, ChangeMark, UnsettledOrganization
@@ -54,8 +51,13 @@ def clear_marks(taken: Mapping[UUID, int]) -> int:
     statement). A mark written after it was taken has another version and stays."""
     if not taken:
         return 0
-    pairs = (Q(organization_id=org, version=version) for org, version in taken.items())
-    deleted, _ = ChangeMark.objects.filter(reduce(or_, pairs)).delete()
+    # Two IN lists, not one OR of (organization, version) pairs (a chunk's hundred pairs were
+    # planned as a hundred index scans: a fifteenth of a sweep's fix). Exact all the same:
+    # every write takes a new version from a counter that never goes back, so a version names
+    # one write of one organization, and no other taken organization's mark can carry it.
+    deleted, _ = ChangeMark.objects.filter(
+        organization_id__in=list(taken), version__in=list(taken.values())
+    ).delete()
     return deleted
 
 
