@@ -343,6 +343,10 @@ def fix_chunk(
     ``into`` (returned) is filled as each transaction commits — so what is given back of the
     budget, and what the caller must dispatch (``to_sync``), is right even if the shard is
     interrupted halfway through the fall-back."""
+    # Earlier runs' missing profiles that exist by now are confirmed fixed (usually none).
+    # Before this chunk's fix: after it, the lookup would find this run's own findings just
+    # recorded sent, whose sync job (not sent yet) confirms them.
+    confirm_sent_findings(organization_ids=[p.organization_id for p in plans])
     over, reserved = budget.reserve(plans) if budget else (set(), 0)
     outcome = ChunkOutcome() if into is None else into
     try:
@@ -357,8 +361,6 @@ def fix_chunk(
     finally:
         if budget:
             budget.give_back(reserved - outcome.deleted)
-    # Earlier runs' missing profiles that exist by now are confirmed fixed (usually none).
-    confirm_sent_findings(organization_ids=[p.organization_id for p in plans])
     return outcome
 
 
