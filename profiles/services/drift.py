@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -169,6 +169,7 @@ class Drift:
 
 
 COLUMNS = [f.name for f in fields(Drift)]
+_FIELDS = {f.attname: f for f in DriftRecord._meta.concrete_fields}
 JSON_COLUMNS = ("recent_fixes", "last_writers")
 
 
@@ -368,9 +369,9 @@ class DriftBook:
                 changed[fp] = record
         if changed:
             upsert(
-                list(changed.values()),
+                [r for fp, r in changed.items() if fp in created],
+                [r for fp, r in changed.items() if fp not in created],
                 fix=fix,
-                existing=[r.id for fp, r in changed.items() if fp not in created],
             )
 
 
@@ -389,9 +390,8 @@ def _record_rows(organization_ids: list[UUID]) -> Iterable[tuple[Any, ...]]:
             *columns
         )
         return
-    fields_by_name = {f.attname: f for f in DriftRecord._meta.concrete_fields}
     select = ", ".join(
-        f"d.{fields_by_name[c].column}" + ("::text" if c in JSON_COLUMNS else "") for c in COLUMNS
+        f"d.{_FIELDS[c].column}" + ("::text" if c in JSON_COLUMNS else "") for c in COLUMNS
     )
     # OFFSET 0 keeps the subquery from being flattened into a join the planner may hash.
     sql = (
@@ -404,32 +404,27 @@ def _record_rows(organization_ids: list[UUID]) -> Iterable[tuple[Any, ...]]:
         yield from cursor.fetchall()
 
 
-UPSERT_SQL = """
-INSERT INTO {table} ({columns})
-SELECT {values} FROM jsonb_array_elements(%s::jsonb) AS r
-ON CONFLICT (organization_id, type, key) DO UPDATE SET {updates}
-"""
-
-
-def upsert(records: Sequence[Drift], *, fix: bool, existing: Sequence[UUID] = ()) -> None:
-    """Write the records, new or changed (``existing``: the ids of those read from the table).
+def upsert(created: Sequence[Drift], changed: Sequence[Drift], *, fix: bool) -> None:
+    """Write the chunk's new records and the changed ones it read from the table.
 
     PostgreSQL: the new ones in one INSERT from one JSON parameter, ON CONFLICT on the
-    fingerprint (another run may have created one meanwhile); the existing ones in one UPDATE by
-    id of only the columns a run changes, their shared writers' lists sent once. SQLite:
-    Django's bulk upsert, batched by its parameter limit. A dry run's writes leave the fixing
-    runs' columns as they are."""
+    fingerprint (another run may have created one meanwhile); the read ones in one UPDATE by id
+    of only the columns a run changes, their shared writers' lists sent once. SQLite: Django's
+    bulk upsert, batched by its parameter limit. A dry run's writes leave the fixing runs'
+    columns as they are."""
     if connection.vendor != "postgresql":
         DriftRecord.objects.bulk_create(
-            [DriftRecord(**{c: getattr(r, c) for c in COLUMNS}) for r in records],
+            [DriftRecord(**{c: getattr(r, c) for c in COLUMNS}) for r in (*created, *changed)],
             update_conflicts=True,
             unique_fields=["organization", "type", "key"],
             update_fields=UPDATED_FIELDS if fix else OBSERVED_FIELDS,
         )
-        if not fix and existing:  # as _dry_state does on PostgreSQL (a new one is not held)
-            DriftRecord.objects.filter(id__in=existing, held_since__isnull=False).exclude(
-                state__in=[DriftState.RESOLVED, DriftState.FIGHTING]
-            ).update(state=DriftState.FIGHTING)
+        if not fix and changed:  # as _dry_state does on PostgreSQL (a new one is not held)
+            DriftRecord.objects.filter(
+                id__in=[r.id for r in changed], held_since__isnull=False
+            ).exclude(state__in=[DriftState.RESOLVED, DriftState.FIGHTING]).update(
+                state=DriftState.FIGHTING
+            )
         return
     texts: dict[object, str] = {}  # the chunk's few organizations and times, each made once
 
@@ -440,9 +435,6 @@ def upsert(records: Sequence[Drift], *, fix: bool, existing: Sequence[UUID] = ()
             made = texts[value] = value.isoformat() if isinstance(value, datetime) else str(value)
         return made
 
-    read = set(existing)
-    created = [r for r in records if r.id not in read]
-    changed = [r for r in records if r.id in read]
     with connection.cursor() as cursor:
         if created:
             rows = [
@@ -477,30 +469,25 @@ def upsert(records: Sequence[Drift], *, fix: bool, existing: Sequence[UUID] = ()
             writers: dict[int, int] = {}
             lists: list[list[dict[str, Any]]] = []
 
-            def writers_at(value: list[dict[str, Any]]) -> int:
-                if (at := writers.get(id(value))) is None:
-                    at = writers[id(value)] = len(lists)
-                    lists.append(value)
-                return at
+            def value(record: Drift, name: str) -> Any:
+                v = getattr(record, name)
+                if name == "last_writers":
+                    if (at := writers.get(id(v))) is None:
+                        at = writers[id(v)] = len(lists)
+                        lists.append(v)
+                    return at
+                return text(v) if isinstance(v, datetime) else v
 
-            values: dict[str, Callable[[Drift], Any]] = {
-                "state": lambda r: r.state,
-                "last_seen_at": lambda r: text(r.last_seen_at),
-                "times_found": lambda r: r.times_found,
-                "resolved_at": lambda r: text(r.resolved_at),
-                "last_writers": lambda r: writers_at(r.last_writers),
-                "undone_by": lambda r: r.undone_by,
-                "undone_at": lambda r: text(r.undone_at),
-                "times_fixed": lambda r: r.times_fixed,
-                "last_fixed_at": lambda r: text(r.last_fixed_at),
-                "recent_fixes": lambda r: r.recent_fixes,
-                "held_since": lambda r: text(r.held_since),
-            }
             names = UPDATED_FIELDS if fix else OBSERVED_FIELDS
-            getters = [values[n] for n in names]
-            rows = [[str(r.id), *(get(r) for get in getters)] for r in changed]
+            rows = [[str(r.id), *(value(r, n) for n in names)] for r in changed]
             cursor.execute(_update_sql(fix=fix), [json.dumps(lists), json.dumps(rows)])
 
+
+UPSERT_SQL = """
+INSERT INTO {table} ({columns})
+SELECT {values} FROM jsonb_array_elements(%s::jsonb) AS r
+ON CONFLICT (organization_id, type, key) DO UPDATE SET {updates}
+"""
 
 UPDATE_SQL = """
 UPDATE {table} AS d SET {updates}
@@ -508,62 +495,59 @@ FROM jsonb_array_elements(%s::jsonb) AS r WHERE d.id = (r->>0)::uuid
 """
 
 
-def _update_sql(*, fix: bool) -> str:
-    """The UPDATE of existing records: each row a JSON array of its id and the changed columns
-    (UPDATED_FIELDS or OBSERVED_FIELDS, in order; ``last_writers`` an index into the first
-    parameter, the chunk's distinct writers' lists)."""
-    table = DriftRecord._meta.db_table
-    fields_by_name = {f.attname: f for f in DriftRecord._meta.concrete_fields}
-    names = UPDATED_FIELDS if fix else OBSERVED_FIELDS
-    updates = []
-    writers = ""
-    for i, name in enumerate(names, start=1):
-        field = fields_by_name[name]
-        if name == "last_writers":
-            # The writers' lists come first in the statement's text, so first in its parameters.
-            writers = "WITH lists AS MATERIALIZED (SELECT %s::jsonb AS l) "
-            value = f"(SELECT l -> ((r->>{i})::int) FROM lists)"
-        elif name in JSON_COLUMNS:
-            value = f"r->{i}"
-        else:
-            value = f"(r->>{i})::{field.db_type(connection)}"
-        if name == "state" and not fix:
-            # A dry run's state: held meanwhile by a fixing run, it stays fighting unless the
-            # dry run found it resolved.
-            value = (
-                f"CASE WHEN d.held_since IS NOT NULL AND {value} <> '{DriftState.RESOLVED}' "
-                f"THEN '{DriftState.FIGHTING}' ELSE {value} END"
-            )
-        updates.append(f"{field.column} = {value}")
-    return writers + UPDATE_SQL.format(table=table, updates=", ".join(updates))
-
-
 def _upsert_sql(*, fix: bool) -> str:
-    fields_by_name = {f.attname: f for f in DriftRecord._meta.concrete_fields}
-    values = []
-    for i, name in enumerate(COLUMNS):
-        field = fields_by_name[name]
-        # Each record is a JSON array in COLUMNS' order: JSON columns as they are, the rest as
-        # text cast to the column's type (JSON null is SQL NULL either way).
-        value = f"r->{i}" if name in JSON_COLUMNS else f"(r->>{i})::{field.db_type(connection)}"
-        values.append(value)
+    """The INSERT of new records: each a JSON array in COLUMNS' order."""
+    table = DriftRecord._meta.db_table
+    updates = [
+        f"{c} = "
+        + (
+            _dry_state(f"{table}.held_since", "EXCLUDED.state")
+            if c == "state" and not fix
+            else f"EXCLUDED.{c}"
+        )
+        for c in (UPDATED_FIELDS if fix else OBSERVED_FIELDS)
+    ]
     return UPSERT_SQL.format(
-        table=DriftRecord._meta.db_table,
-        columns=", ".join(str(fields_by_name[c].column) for c in COLUMNS),
-        values=", ".join(values),
-        updates=", ".join(
-            f"{c} = EXCLUDED.{c}" if fix or c != "state" else _dry_state(DriftRecord._meta.db_table)
-            for c in (UPDATED_FIELDS if fix else OBSERVED_FIELDS)
-        ),
+        table=table,
+        columns=", ".join(_FIELDS[c].column for c in COLUMNS),
+        values=", ".join(_json_value(i, c) for i, c in enumerate(COLUMNS)),
+        updates=", ".join(updates),
     )
 
 
-def _dry_state(table: str) -> str:
+def _update_sql(*, fix: bool) -> str:
+    """The UPDATE of records read from the table: each row a JSON array of its id and the
+    changed columns (UPDATED_FIELDS or OBSERVED_FIELDS, in order; ``last_writers`` an index into
+    the first parameter, the chunk's distinct writers' lists)."""
+    updates = []
+    for i, name in enumerate(UPDATED_FIELDS if fix else OBSERVED_FIELDS, start=1):
+        if name == "last_writers":
+            value = f"(SELECT l -> ((r->>{i})::int) FROM lists)"
+        else:
+            value = _json_value(i, name)
+        if name == "state" and not fix:
+            value = _dry_state("d.held_since", value)
+        updates.append(f"{_FIELDS[name].column} = {value}")
+    # The writers' lists come first in the statement's text, so first in its parameters.
+    return "WITH lists AS MATERIALIZED (SELECT %s::jsonb AS l) " + UPDATE_SQL.format(
+        table=DriftRecord._meta.db_table, updates=", ".join(updates)
+    )
+
+
+def _json_value(i: int, name: str) -> str:
+    """Element ``i`` of a JSON row as column ``name``'s value: JSON columns as they are, the
+    rest as text cast to the column's type (JSON null is SQL NULL either way)."""
+    if name in JSON_COLUMNS:
+        return f"r->{i}"
+    return f"(r->>{i})::{_FIELDS[name].db_type(connection)}"
+
+
+def _dry_state(held_since: str, state: str) -> str:
     """A dry run's state: held meanwhile by a fixing run (the dry run read the record before),
     it stays fighting unless the dry run found it resolved."""
     return (
-        f"state = CASE WHEN {table}.held_since IS NOT NULL AND EXCLUDED.state <> "
-        f"'{DriftState.RESOLVED}' THEN '{DriftState.FIGHTING}' ELSE EXCLUDED.state END"
+        f"CASE WHEN {held_since} IS NOT NULL AND {state} <> '{DriftState.RESOLVED}' "
+        f"THEN '{DriftState.FIGHTING}' ELSE {state} END"
     )
 
 
