@@ -1192,7 +1192,7 @@ class DriftRecordAdmin(ReadOnlyAdmin):
             {
                 "fields": [
                     "first_seen_at_text",
-                    "last_seen_at_text",
+                    "last_seen",
                     "times_found",
                     "times_fixed",
                     "last_fixed_at_text",
@@ -1289,10 +1289,6 @@ class DriftRecordAdmin(ReadOnlyAdmin):
     @admin.display(description="first seen")
     def first_seen_at_text(self, record: DriftRecord) -> str:
         return moment_html(record.first_seen_at)
-
-    @admin.display(description="last seen")
-    def last_seen_at_text(self, record: DriftRecord) -> str:
-        return moment_html(record.last_seen_at)
 
     @admin.display(description="last fixed")
     def last_fixed_at_text(self, record: DriftRecord) -> str:
