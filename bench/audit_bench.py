@@ -385,7 +385,7 @@ def _without_drift_history() -> None:
     records and write none (in this process only: not in fanned-out workers)."""
     from profiles.services import drift
 
-    def read(cls, organization_ids, *, now=None):
+    def read(cls, organization_ids, *, now=None, mark_writers=None):
         return cls(records={}, mark_writers={}, now=now, released=set())
 
     drift.DriftBook.read = classmethod(read)

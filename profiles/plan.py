@@ -483,6 +483,9 @@ class OrgPlan:
     unreadable_boost_rules: Mapping[UUID, str] = field(default_factory=dict)
     """Boost rules left as they are because their value cannot be read: {rule id: why}."""
     planning_seconds: float = field(default=0.0, compare=False)
+    mark_version: int | None = field(default=None, compare=False)
+    """The version of the organization's change mark in the snapshot it was planned from (None:
+    it had none). The same version under the fix's lock means nothing of it was written since."""
 
     @property
     def findings(self) -> tuple[Finding, ...]:

@@ -759,6 +759,18 @@ def change_marks(organization_ids: Sequence[UUID] | None = None) -> dict[UUID, i
     return dict(marks.values_list("organization_id", "version"))
 
 
+def change_marks_with_writers(
+    organization_ids: Sequence[UUID],
+) -> dict[UUID, tuple[int, list[dict[str, Any]]]]:
+    """{organization: (version, writers)} of these organizations' change marks (one query)."""
+    return {
+        org: (version, list(writers or []))
+        for org, version, writers in ChangeMark.objects.order_by()
+        .filter(organization_id__in=list(organization_ids))
+        .values_list("organization_id", "version", "writers")
+    }
+
+
 def oldest_change_mark() -> datetime | None:
     return (
         ChangeMark.objects.order_by("first_marked_at")

@@ -42,7 +42,6 @@ from profiles.models import (
 )
 from profiles.plan import SCOPES, Finding, Guard, OrgPlan, plan_organization, types_for_scopes
 from profiles.selectors import (
-    change_marks,
     load_snapshots,
     organization_id_chunks,
     shard_starts,
@@ -553,15 +552,21 @@ def work_shard(
             among=among,
         ):
             with collector_paused():
-                # Marks are taken before the snapshot: the audit sees at least their writes.
+                unsettled = unsettled_organizations(chunk) if sweep else set()
+                plans = plan_chunk(chunk, types=types, guard=guard)
+                # A change-driven run clears the marks it took when it started; any other run
+                # takes them as they were in the snapshot it planned from (read with it): the
+                # audit saw at least their writes.
                 if among is not None:
                     marks = {
                         o: shard.taken_marks[str(o)] for o in chunk if str(o) in shard.taken_marks
                     }
                 else:
-                    marks = change_marks(chunk) if run.fix or sweep else {}
-                unsettled = unsettled_organizations(chunk) if sweep else set()
-                plans = plan_chunk(chunk, types=types, guard=guard)
+                    marks = {
+                        p.organization_id: p.mark_version
+                        for p in plans
+                        if p.mark_version is not None and (run.fix or sweep)
+                    }
                 position.take_chunk(
                     chunk,
                     marks=marks,

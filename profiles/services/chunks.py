@@ -1,10 +1,11 @@
 """The audit of one chunk of organizations (at most 100, consecutive by id, of one shard).
 
-A chunk is read together (five queries), planned organization by organization
-(``profiles.plan``), and then either recorded (a dry run) or fixed, in one transaction that
-holds every organization's lock, re-reads the chunk, applies what still holds with one statement
-per kind of change, writes its findings, and moves the shard's cursor past it (DESIGN rules 4
-and 8). A chunk whose fix fails is redone one organization per transaction, so one
+A chunk is read together (five queries, and its change marks' versions), planned organization
+by organization (``profiles.plan``), and then either recorded (a dry run) or fixed, in one
+transaction that holds every organization's lock, reads again and re-plans the organizations
+written since they were planned (their mark's version moved), applies what still holds with one
+statement per kind of change, writes its findings, and moves the shard's cursor past it (DESIGN
+rules 4 and 8). A chunk whose fix fails is redone one organization per transaction, so one
 organization's failure stays its own (rule 6).
 
 In the same transaction the chunk's drift records are read and updated (one upsert,
@@ -48,7 +49,13 @@ from profiles.plan import (
     plan_organization,
     profiles_whose_settings_can_be_stale,
 )
-from profiles.selectors import add_queue_settings, consistent_reads, load_snapshots
+from profiles.selectors import (
+    add_queue_settings,
+    change_marks,
+    change_marks_with_writers,
+    consistent_reads,
+    load_snapshots,
+)
 from profiles.services.changes import (
     Change,
     apply_cleanup_findings,
@@ -192,11 +199,13 @@ def plan_chunk(
 
     Queue settings, most of a chunk's rows, are read once its profiles are planned, in the same
     consistent read: only those of profiles dead now or deleted by the plan, the only ones that
-    can be stale.
+    can be stale. So are the organizations' change-mark versions (``OrgPlan.mark_version``):
+    what a sweep takes, and how a fix knows an organization was not written since.
     """
     wholes: dict[UUID, tuple[Finding, ...] | None] = {}
     seconds: dict[UUID, float] = {}
     with consistent_reads():
+        versions = change_marks(organization_ids)
         snapshots = load_snapshots(organization_ids, queue_settings=False)
         candidates: list[UUID] = []
         for org in organization_ids:
@@ -212,7 +221,13 @@ def plan_chunk(
     for org in organization_ids:
         started = time.monotonic()
         plan = _plan_or_failure(snapshots[org], types=types, guard=guard, whole=wholes[org])
-        plans.append(replace(plan, planning_seconds=seconds[org] + time.monotonic() - started))
+        plans.append(
+            replace(
+                plan,
+                planning_seconds=seconds[org] + time.monotonic() - started,
+                mark_version=versions.get(org),
+            )
+        )
     return plans
 
 
@@ -414,9 +429,26 @@ def _fix_in_one_transaction(
     # The fix's writes are tagged: its change marks (and later findings) name the audit.
     with transaction.atomic(), writer(AUDIT_FIX):
         _lock_within_bound(org_ids, epoch=position.epoch)
-        fresh = load_snapshots(org_ids)
+        marks = change_marks_with_writers(org_ids)
         # Their drift history, read before the fix writes (its marks name the other writers).
-        drift = DriftBook.read(org_ids, now=now)
+        drift = DriftBook.read(
+            org_ids, now=now, mark_writers={org: w for org, (_, w) in marks.items()}
+        )
+        # Rule 4, under the locks: every write to an organization raises its change mark's
+        # version in the writing transaction (the triggers), so an organization whose version
+        # is the one it was planned at was not written since, and its plan holds as it is. The
+        # others are read and planned again — and so are those with a finding to hold, whose
+        # cleanup is judged again without it.
+        again = [
+            p.organization_id
+            for p in plans
+            if p.findings
+            and (
+                marks.get(p.organization_id, (None,))[0] != p.mark_version
+                or _held(drift, p.organization_id, p.findings)
+            )
+        ]
+        fresh = load_snapshots(again) if again else {}
         decided: list[tuple[OrgPlan, list[tuple[Finding, str, str]]]] = []
         decisions: list[Finding] = []
         cleanup: list[Finding] = []
@@ -425,9 +457,11 @@ def _fix_in_one_transaction(
             if not plan.findings:
                 decided.append((plan, []))
                 continue
-            snapshot = fresh[plan.organization_id]
+            snapshot = fresh.get(plan.organization_id)
             # What holds now, under the lock; the guard is judged again on it.
-            now_plan = _plan_or_failure(snapshot, types=types, guard=guard)
+            now_plan = (
+                plan if snapshot is None else _plan_or_failure(snapshot, types=types, guard=guard)
+            )
             if now_plan.error:  # its data turned bad meanwhile: nothing is written there
                 failed[str(plan.organization_id)] = now_plan.error
                 decided.append((plan, []))
@@ -435,6 +469,11 @@ def _fix_in_one_transaction(
             if plan.guarded or now_plan.guarded or plan.organization_id in over:
                 why = GUARDED if plan.guarded or now_plan.guarded else OVER_BUDGET
                 decided.append((plan, [(f, FindingOutcome.GUARDED, why) for f in plan.findings]))
+                continue
+            if snapshot is None:
+                decisions += plan.profile_findings
+                cleanup += plan.cleanup_findings
+                decided.append((plan, [(f, _applied_outcome(f), "") for f in plan.findings]))
                 continue
             still = set(now_plan.profile_findings)
             # A fingerprint that fights another writer is left alone (and what waits on it).

@@ -187,7 +187,15 @@ class DriftBook:
     held: set[Fingerprint] = field(default_factory=set)
 
     @classmethod
-    def read(cls, organization_ids: Sequence[UUID], *, now: datetime | None = None) -> DriftBook:
+    def read(
+        cls,
+        organization_ids: Sequence[UUID],
+        *,
+        now: datetime | None = None,
+        mark_writers: dict[UUID, list[dict[str, Any]]] | None = None,
+    ) -> DriftBook:
+        """``mark_writers``: the writers of the organizations' change marks, if the caller read
+        them already (a fix, with their versions); else read here."""
         ids = list(organization_ids)
         # JSON read as text and decoded once per distinct value: an organization's records
         # mostly share their writers (and have no recent fixes), so most rows cost no decoding.
@@ -207,13 +215,15 @@ class DriftBook:
             for i in json_at:
                 values[i] = decode(values[i])
             read.append(Drift(*values))
-        marks = ChangeMark.objects.filter(organization_id__in=ids).values_list(
-            "organization_id", "writers"
-        )
+        if mark_writers is None:
+            marks = ChangeMark.objects.filter(organization_id__in=ids).values_list(
+                "organization_id", "writers"
+            )
+            mark_writers = {org: list(writers or []) for org, writers in marks}
         records = {(r.organization_id, r.type, r.key): r for r in read}
         return cls(
             records=records,
-            mark_writers={org: list(writers or []) for org, writers in marks},
+            mark_writers=mark_writers,
             now=now or timezone.now(),
             released=set(),
             held={fp for fp, r in records.items() if r.held_since is not None},
