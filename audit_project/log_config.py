@@ -1,6 +1,7 @@
 """structlog set-up: JSON lines to ``logs/profile-sync-audit.log`` (rotated daily, 30 kept)
 through the ``profile-audit`` logger, and a console handler on stderr."""
 
+import logging
 import os
 import sys
 import time
@@ -78,6 +79,17 @@ class SharedTimedRotatingFileHandler(TimedRotatingFileHandler):
         return opened.st_nlink > 1
 
 
+class JSONLinesFormatter(structlog.stdlib.ProcessorFormatter):
+    """Renders a record as one JSON line once, however many handlers write it (the console and
+    the file both write every audit event: rendering it twice was a third of its cost)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = record.__dict__.get("_json_line")
+        if line is None:
+            line = record.__dict__["_json_line"] = super().format(record)
+        return line
+
+
 def build_logging_config(*, log_dir: Path, console_level: str | None = None) -> dict[str, Any]:
     """The ``LOGGING`` dict. A terminal gets a readable console at WARNING (the command prints
     its own report); anything else (a worker, a container) gets JSON lines at INFO."""
@@ -85,7 +97,7 @@ def build_logging_config(*, log_dir: Path, console_level: str | None = None) -> 
     interactive = sys.stderr.isatty()
     console_level = console_level or ("WARNING" if interactive else "INFO")
     json_formatter = {
-        "()": structlog.stdlib.ProcessorFormatter,
+        "()": JSONLinesFormatter,
         "foreign_pre_chain": _PRE_CHAIN,
         "processors": [
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
