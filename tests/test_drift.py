@@ -29,7 +29,7 @@ from profiles.services import retention
 from profiles.services.audit import ProfileConnectionAuditService
 from profiles.services.chunks import plan_chunk
 from profiles.services.drift import DriftBook, prune_quiet_records, resume_fixing
-from profiles.services.recording import FindingRow
+from profiles.services.recording import FindingRow, record_findings
 from profiles.services.revert import revert_run
 from tests.factories import AssetFactory, ConnectionFactory, OrganizationFactory
 from tests.strategies import build_org, org_states
@@ -302,6 +302,62 @@ def test_the_command_lists_findings_as_new_or_recurring(audit, committed, capsys
     assert " recurring " in again[0]
 
 
+def _finding_rows(org, plans, outcome=FindingOutcome.PLANNED):
+    return [
+        FindingRow(
+            organization_id=org.id,
+            type=f.type,
+            action=f.action,
+            model=f.model,
+            object_id=f.object_id,
+            platform=f.key[0] if f.key else "",
+            external_id=f.key[1] if f.key else "",
+            before=None,
+            after=None,
+            outcome=outcome,
+        )
+        for p in plans
+        for f in p.findings
+    ]
+
+
+def test_two_runs_meeting_a_fingerprint_at_once_make_one_record(audit, committed):
+    """A run that read no record for a fingerprint while another run made one links its finding
+    to that record: one record per fingerprint, and no finding points at a record not there."""
+    org, profile = deselected_profile()
+    plans = plan_chunk([org.id], types=ALL_TYPES, guard=Guard(minimum=5, ratio=0.5))
+    book = DriftBook.read([org.id])  # before the other run made the record
+    committed(audit.run_full_audit, org_id=org.id)
+    made = record_of(profile)
+    run = AuditRun.objects.create(trigger="command", fix=False)
+    rows = _finding_rows(org, plans)
+
+    with transaction.atomic():
+        book.record(rows, audited=[org.id], types=ALL_TYPES, run_id=run.id, fix=False)
+        first = record_findings(run_id=run.id, rows=rows, organizations=1)
+        book.write_from_findings(run_id=run.id, first_seq=first, last_seq=first + len(rows) - 1)
+
+    assert DriftRecord.objects.filter(object_id=profile.id).count() == 1
+    assert finding_of(run, profile).drift_id == made.id
+    linked = set(AuditFinding.objects.filter(run=run).values_list("drift_id", flat=True))
+    assert linked <= set(DriftRecord.objects.values_list("id", flat=True))
+
+
+def test_a_new_record_of_a_fix_counts_its_fix(audit):
+    """A fingerprint first met by a fixing run: found once, fixed once, its fix in the window
+    that judges a fight."""
+    org, profile = deselected_profile()
+
+    run = audit.run_full_audit(org_id=org.id, fix=True).run
+
+    record = record_of(profile)
+    assert (record.state, record.times_found, record.times_fixed) == (DriftState.OPEN, 1, 1)
+    assert record.last_fixed_at is not None
+    assert [f["run"] for f in record.recent_fixes] == [str(run.id)]
+    assert record.first_seen_at == record.last_seen_at == record.last_fixed_at
+    assert finding_of(run, profile).drift_id == record.id
+
+
 def test_a_dry_run_beside_a_fix_never_undoes_its_hold(audit, committed):
     """Records are read without row locks: a dry run that read a record before a fixing run
     held it writes only what it observed, and the hold stays."""
@@ -313,22 +369,7 @@ def test_a_dry_run_beside_a_fix_never_undoes_its_hold(audit, committed):
     committed(audit.run_full_audit, org_id=org.id, fix=True)  # holds it
     held_since = record_of(profile).held_since
     assert held_since is not None
-    rows = [
-        FindingRow(
-            organization_id=org.id,
-            type=f.type,
-            action=f.action,
-            model=f.model,
-            object_id=f.object_id,
-            platform=f.key[0] if f.key else "",
-            external_id=f.key[1] if f.key else "",
-            before=None,
-            after=None,
-            outcome=FindingOutcome.PLANNED,
-        )
-        for p in dry_plans
-        for f in p.findings
-    ]
+    rows = _finding_rows(org, dry_plans)
     dry_book.record(rows, audited=[org.id], types=ALL_TYPES, run_id=uuid.uuid4(), fix=False)
 
     record = record_of(profile)

@@ -4,7 +4,9 @@ Every finding has a **fingerprint** — (organization, type, key): the object's 
 ``platform:external_id`` for a missing profile — and one ``DriftRecord`` per fingerprint keeps
 its history across runs. A chunk reads its organizations' records once (``DriftBook.read``, in
 the chunk's transaction), a fixing chunk asks it which findings to hold (``DriftBook.holds``),
-and the chunk's findings update the records in one statement (``DriftBook.record``).
+and the chunk's findings update the records in one statement (``DriftBook.record``; on
+PostgreSQL the new ones, and those only seen again, are written from their findings once those
+are in, ``DriftBook.write_from_findings``).
 
 States: *open* while found and not fixed; *resolved* once an audit of its organization (for its
 type) no longer finds it; *recurring* when found again after it was fixed or resolved;
@@ -34,7 +36,7 @@ from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
 from profiles.change_marks import AUDIT_FIX, AUDIT_REVERT
-from profiles.models import ChangeMark, DriftRecord, DriftState, FindingOutcome
+from profiles.models import AuditFinding, ChangeMark, DriftRecord, DriftState, FindingOutcome
 from profiles.services.recording import FindingRow
 
 # The audit's own writers: never "the other writer" of a fight.
@@ -185,6 +187,11 @@ class DriftBook:
     released: set[Fingerprint]
     # Fingerprints held (fighting) when read: few or none, so most findings skip the lookup.
     held: set[Fingerprint] = field(default_factory=set)
+    # PostgreSQL, for ``write_from_findings``: the records ``record`` created, and those it
+    # wrote itself (the others it saw are counted from their findings).
+    unwritten: list[Drift] = field(default_factory=list)
+    rewritten: list[UUID] = field(default_factory=list)
+    fixing: bool = False
 
     @classmethod
     def read(
@@ -294,12 +301,16 @@ class DriftBook:
     ) -> None:
         """Count the chunk's findings on their records (new ones created), resolve the records of
         ``audited`` organizations (of the run's ``types``) that were not found again, and link
-        each row to its record: one statement."""
+        each row to its record: one statement (on PostgreSQL the new records, and those only seen
+        again, follow from their findings in ``write_from_findings``)."""
         now = self.now
         fix_needed = settings.PROFILE_AUDIT_FIGHT_FIXES
         since = self._window_start()
         changed: dict[Fingerprint, Drift] = {}
         created: set[Fingerprint] = set()
+        # Records found again whose story did not change (most of them, drift that stays): only
+        # counted, which PostgreSQL does from their findings (``write_from_findings``).
+        seen: set[Fingerprint] = set()
         # The writers of a new record are its organization's marks' writers: shared.
         org_writers: dict[UUID, list[dict[str, Any]]] = {}
         merged: dict[tuple[UUID, int], list[dict[str, Any]]] = {}
@@ -325,9 +336,10 @@ class DriftBook:
                     first_seen_at=now,
                     last_seen_at=now,
                 )
-                recurring = False
+                recurring, story = False, None
             else:
                 recurring = record.state != DriftState.OPEN or record.last_fixed_at is not None
+                story = _story(record)
             if record.last_writers and record.state != DriftState.RESOLVED:
                 # Shared lists (decoded once), so merged once per organization and list.
                 pair = (org, id(record.last_writers))
@@ -363,6 +375,8 @@ class DriftBook:
                 record.state = DriftState.OPEN
             record.resolved_at = None
             changed[fp] = record
+            if story is not None and _story(record) == story:
+                seen.add(fp)
             row.drift_id = record.id
             row.recurring = recurring
             row.writers = writers or None
@@ -377,12 +391,74 @@ class DriftBook:
                 record.state = DriftState.RESOLVED
                 record.resolved_at = now
                 changed[fp] = record
-        if changed:
-            upsert(
-                [r for fp, r in changed.items() if fp in created],
-                [r for fp, r in changed.items() if fp not in created],
-                fix=fix,
+        if not changed:
+            return
+        new = [r for fp, r in changed.items() if fp in created]
+        read = [r for fp, r in changed.items() if fp not in created]
+        if connection.vendor == "postgresql":
+            # A new record is made of its finding's columns, and one only seen again is counted
+            # from its finding: the server does both once the findings are in
+            # (``write_from_findings``), instead of Python sending each row twice.
+            self.unwritten, self.fixing = new, fix
+            self.rewritten = [r.id for fp, r in changed.items() if fp not in seen]
+            new, read = [], [r for fp, r in changed.items() if fp not in created and fp not in seen]
+        upsert(new, read, fix=fix)
+        if new:  # SQLite: a record another run made meanwhile was updated, not made anew
+            made = set(
+                DriftRecord.objects.filter(id__in=[r.id for r in new]).values_list("id", flat=True)
             )
+            taken = {(r.organization_id, r.type, r.key): r.id for r in new if r.id not in made}
+            if taken:
+                existing = {
+                    (org, type_, key): id_
+                    for id_, org, type_, key in DriftRecord.objects.filter(
+                        organization_id__in={fp[0] for fp in taken}, key__in={fp[2] for fp in taken}
+                    ).values_list("id", "organization_id", "type", "key")
+                }
+                relinked = {taken[fp]: existing[fp] for fp in taken if fp in existing}
+                for row in rows:
+                    if row.drift_id in relinked:
+                        row.drift_id = relinked[row.drift_id]
+
+    def write_from_findings(self, *, run_id: UUID, first_seq: int, last_seq: int) -> None:
+        """PostgreSQL, once the chunk's findings are recorded (``run_id``'s ``first_seq`` to
+        ``last_seq``): count the records seen again whose story did not change, and insert
+        those ``record`` created, each from its finding (one statement each). A record another
+        run created meanwhile stays as that run wrote it, and the findings are linked to it."""
+        if connection.vendor != "postgresql" or last_seq < first_seq:
+            return
+        with connection.cursor() as cursor:
+            # Before the insert: a new record's finding must not count it twice.
+            cursor.execute(
+                _count_seen_sql(),
+                {
+                    "run": run_id,
+                    "first": first_seq,
+                    "last": last_seq,
+                    "now": self.now,
+                    "rewritten": self.rewritten,
+                },
+            )
+        self.rewritten = []
+        if not self.unwritten:
+            return
+        ids = [r.id for r in self.unwritten]
+        params: dict[str, Any] = {
+            "run": run_id,
+            "first": first_seq,
+            "last": last_seq,
+            "ids": ids,
+            "now": self.now,
+            "fix": self.fixing,
+            "at": self.now.isoformat(),
+            "run_text": str(run_id),
+            "fixed": list(FIXING_OUTCOMES),
+        }
+        with connection.cursor() as cursor:
+            cursor.execute(_insert_new_sql(), params)
+            if cursor.rowcount < len(ids):
+                cursor.execute(_link_to_existing_sql(), params)
+        self.unwritten = []
 
 
 def _record_rows(organization_ids: list[UUID]) -> Iterable[tuple[Any, ...]]:
@@ -417,11 +493,11 @@ def _record_rows(organization_ids: list[UUID]) -> Iterable[tuple[Any, ...]]:
 def upsert(created: Sequence[Drift], changed: Sequence[Drift], *, fix: bool) -> None:
     """Write the chunk's new records and the changed ones it read from the table.
 
-    PostgreSQL: the new ones in one INSERT from one JSON parameter, ON CONFLICT on the
-    fingerprint (another run may have created one meanwhile); the read ones in one UPDATE by id
-    of only the columns a run changes, their shared writers' lists sent once. SQLite: Django's
-    bulk upsert, batched by its parameter limit. A dry run's writes leave the fixing runs'
-    columns as they are."""
+    PostgreSQL: the read ones in one UPDATE by id of only the columns a run changes, their
+    shared writers' lists sent once (the new ones, and those only seen again, are
+    ``DriftBook.write_from_findings``'). SQLite:
+    Django's bulk upsert of both, batched by its parameter limit. A dry run's writes leave the
+    fixing runs' columns as they are."""
     if connection.vendor != "postgresql":
         DriftRecord.objects.bulk_create(
             [DriftRecord(**{c: getattr(r, c) for c in COLUMNS}) for r in (*created, *changed)],
@@ -436,68 +512,34 @@ def upsert(created: Sequence[Drift], changed: Sequence[Drift], *, fix: bool) -> 
                 state=DriftState.FIGHTING
             )
         return
-    texts: dict[object, str] = {}  # the chunk's few organizations and times, each made once
+    assert not created, "new records are written from their findings (write_from_findings)"
+    if not changed:
+        return
+    texts: dict[object, str] = {}  # the chunk's few times, each made once
 
-    def text(value: UUID | datetime | None) -> str | None:
-        if value is None:
-            return None
+    def text(value: datetime) -> str:
         if (made := texts.get(value)) is None:
-            made = texts[value] = value.isoformat() if isinstance(value, datetime) else str(value)
+            made = texts[value] = value.isoformat()
         return made
 
+    # An organization's records share their writers' list (one object): sent once.
+    writers: dict[int, int] = {}
+    lists: list[list[dict[str, Any]]] = []
+
+    def value(record: Drift, name: str) -> Any:
+        v = getattr(record, name)
+        if name == "last_writers":
+            if (at := writers.get(id(v))) is None:
+                at = writers[id(v)] = len(lists)
+                lists.append(v)
+            return at
+        return text(v) if isinstance(v, datetime) else v
+
+    names = UPDATED_FIELDS if fix else OBSERVED_FIELDS
+    rows = [[str(r.id), *(value(r, n) for n in names)] for r in changed]
     with connection.cursor() as cursor:
-        if created:
-            rows = [
-                [
-                    str(r.id),
-                    text(r.organization_id),
-                    r.type,
-                    r.model,
-                    r.key,
-                    None if r.object_id is None else r.key,  # an object's key is its id
-                    r.platform,
-                    r.external_id,
-                    r.state,
-                    text(r.first_seen_at),
-                    text(r.last_seen_at),
-                    r.times_found,
-                    r.times_fixed,
-                    text(r.last_fixed_at),
-                    text(r.resolved_at),
-                    r.recent_fixes,
-                    text(r.held_since),
-                    r.last_writers,
-                    r.undone_by,
-                    text(r.undone_at),
-                    r.resumed_by,
-                ]
-                for r in created
-            ]
-            cursor.execute(_upsert_sql(fix=fix), [json.dumps(rows)])
-        if changed:
-            # An organization's records share their writers' list (one object): sent once.
-            writers: dict[int, int] = {}
-            lists: list[list[dict[str, Any]]] = []
+        cursor.execute(_update_sql(fix=fix), [json.dumps(lists), json.dumps(rows)])
 
-            def value(record: Drift, name: str) -> Any:
-                v = getattr(record, name)
-                if name == "last_writers":
-                    if (at := writers.get(id(v))) is None:
-                        at = writers[id(v)] = len(lists)
-                        lists.append(v)
-                    return at
-                return text(v) if isinstance(v, datetime) else v
-
-            names = UPDATED_FIELDS if fix else OBSERVED_FIELDS
-            rows = [[str(r.id), *(value(r, n) for n in names)] for r in changed]
-            cursor.execute(_update_sql(fix=fix), [json.dumps(lists), json.dumps(rows)])
-
-
-UPSERT_SQL = """
-INSERT INTO {table} ({columns})
-SELECT {values} FROM jsonb_array_elements(%s::jsonb) AS r
-ON CONFLICT (organization_id, type, key) DO UPDATE SET {updates}
-"""
 
 UPDATE_SQL = """
 UPDATE {table} AS d SET {updates}
@@ -505,23 +547,84 @@ FROM jsonb_array_elements(%s::jsonb) AS r WHERE d.id = (r->>0)::uuid
 """
 
 
-def _upsert_sql(*, fix: bool) -> str:
-    """The INSERT of new records: each a JSON array in COLUMNS' order."""
-    table = DriftRecord._meta.db_table
-    updates = [
-        f"{c} = "
-        + (
-            _dry_state(f"{table}.held_since", "EXCLUDED.state")
-            if c == "state" and not fix
-            else f"EXCLUDED.{c}"
-        )
-        for c in (UPDATED_FIELDS if fix else OBSERVED_FIELDS)
-    ]
-    return UPSERT_SQL.format(
-        table=table,
-        columns=", ".join(_FIELDS[c].column for c in COLUMNS),
-        values=", ".join(_json_value(i, c) for i, c in enumerate(COLUMNS)),
-        updates=", ".join(updates),
+def _finding_key(f: str) -> str:
+    """A finding's fingerprint key in SQL, as ``fingerprint_key`` makes it."""
+    return f"coalesce({f}.object_id::text, {f}.platform || ':' || {f}.external_id)"
+
+
+def _insert_new_sql() -> str:
+    """The records of a chunk's new fingerprints, made of their findings: first seen now, found
+    once, fixed once if a fixing run fixed (or sent) the finding, its writers the finding's."""
+    fixes = "(%(fix)s AND f.outcome = ANY(%(fixed)s))"
+    values = {
+        "id": "f.drift_id",
+        "organization_id": "f.organization_id",
+        "type": "f.type",
+        "model": "f.model",
+        "key": _finding_key("f"),
+        "object_id": "f.object_id",
+        "platform": "f.platform",
+        "external_id": "f.external_id",
+        "state": f"'{DriftState.OPEN}'",
+        "first_seen_at": "%(now)s",
+        "last_seen_at": "%(now)s",
+        "times_found": "1",
+        "times_fixed": f"CASE WHEN {fixes} THEN 1 ELSE 0 END",
+        "last_fixed_at": f"CASE WHEN {fixes} THEN %(now)s END",
+        "resolved_at": "NULL",
+        "recent_fixes": f"CASE WHEN {fixes} THEN jsonb_build_array(jsonb_build_object("
+        "'at', %(at)s::text, 'run', %(run_text)s::text)) ELSE '[]'::jsonb END",
+        "held_since": "NULL",
+        "last_writers": "coalesce(f.writers, '[]'::jsonb)",
+        "undone_by": "''",
+        "undone_at": "NULL",
+        "resumed_by": "''",
+    }
+    assert list(values) == COLUMNS
+    return (
+        f"INSERT INTO {DriftRecord._meta.db_table} "
+        f"({', '.join(_FIELDS[c].column for c in COLUMNS)}) "
+        f"SELECT {', '.join(values.values())} FROM {AuditFinding._meta.db_table} f "
+        "WHERE f.run_id = %(run)s AND f.seq BETWEEN %(first)s AND %(last)s "
+        "AND f.drift_id = ANY(%(ids)s) ON CONFLICT DO NOTHING"
+    )
+
+
+def _count_seen_sql() -> str:
+    """The records the chunk's findings point at, but those written whole (new, or their story
+    changed): found once more, last seen now, their writers the finding's."""
+    return (
+        f"UPDATE {DriftRecord._meta.db_table} d SET times_found = d.times_found + 1, "
+        "last_seen_at = %(now)s, last_writers = coalesce(f.writers, '[]'::jsonb) "
+        f"FROM {AuditFinding._meta.db_table} f "
+        "WHERE f.run_id = %(run)s AND f.seq BETWEEN %(first)s AND %(last)s "
+        "AND d.id = f.drift_id AND NOT (f.drift_id = ANY(%(rewritten)s::uuid[]))"
+    )
+
+
+def _story(record: Drift) -> tuple[Any, ...]:
+    """What of a record says more than that it was seen again."""
+    return (
+        record.state,
+        record.undone_by,
+        record.undone_at,
+        record.times_fixed,
+        record.last_fixed_at,
+        record.held_since,
+        record.recent_fixes,
+    )
+
+
+def _link_to_existing_sql() -> str:
+    """Findings whose new record lost the race to another run's: linked to that one."""
+    drift, findings = DriftRecord._meta.db_table, AuditFinding._meta.db_table
+    return (
+        f"UPDATE {findings} f SET drift_id = d.id FROM {drift} d "
+        "WHERE f.run_id = %(run)s AND f.seq BETWEEN %(first)s AND %(last)s "
+        "AND f.drift_id = ANY(%(ids)s) "
+        f"AND NOT EXISTS (SELECT 1 FROM {drift} x WHERE x.id = f.drift_id) "
+        f"AND d.organization_id = f.organization_id AND d.type = f.type "
+        f"AND d.key = {_finding_key('f')}"
     )
 
 

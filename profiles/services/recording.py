@@ -84,11 +84,11 @@ FINDING_COLUMNS = (
 )
 
 
-def record_findings(*, run_id: UUID, rows: Sequence[FindingRow], organizations: int) -> None:
+def record_findings(*, run_id: UUID, rows: Sequence[FindingRow], organizations: int) -> int:
     """Add ``rows`` to the run, numbered after its findings so far, and add them (and
     ``organizations`` audited) to its counts. Call it inside the transaction of the work the
     rows describe: the run's row stays locked until that commits, so concurrent shards number
-    their findings without gaps or overlaps."""
+    their findings without gaps or overlaps. Returns the first row's number (``seq``)."""
     found = len(rows)
     fixed = sum(1 for r in rows if r.fixed)
     if connection.vendor == "postgresql":
@@ -111,8 +111,10 @@ def record_findings(*, run_id: UUID, rows: Sequence[FindingRow], organizations: 
             last_progress_at=timezone.now(),
         )
         last = AuditRun.objects.filter(id=run_id).values_list("findings_recorded", flat=True).get()
+    first_seq: int = last - found + 1
     if rows:
-        _insert(run_id, rows, first_seq=last - found + 1)
+        _insert(run_id, rows, first_seq=first_seq)
+    return first_seq
 
 
 def _insert(run_id: UUID, rows: Sequence[FindingRow], *, first_seq: int) -> None:

@@ -300,7 +300,10 @@ class ShardCursor:
         if drift is None:
             drift = DriftBook.read(covered)
         drift.record(rows, audited=audited, types=self.types, run_id=self.run_id, fix=self.fix)
-        record_findings(run_id=self.run_id, rows=rows, organizations=organizations)
+        first_seq = record_findings(run_id=self.run_id, rows=rows, organizations=organizations)
+        drift.write_from_findings(
+            run_id=self.run_id, first_seq=first_seq, last_seq=first_seq + len(rows) - 1
+        )
         shards = AuditShard.objects.filter(id=self.shard_id, status=ShardStatus.RUNNING)
         shards = (
             shards.filter(cursor__isnull=True)
