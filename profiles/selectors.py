@@ -297,8 +297,9 @@ class _SnapshotReadORM:
 
 
 class _SnapshotReadPostgreSQL:
-    """The same reads as plain SQL with one array parameter each (``= ANY(%s)``), bound on the
-    server and fetched at once in binary, with psycopg's own loaders: three times faster than
+    """The same reads as plain SQL with one array parameter each (``= ANY(%b)``), bound on the
+    server (the arrays dumped in binary: seven times faster than text for a list of UUIDs) and
+    fetched at once in binary, with psycopg's own loaders: three times faster than
     the ORM's ``IN (...)`` and its row-by-row iteration, which cost more than the queries
     themselves, and a fifth faster again than text results (bench/README.md)."""
 
@@ -328,21 +329,21 @@ class _SnapshotReadPostgreSQL:
     def connections(self, orgs: Sequence[UUID]) -> Iterable[_ConnectionRead]:
         return self._fetch(
             f"SELECT id, organization_id, status, deleted_at, created_at "
-            f"FROM {PlatformConnection._meta.db_table} WHERE organization_id = ANY(%s)",
+            f"FROM {PlatformConnection._meta.db_table} WHERE organization_id = ANY(%b)",
             orgs,
         )
 
     def selected_assets(self, connection_ids: Sequence[UUID]) -> Iterable[_AssetRead]:
         return self._fetch(
             f"SELECT id, connection_id, asset_type, external_id, name, created_at "
-            f"FROM {ConnectionAsset._meta.db_table} WHERE connection_id = ANY(%s) AND is_selected",
+            f"FROM {ConnectionAsset._meta.db_table} WHERE connection_id = ANY(%b) AND is_selected",
             connection_ids,
         )
 
     def profiles(self, orgs: Sequence[UUID]) -> Iterable[_ProfileRead]:
         return self._fetch(
             f"SELECT id, organization_id, connection_id, platform, external_id, deleted_at "
-            f"FROM {SocialProfile._meta.db_table} WHERE organization_id = ANY(%s)",
+            f"FROM {SocialProfile._meta.db_table} WHERE organization_id = ANY(%b)",
             orgs,
         )
 
@@ -353,13 +354,13 @@ class _SnapshotReadPostgreSQL:
         if profile_ids is None:
             return self._fetch(
                 f"SELECT id, organization_id, profile_id FROM {table} "
-                "WHERE organization_id = ANY(%s) AND deleted_at IS NULL",
+                "WHERE organization_id = ANY(%b) AND deleted_at IS NULL",
                 orgs,
             )
         # By profile (the foreign key's index); the organization is the plan's to judge.
         return self._fetch(
             f"SELECT id, organization_id, profile_id FROM {table} "
-            "WHERE profile_id = ANY(%s) AND deleted_at IS NULL AND organization_id = ANY(%s)",
+            "WHERE profile_id = ANY(%b) AND deleted_at IS NULL AND organization_id = ANY(%b)",
             profile_ids,
             orgs,
         )
@@ -374,7 +375,7 @@ class _SnapshotReadPostgreSQL:
             f"SELECT c.organization_id, a.id, a.connection_id, a.asset_type, a.external_id, "
             f"a.name, a.created_at FROM {ConnectionAsset._meta.db_table} a "
             f"JOIN {PlatformConnection._meta.db_table} c ON c.id = a.connection_id "
-            "JOIN unnest(%s::uuid[], %s::text[], %s::text[]) AS k(org, asset_type, external_id) "
+            "JOIN unnest(%b::uuid[], %b::text[], %b::text[]) AS k(org, asset_type, external_id) "
             "ON a.asset_type = k.asset_type AND a.external_id = k.external_id "
             "AND c.organization_id = k.org WHERE a.is_selected",
             [orgs, asset_types, external_ids],
@@ -389,7 +390,7 @@ class _SnapshotReadPostgreSQL:
         self._cursor.execute(
             f"SELECT p.organization_id, p.id, p.connection_id, p.platform, p.external_id, "
             f"p.deleted_at FROM {SocialProfile._meta.db_table} p "
-            "JOIN unnest(%s::uuid[], %s::text[], %s::text[]) AS k(org, platform, external_id) "
+            "JOIN unnest(%b::uuid[], %b::text[], %b::text[]) AS k(org, platform, external_id) "
             "ON p.organization_id = k.org AND p.platform = k.platform "
             "AND p.external_id = k.external_id",
             [orgs, platforms, external_ids],
@@ -402,7 +403,7 @@ class _SnapshotReadPostgreSQL:
             (id_, org, decode_json(text))
             for id_, org, text in self._fetch(
                 f"SELECT id, organization_id, profile_ids::text FROM {BoostRule._meta.db_table} "
-                "WHERE organization_id = ANY(%s) AND deleted_at IS NULL",
+                "WHERE organization_id = ANY(%b) AND deleted_at IS NULL",
                 orgs,
             )
         ]
