@@ -486,6 +486,8 @@ class OrgPlan:
     mark_version: int | None = field(default=None, compare=False)
     """The version of the organization's change mark in the snapshot it was planned from (None:
     it had none). The same version under the fix's lock means nothing of it was written since."""
+    mark_writers: Sequence[dict[str, Any]] = field(default=(), compare=False)
+    """That mark's writers (what a dry run's drift records name)."""
 
     @property
     def findings(self) -> tuple[Finding, ...]:

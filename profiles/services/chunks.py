@@ -1,6 +1,6 @@
 """The audit of one chunk of organizations (at most 100, consecutive by id, of one shard).
 
-A chunk is read together (five queries, and its change marks' versions), planned organization
+A chunk is read together (five queries, and its change marks), planned organization
 by organization (``profiles.plan``), and then either recorded (a dry run) or fixed, in one
 transaction that holds every organization's lock, reads again and re-plans the organizations
 written since they were planned (their mark's version moved), applies what still holds with one
@@ -51,7 +51,6 @@ from profiles.plan import (
 )
 from profiles.selectors import (
     add_queue_settings,
-    change_marks,
     change_marks_with_writers,
     consistent_reads,
     load_snapshots,
@@ -199,13 +198,14 @@ def plan_chunk(
 
     Queue settings, most of a chunk's rows, are read once its profiles are planned, in the same
     consistent read: only those of profiles dead now or deleted by the plan, the only ones that
-    can be stale. So are the organizations' change-mark versions (``OrgPlan.mark_version``):
-    what a sweep takes, and how a fix knows an organization was not written since.
+    can be stale. So are the organizations' change marks (``OrgPlan.mark_version``, and
+    ``mark_writers``): what a sweep takes, how a fix knows an organization was not written
+    since, and whom a dry run's drift records name.
     """
     wholes: dict[UUID, tuple[Finding, ...] | None] = {}
     seconds: dict[UUID, float] = {}
     with consistent_reads():
-        versions = change_marks(organization_ids)
+        marks = change_marks_with_writers(organization_ids)
         snapshots = load_snapshots(organization_ids, queue_settings=False)
         candidates: list[UUID] = []
         for org in organization_ids:
@@ -225,7 +225,8 @@ def plan_chunk(
             replace(
                 plan,
                 planning_seconds=seconds[org] + time.monotonic() - started,
-                mark_version=versions.get(org),
+                mark_version=marks[org][0] if org in marks else None,
+                mark_writers=marks[org][1] if org in marks else (),
             )
         )
     return plans
@@ -323,7 +324,10 @@ def record_dry_chunk(
             OrgOutcome(plan, found=len(plan.findings), guarded=plan.guarded, error=plan.error)
         )
     with transaction.atomic():
-        drift = DriftBook.read([p.organization_id for p in plans])
+        drift = DriftBook.read(
+            [p.organization_id for p in plans],
+            mark_writers={p.organization_id: list(p.mark_writers) for p in plans},
+        )
         for row in rows:
             if drift.fighting(row):
                 row.detail = DRY_FIGHTING

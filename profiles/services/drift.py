@@ -20,7 +20,6 @@ out of the count (``forget_fixes``): the audit never fights itself.
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
@@ -191,6 +190,7 @@ class DriftBook:
     # wrote itself (the others it saw are counted from their findings).
     unwritten: list[Drift] = field(default_factory=list)
     rewritten: list[UUID] = field(default_factory=list)
+    seen: int = 0
     fixing: bool = False
 
     @classmethod
@@ -324,7 +324,9 @@ class DriftBook:
             if record is None:
                 created.add(fp)
                 record = self.records[fp] = Drift(
-                    id=uuid.uuid4(),
+                    # A new record takes its first finding's id (both random): the server then
+                    # knows the findings that make a record (``write_from_findings``).
+                    id=row.id,
                     organization_id=org,
                     type=str(row.type),
                     model=row.model,
@@ -399,9 +401,10 @@ class DriftBook:
             # A new record is made of its finding's columns, and one only seen again is counted
             # from its finding: the server does both once the findings are in
             # (``write_from_findings``), instead of Python sending each row twice.
-            self.unwritten, self.fixing = new, fix
-            self.rewritten = [r.id for fp, r in changed.items() if fp not in seen]
-            new, read = [], [r for fp, r in changed.items() if fp not in created and fp not in seen]
+            read = [r for fp, r in changed.items() if fp not in created and fp not in seen]
+            self.unwritten, self.rewritten, self.fixing = new, [r.id for r in read], fix
+            self.seen = len(seen)
+            new = []
         upsert(new, read, fix=fix)
         if new:  # SQLite: a record another run made meanwhile was updated, not made anew
             made = set(
@@ -427,8 +430,15 @@ class DriftBook:
         run created meanwhile stays as that run wrote it, and the findings are linked to it."""
         if connection.vendor != "postgresql" or last_seq < first_seq:
             return
+        if self.seen:
+            self._count_seen(run_id=run_id, first_seq=first_seq, last_seq=last_seq)
+        if self.unwritten:
+            self._insert_new(run_id=run_id, first_seq=first_seq, last_seq=last_seq)
+
+    def _count_seen(self, *, run_id: UUID, first_seq: int, last_seq: int) -> None:
         with connection.cursor() as cursor:
-            # Before the insert: a new record's finding must not count it twice.
+            # Before the insert: a new record's finding must not count it twice. The ids as one
+            # text literal: psycopg dumps a list of UUIDs element by element, slowly.
             cursor.execute(
                 _count_seen_sql(),
                 {
@@ -436,18 +446,17 @@ class DriftBook:
                     "first": first_seq,
                     "last": last_seq,
                     "now": self.now,
-                    "rewritten": self.rewritten,
+                    "rewritten": "{" + ",".join(map(str, self.rewritten)) + "}",
                 },
             )
-        self.rewritten = []
-        if not self.unwritten:
-            return
-        ids = [r.id for r in self.unwritten]
+        self.rewritten, self.seen = [], 0
+
+    def _insert_new(self, *, run_id: UUID, first_seq: int, last_seq: int) -> None:
+        expected = len(self.unwritten)
         params: dict[str, Any] = {
             "run": run_id,
             "first": first_seq,
             "last": last_seq,
-            "ids": ids,
             "now": self.now,
             "fix": self.fixing,
             "at": self.now.isoformat(),
@@ -456,7 +465,7 @@ class DriftBook:
         }
         with connection.cursor() as cursor:
             cursor.execute(_insert_new_sql(), params)
-            if cursor.rowcount < len(ids):
+            if cursor.rowcount < expected:
                 cursor.execute(_link_to_existing_sql(), params)
         self.unwritten = []
 
@@ -486,7 +495,8 @@ def _record_rows(organization_ids: list[UUID]) -> Iterable[tuple[Any, ...]]:
         "OFFSET 0) d"
     )
     with connection.cursor() as cursor:
-        cursor.execute(sql, [organization_ids])
+        # One text literal: psycopg dumps a list of UUIDs element by element, slowly.
+        cursor.execute(sql, ["{" + ",".join(map(str, organization_ids)) + "}"])
         yield from cursor.fetchall()
 
 
@@ -586,7 +596,7 @@ def _insert_new_sql() -> str:
         f"({', '.join(_FIELDS[c].column for c in COLUMNS)}) "
         f"SELECT {', '.join(values.values())} FROM {AuditFinding._meta.db_table} f "
         "WHERE f.run_id = %(run)s AND f.seq BETWEEN %(first)s AND %(last)s "
-        "AND f.drift_id = ANY(%(ids)s) ON CONFLICT DO NOTHING"
+        "AND f.drift_id = f.id ON CONFLICT DO NOTHING"
     )
 
 
@@ -621,8 +631,8 @@ def _link_to_existing_sql() -> str:
     return (
         f"UPDATE {findings} f SET drift_id = d.id FROM {drift} d "
         "WHERE f.run_id = %(run)s AND f.seq BETWEEN %(first)s AND %(last)s "
-        "AND f.drift_id = ANY(%(ids)s) "
-        f"AND NOT EXISTS (SELECT 1 FROM {drift} x WHERE x.id = f.drift_id) "
+        "AND f.drift_id = f.id "
+        f"AND NOT EXISTS (SELECT 1 FROM {drift} x WHERE x.id = f.id) "
         f"AND d.organization_id = f.organization_id AND d.type = f.type "
         f"AND d.key = {_finding_key('f')}"
     )
