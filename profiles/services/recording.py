@@ -133,6 +133,20 @@ def _insert(run_id: UUID, rows: Sequence[FindingRow], *, first_seq: int) -> None
                 text = writers[id(value)] = json.dumps(value)
             return text
 
+        # Most before/after values repeat within a chunk ({"deleted_at": null}, the time of the
+        # fix): each distinct one made of strings and nulls only is dumped once, as JSON text.
+        dumped: dict[tuple[tuple[str, str | None], ...], str] = {}
+
+        def json_text(value: Any) -> Any:
+            if value is None:
+                return None
+            if type(value) is dict and all(v is None or type(v) is str for v in value.values()):
+                key = tuple(value.items())
+                if (text := dumped.get(key)) is None:
+                    text = dumped[key] = json.dumps(value)
+                return text
+            return Jsonb(value)
+
         with (
             connection.cursor() as cursor,
             cursor.cursor.copy(f"COPY {table} ({', '.join(FINDING_COLUMNS)}) FROM STDIN") as copy,
@@ -150,8 +164,8 @@ def _insert(run_id: UUID, rows: Sequence[FindingRow], *, first_seq: int) -> None
                         r.object_id,
                         r.platform,
                         r.external_id,
-                        None if r.before is None else Jsonb(r.before),
-                        None if r.after is None else Jsonb(r.after),
+                        json_text(r.before),
+                        json_text(r.after),
                         r.outcome,
                         r.detail,
                         r.drift_id,
