@@ -296,6 +296,23 @@ class _SnapshotReadORM:
         ]
 
 
+def binary_cursor() -> Any:
+    """PostgreSQL: a cursor that binds its parameters on the server and reads in binary with
+    psycopg's own (C) loaders. Django's own cursors bind on the client and read text, through a
+    time stamp loader of its own in Python (5 us a value). This one is wrapped as Django wraps
+    its own, so query logging and execute wrappers still see it."""
+    import psycopg
+    from psycopg.types.datetime import TimestamptzBinaryLoader
+
+    connection.ensure_connection()
+    raw = psycopg.Cursor(connection.connection)
+    raw.format = psycopg.pq.Format.BINARY
+    # Django's loader only re-attaches the time zone; the session is in UTC already.
+    raw.adapters.register_loader("timestamptz", TimestamptzBinaryLoader)
+    # A private method of Django's PostgreSQL backend, absent from the stubs' base class.
+    return connection._prepare_cursor(raw)  # type: ignore[attr-defined]
+
+
 class _SnapshotReadPostgreSQL:
     """The same reads as plain SQL with one array parameter each (``= ANY(%b)``), bound on the
     server (the arrays dumped in binary: seven times faster than text for a list of UUIDs) and
@@ -304,18 +321,7 @@ class _SnapshotReadPostgreSQL:
     themselves, and a fifth faster again than text results (bench/README.md)."""
 
     def __init__(self) -> None:
-        import psycopg
-        from psycopg.types.datetime import TimestamptzBinaryLoader
-
-        connection.ensure_connection()
-        # Django's own cursors bind parameters on the client and read text; this one is
-        # wrapped as Django wraps its own, so query logging and execute wrappers still see it.
-        raw = psycopg.Cursor(connection.connection)
-        raw.format = psycopg.pq.Format.BINARY
-        # Django's loader only re-attaches the time zone; the session is in UTC already.
-        raw.adapters.register_loader("timestamptz", TimestamptzBinaryLoader)
-        # A private method of Django's PostgreSQL backend, absent from the stubs' base class.
-        self._cursor = connection._prepare_cursor(raw)  # type: ignore[attr-defined]
+        self._cursor = binary_cursor()
 
     def _fetch(
         self, sql: str, ids: Collection[UUID], *more_ids: Collection[UUID]

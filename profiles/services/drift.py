@@ -36,6 +36,7 @@ from django.utils.dateparse import parse_datetime
 
 from profiles.change_marks import AUDIT_FIX, AUDIT_REVERT
 from profiles.models import AuditFinding, ChangeMark, DriftRecord, DriftState, FindingOutcome
+from profiles.selectors import binary_cursor
 from profiles.services.recording import FindingRow
 
 # The audit's own writers: never "the other writer" of a fight.
@@ -490,13 +491,14 @@ def _record_rows(organization_ids: list[UUID]) -> Iterable[tuple[Any, ...]]:
     )
     # OFFSET 0 keeps the subquery from being flattened into a join the planner may hash.
     sql = (
-        f"SELECT {select} FROM unnest(%s::uuid[]) AS o(id) CROSS JOIN LATERAL "
+        f"SELECT {select} FROM unnest(%b::uuid[]) AS o(id) CROSS JOIN LATERAL "
         f"(SELECT * FROM {DriftRecord._meta.db_table} r WHERE r.organization_id = o.id "
         "OFFSET 0) d"
     )
-    with connection.cursor() as cursor:
-        # One text literal: psycopg dumps a list of UUIDs element by element, slowly.
-        cursor.execute(sql, ["{" + ",".join(map(str, organization_ids)) + "}"])
+    # Read in binary: a chunk's records carry thousands of time stamps, which Django's text
+    # loader parses in Python.
+    with binary_cursor() as cursor:
+        cursor.execute(sql, [list(organization_ids)])
         yield from cursor.fetchall()
 
 
