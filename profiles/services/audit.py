@@ -561,12 +561,14 @@ def work_shard(
                     marks = {
                         o: shard.taken_marks[str(o)] for o in chunk if str(o) in shard.taken_marks
                     }
-                else:
+                elif run.fix or sweep:
                     marks = {
                         p.organization_id: p.mark_version
                         for p in plans
-                        if p.mark_version is not None and (run.fix or sweep)
+                        if p.mark_version is not None
                     }
+                else:
+                    marks = {}
                 position.take_chunk(
                     chunk,
                     marks=marks,

@@ -191,7 +191,7 @@ class DriftBook:
     # wrote itself (the others it saw are counted from their findings).
     unwritten: list[Drift] = field(default_factory=list)
     rewritten: list[UUID] = field(default_factory=list)
-    seen: int = 0
+    any_seen: bool = False
     fixing: bool = False
 
     @classmethod
@@ -404,25 +404,11 @@ class DriftBook:
             # (``write_from_findings``), instead of Python sending each row twice.
             read = [r for fp, r in changed.items() if fp not in created and fp not in seen]
             self.unwritten, self.rewritten, self.fixing = new, [r.id for r in read], fix
-            self.seen = len(seen)
+            self.any_seen = bool(seen)
             new = []
         upsert(new, read, fix=fix)
-        if new:  # SQLite: a record another run made meanwhile was updated, not made anew
-            made = set(
-                DriftRecord.objects.filter(id__in=[r.id for r in new]).values_list("id", flat=True)
-            )
-            taken = {(r.organization_id, r.type, r.key): r.id for r in new if r.id not in made}
-            if taken:
-                existing = {
-                    (org, type_, key): id_
-                    for id_, org, type_, key in DriftRecord.objects.filter(
-                        organization_id__in={fp[0] for fp in taken}, key__in={fp[2] for fp in taken}
-                    ).values_list("id", "organization_id", "type", "key")
-                }
-                relinked = {taken[fp]: existing[fp] for fp in taken if fp in existing}
-                for row in rows:
-                    if row.drift_id in relinked:
-                        row.drift_id = relinked[row.drift_id]
+        if new:
+            _link_to_existing(new, rows)
 
     def write_from_findings(self, *, run_id: UUID, first_seq: int, last_seq: int) -> None:
         """PostgreSQL, once the chunk's findings are recorded (``run_id``'s ``first_seq`` to
@@ -431,7 +417,7 @@ class DriftBook:
         run created meanwhile stays as that run wrote it, and the findings are linked to it."""
         if connection.vendor != "postgresql" or last_seq < first_seq:
             return
-        if self.seen:
+        if self.any_seen:
             self._count_seen(run_id=run_id, first_seq=first_seq, last_seq=last_seq)
         if self.unwritten:
             self._insert_new(run_id=run_id, first_seq=first_seq, last_seq=last_seq)
@@ -450,7 +436,7 @@ class DriftBook:
                     "rewritten": "{" + ",".join(map(str, self.rewritten)) + "}",
                 },
             )
-        self.rewritten, self.seen = [], 0
+        self.rewritten, self.any_seen = [], False
 
     def _insert_new(self, *, run_id: UUID, first_seq: int, last_seq: int) -> None:
         expected = len(self.unwritten)
@@ -469,6 +455,22 @@ class DriftBook:
             if cursor.rowcount < expected:
                 cursor.execute(_link_to_existing_sql(), params)
         self.unwritten = []
+
+
+def _link_to_existing(new: Sequence[Drift], rows: Sequence[FindingRow]) -> None:
+    """SQLite, after the upsert: a new record another run made meanwhile was updated, not made
+    anew, so its rows are linked to that run's record (PostgreSQL: ``_link_to_existing_sql``)."""
+    made = set(DriftRecord.objects.filter(id__in=[r.id for r in new]).values_list("id", flat=True))
+    lost = {(r.organization_id, r.type, r.key): r.id for r in new if r.id not in made}
+    if not lost:
+        return
+    existing = DriftRecord.objects.filter(
+        organization_id__in={fp[0] for fp in lost}, key__in={fp[2] for fp in lost}
+    ).values_list("id", "organization_id", "type", "key")
+    relinked = {lost[(o, t, k)]: id_ for id_, o, t, k in existing if (o, t, k) in lost}
+    for row in rows:
+        if row.drift_id in relinked:
+            row.drift_id = relinked[row.drift_id]
 
 
 def _record_rows(organization_ids: list[UUID]) -> Iterable[tuple[Any, ...]]:
