@@ -300,24 +300,13 @@ def stopped_midway(org_id: uuid.UUID, *, progressed: Callable[[], object]) -> It
     """Stop a run that is under way, after some organizations have committed.
 
     PostgreSQL: hold ``org_id`` (enter this before the run starts; it waits exactly there).
-    SQLite has one write lock for the whole database: take it, and look at ``progressed()``
-    while holding it (the run cannot commit meanwhile, so what it shows stays true); if not
-    yet, let go for a moment and look again. The run waits wherever it then is (give it enough
-    organizations to still be going: a check between two of its commits must see it running).
+    SQLite has one write lock for the whole database: wait until ``progressed()``, then take
+    it, and the run waits wherever it then is (give it enough organizations to still be going).
     """
-    if connection.vendor == "postgresql":
-        with hold_organization(org_id):
-            yield
-        return
-    deadline = time.monotonic() + 30
-    while True:
-        with hold_organization(org_id):
-            if progressed():
-                yield
-                return
-        if time.monotonic() >= deadline:
-            raise AssertionError("timed out after 30 s waiting for the run to make progress")
-        time.sleep(0.005)
+    if connection.vendor != "postgresql":
+        wait_for(progressed, what="the run to make progress")
+    with hold_organization(org_id):
+        yield
 
 
 def orphaned_organizations(count: int) -> list[uuid.UUID]:
