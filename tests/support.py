@@ -300,13 +300,96 @@ def stopped_midway(org_id: uuid.UUID, *, progressed: Callable[[], object]) -> It
     """Stop a run that is under way, after some organizations have committed.
 
     PostgreSQL: hold ``org_id`` (enter this before the run starts; it waits exactly there).
-    SQLite has one write lock for the whole database: wait until ``progressed()``, then take
-    it, and the run waits wherever it then is (give it enough organizations to still be going).
+    SQLite has one write lock for the whole database, which a running fix retakes within
+    microseconds of each commit, so waiting for it is a race the waiter mostly loses: instead,
+    once ``progressed()``, every other process that has the database open is stopped (SIGSTOP)
+    for the block and continued after it. The run stops wherever it then is, perhaps inside a
+    transaction but never inside a commit: the block may read and may kill those processes,
+    but must not write.
     """
-    if connection.vendor != "postgresql":
-        wait_for(progressed, what="the run to make progress")
-    with hold_organization(org_id):
+    if connection.vendor == "postgresql":
+        with hold_organization(org_id):
+            yield
+        return
+    wait_for(progressed, what="the run to make progress")
+    database = Path(connection.settings_dict["NAME"])
+    stopped: list[int] | None = None
+    try:
+        deadline = time.monotonic() + 30
+        while (stopped := _stop_outside_commits(database)) is None:
+            assert time.monotonic() < deadline, "no moment between commits to stop the run at"
         yield
+    finally:
+        for pid in stopped or ():
+            _signal(pid, signal.SIGCONT)
+
+
+# SQLite's locks are POSIX locks on bytes of the database file (os_unix.c): a writer that
+# holds the PENDING byte, or the SHARED range for writing, is committing, and readers wait.
+_PENDING_BYTE = 0x40000000
+_SHARED_FIRST = _PENDING_BYTE + 2
+
+
+def _stop_outside_commits(database: Path) -> list[int] | None:
+    """Stop every other process that has ``database`` open, unless one of them is in the middle
+    of a commit (then continue them all and return None, to be tried again: stopped there,
+    it would keep every reader, this test's included, waiting). Returns the stopped."""
+    pids = _processes_with_open(database)
+    for pid in pids:
+        _signal(pid, signal.SIGSTOP)
+    for pid in pids:
+        wait_for(lambda pid=pid: _is_stopped(pid), timeout=10, what=f"process {pid} to stop")
+    if not _committing(database, pids):
+        return pids
+    for pid in pids:
+        _signal(pid, signal.SIGCONT)
+    return None
+
+
+def _committing(database: Path, pids: list[int]) -> bool:
+    inode = f":{database.stat().st_ino}"
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if "->" in fields or len(fields) < 8 or not fields[5].endswith(inode):
+            continue  # a waiter, or another file
+        mode, pid, start = fields[3], int(fields[4]), int(fields[6])
+        end = int(fields[7]) if fields[7] != "EOF" else 2**63
+        if pid in pids and (
+            start <= _PENDING_BYTE <= end or (mode == "WRITE" and start <= _SHARED_FIRST <= end)
+        ):
+            return True
+    return False
+
+
+def _processes_with_open(path: Path) -> list[int]:
+    """Every process but this one with ``path`` open."""
+    target = str(path.resolve())
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if any(os.readlink(fd) == target for fd in (entry / "fd").iterdir()):
+                found.append(int(entry.name))
+        except OSError:  # gone, or not ours to look at
+            continue
+    return found
+
+
+def _is_stopped(pid: int) -> bool:
+    """Stopped by a signal, or gone."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state in {"T", "t", "Z", "X"}
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
 
 
 def orphaned_organizations(count: int) -> list[uuid.UUID]:
