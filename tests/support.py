@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import sqlite3
@@ -240,9 +241,14 @@ def hold_organization(org_id: uuid.UUID) -> Iterator[None]:
             finally:
                 conn.execute("SELECT pg_advisory_unlock(%s, %s)", key)
         return
-    conn = sqlite3.connect(connection.settings_dict["NAME"], isolation_level=None, timeout=30)
+    database = Path(connection.settings_dict["NAME"])
+    conn = sqlite3.connect(database, isolation_level=None, timeout=0)
     try:
-        conn.execute("BEGIN IMMEDIATE")
+        # A writer at work retakes the write lock within microseconds of each commit, so a
+        # connection waiting for it (SQLite's busy handler) mostly loses the race: take it
+        # while the others are stopped between their transactions, where nobody holds it.
+        with others_stopped(database, holding=_WRITE_LOCKS):
+            conn.execute("BEGIN IMMEDIATE")
         try:
             yield
         finally:
@@ -312,41 +318,49 @@ def stopped_midway(org_id: uuid.UUID, *, progressed: Callable[[], object]) -> It
             yield
         return
     wait_for(progressed, what="the run to make progress")
-    database = Path(connection.settings_dict["NAME"])
-    stopped: list[int] | None = None
-    try:
-        deadline = time.monotonic() + 30
-        while (stopped := _stop_outside_commits(database)) is None:
-            assert time.monotonic() < deadline, "no moment between commits to stop the run at"
+    with others_stopped(Path(connection.settings_dict["NAME"]), holding=_COMMITTING):
         yield
+
+
+# SQLite's locks are POSIX locks on bytes of the database file (os_unix.c): the PENDING byte,
+# then the RESERVED byte, then the SHARED range. A connection in a write transaction holds
+# RESERVED; one that is committing holds PENDING (and then the SHARED range for writing), and
+# readers wait for it.
+_PENDING_BYTE = 0x40000000
+_RESERVED_BYTE = _PENDING_BYTE + 1
+_SHARED_FIRST = _PENDING_BYTE + 2
+_COMMITTING = frozenset({("any", _PENDING_BYTE), ("WRITE", _SHARED_FIRST)})
+_WRITE_LOCKS = _COMMITTING | {("any", _RESERVED_BYTE)}
+
+
+@contextmanager
+def others_stopped(database: Path, *, holding: frozenset[tuple[str, int]]) -> Iterator[list[int]]:
+    """SQLite: every other process that has ``database`` open, stopped (SIGSTOP) at a moment
+    none of them holds any of the locks ``holding`` names ((mode or "any", byte) pairs), and
+    continued afterwards. Yields their pids."""
+    deadline = time.monotonic() + 30
+    pause = threading.Event()
+    while True:
+        pids = _processes_with_open(database)
+        for pid in pids:
+            _signal(pid, signal.SIGSTOP)
+        for pid in pids:
+            wait_for(lambda pid=pid: _is_stopped(pid), timeout=10, what=f"process {pid} to stop")
+        if not _holds(database, pids, holding):
+            break
+        for pid in pids:
+            _signal(pid, signal.SIGCONT)
+        assert time.monotonic() < deadline, f"no moment {database} was free to stop its users at"
+        pause.wait(random.uniform(0.001, 0.005))  # not in step with the writer's own cycle
+    try:
+        yield pids
     finally:
-        for pid in stopped or ():
+        for pid in pids:
             _signal(pid, signal.SIGCONT)
 
 
-# SQLite's locks are POSIX locks on bytes of the database file (os_unix.c): a writer that
-# holds the PENDING byte, or the SHARED range for writing, is committing, and readers wait.
-_PENDING_BYTE = 0x40000000
-_SHARED_FIRST = _PENDING_BYTE + 2
-
-
-def _stop_outside_commits(database: Path) -> list[int] | None:
-    """Stop every other process that has ``database`` open, unless one of them is in the middle
-    of a commit (then continue them all and return None, to be tried again: stopped there,
-    it would keep every reader, this test's included, waiting). Returns the stopped."""
-    pids = _processes_with_open(database)
-    for pid in pids:
-        _signal(pid, signal.SIGSTOP)
-    for pid in pids:
-        wait_for(lambda pid=pid: _is_stopped(pid), timeout=10, what=f"process {pid} to stop")
-    if not _committing(database, pids):
-        return pids
-    for pid in pids:
-        _signal(pid, signal.SIGCONT)
-    return None
-
-
-def _committing(database: Path, pids: list[int]) -> bool:
+def _holds(database: Path, pids: list[int], locks: frozenset[tuple[str, int]]) -> bool:
+    """Whether any of ``pids`` holds one of ``locks`` on ``database`` (from /proc/locks)."""
     inode = f":{database.stat().st_ino}"
     for line in Path("/proc/locks").read_text().splitlines():
         fields = line.split()
@@ -354,8 +368,8 @@ def _committing(database: Path, pids: list[int]) -> bool:
             continue  # a waiter, or another file
         mode, pid, start = fields[3], int(fields[4]), int(fields[6])
         end = int(fields[7]) if fields[7] != "EOF" else 2**63
-        if pid in pids and (
-            start <= _PENDING_BYTE <= end or (mode == "WRITE" and start <= _SHARED_FIRST <= end)
+        if pid in pids and any(
+            want in ("any", mode) and start <= byte <= end for want, byte in locks
         ):
             return True
     return False
