@@ -334,10 +334,10 @@ _WRITE_LOCKS = _COMMITTING | {("any", _RESERVED_BYTE)}
 
 
 @contextmanager
-def others_stopped(database: Path, *, holding: frozenset[tuple[str, int]]) -> Iterator[list[int]]:
+def others_stopped(database: Path, *, holding: frozenset[tuple[str, int]]) -> Iterator[None]:
     """SQLite: every other process that has ``database`` open, stopped (SIGSTOP) at a moment
     none of them holds any of the locks ``holding`` names ((mode or "any", byte) pairs), and
-    continued afterwards. Yields their pids."""
+    continued afterwards."""
     deadline = time.monotonic() + 30
     pause = threading.Event()
     while True:
@@ -353,7 +353,7 @@ def others_stopped(database: Path, *, holding: frozenset[tuple[str, int]]) -> It
         assert time.monotonic() < deadline, f"no moment {database} was free to stop its users at"
         pause.wait(random.uniform(0.001, 0.005))  # not in step with the writer's own cycle
     try:
-        yield pids
+        yield
     finally:
         for pid in pids:
             _signal(pid, signal.SIGCONT)
@@ -390,13 +390,18 @@ def _processes_with_open(path: Path) -> list[int]:
     return found
 
 
+def process_stat(pid: int) -> list[str]:
+    """The fields of ``/proc/<pid>/stat`` after the command name, from the state on (so
+    ``[0]`` is the state, ``[11]`` and ``[12]`` utime and stime); OSError once it is gone."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def _is_stopped(pid: int) -> bool:
     """Stopped by a signal, or gone."""
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return process_stat(pid)[0] in {"T", "t", "Z", "X"}
     except OSError:
         return True
-    return state in {"T", "t", "Z", "X"}
 
 
 def _signal(pid: int, signum: int) -> None:

@@ -28,6 +28,7 @@ from profiles.services.run_lock import force_release_fixing_run_lock
 from tests.support import (
     hold_organization,
     orphaned_organizations,
+    process_stat,
     redis_client,
     start_command,
     wait_for,
@@ -194,8 +195,7 @@ def _idle_since(pid: int):
     samples: list[tuple[str, int]] = []
 
     def idle() -> bool:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
+        fields = process_stat(pid)
         samples.append((fields[0], int(fields[11]) + int(fields[12])))  # state, utime + stime
         recent = samples[-4:]
         return len(recent) == 4 and all(s == "S" for s, _ in recent) and len(set(recent)) == 1
