@@ -425,6 +425,7 @@ def measure(mode: str, *, workers: int, shard_size: int) -> None:
         return execute(sql, params, many, context)
 
     request = AuditRequest(fix=mode == "fix")
+    server_before = server_after = None
     if workers:
         _flush_bench_redis()
         worker = _start_worker(workers)
@@ -447,10 +448,12 @@ def measure(mode: str, *, workers: int, shard_size: int) -> None:
             _stop_worker(worker)
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     else:
+        server_before = _server_cpu()
         with connection.execute_wrapper(count):
             started = time.perf_counter()
             run = run_audit(request).run
             wall = time.perf_counter() - started
+        server_after = _server_cpu()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result = {
         "wall_seconds": wall,
@@ -460,6 +463,8 @@ def measure(mode: str, *, workers: int, shard_size: int) -> None:
         "fixed": run.fixed,
         "status": run.status,
     }
+    if server_before is not None and server_after is not None:
+        result["server_cpu_seconds"] = server_after - server_before
     if mode == "fix":
         result["sync_sent_left"] = AuditFinding.objects.filter(
             run_id=run.id, outcome="sent"
@@ -467,6 +472,24 @@ def measure(mode: str, *, workers: int, shard_size: int) -> None:
         os.environ.pop("REDIS_URL", None)
         result["found_after_fix"] = run_audit(AuditRequest()).run.found
     print(json.dumps(result))
+
+
+def _server_cpu() -> float | None:
+    """The CPU seconds of this process's PostgreSQL backend so far, read from /proc (the
+    server is on this machine): an in-process run's work on the server, which on a shared,
+    noisy machine says more than wall time. None on SQLite or where /proc does not show it."""
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        return None
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        (pid,) = cursor.fetchone()
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _measure_floor(mode: str) -> None:

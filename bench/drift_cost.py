@@ -52,6 +52,7 @@ def main() -> None:
         _child(dbs.env(template=True), "_measure", args, mode="dry", extra=["--workers", "0"])
     walls: dict[tuple[str, str], list[float]] = {}
     cpus: dict[tuple[str, str], list[float]] = {}
+    servers: dict[tuple[str, str], list[float]] = {}
     found: dict[str, int] = {}
     try:
         for round_ in range(args.repeat):
@@ -71,6 +72,9 @@ def main() -> None:
                     cpus.setdefault((mode, variant), []).append(
                         after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
                     )
+                    # With its PostgreSQL backend's: most of the bookkeeping is the server's.
+                    if (server := result.get("server_cpu_seconds")) is not None:
+                        servers.setdefault((mode, variant), []).append(server)
                     found[mode] = result["found"]
     finally:
         if not args.keep:
@@ -98,6 +102,21 @@ def main() -> None:
             + ", ".join(f"{p:.2f}" for p in pairs)
             + f"); CPU with - without = {cpu:+.2f} s"
         )
+        if servers.get((mode, "with")) and servers.get((mode, "without")):
+            # Client and server CPU summed, round by round: the figure least moved by a
+            # noisy machine.
+            totals = {
+                v: [c + s for c, s in zip(cpus[(mode, v)], servers[(mode, v)], strict=True)]
+                for v in ("with", "without")
+            }
+            print(
+                f"  {mode}: CPU (process + PostgreSQL backend) with / without = "
+                f"{statistics.median(totals['with']) / statistics.median(totals['without']):.3f}"
+                f" ({statistics.median(totals['with']):.2f} s / "
+                f"{statistics.median(totals['without']):.2f} s; server alone "
+                f"{statistics.median(servers[(mode, 'with')]):.2f} s / "
+                f"{statistics.median(servers[(mode, 'without')]):.2f} s)"
+            )
 
 
 if __name__ == "__main__":
