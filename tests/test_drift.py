@@ -358,6 +358,51 @@ def test_a_new_record_of_a_fix_counts_its_fix(audit):
     assert finding_of(run, profile).drift_id == record.id
 
 
+def test_a_fix_of_a_record_seen_before_counts_its_fix(audit):
+    """A dry run met it first; the fix that follows counts on the same record (on PostgreSQL
+    the server counts it from the finding, as a new record's fix is counted above)."""
+    org, profile = deselected_profile()
+    audit.run_full_audit(org_id=org.id)
+
+    run = audit.run_full_audit(org_id=org.id, fix=True).run
+
+    record = record_of(profile)
+    assert (record.state, record.times_found, record.times_fixed) == (DriftState.OPEN, 2, 1)
+    assert record.last_fixed_at == record.last_seen_at
+    assert [f["run"] for f in record.recent_fixes] == [str(run.id)]
+
+
+def test_a_fix_keeps_the_last_fixes_of_the_window_only(audit, settings):
+    """Fixes older than the window drop out of the record's recent fixes; the new one comes
+    last."""
+    settings.PROFILE_AUDIT_FIGHT_FIXES = 4
+    org, profile = deselected_profile()
+    audit.run_full_audit(org_id=org.id)
+    now = timezone.now()
+    at = [(now - timedelta(days=2)).isoformat()] + [
+        (now - timedelta(hours=h)).isoformat() for h in (3, 2, 1)
+    ]
+    DriftRecord.objects.filter(object_id=profile.id).update(
+        state=DriftState.RECURRING,
+        last_fixed_at=now - timedelta(hours=1),
+        times_fixed=4,
+        recent_fixes=[{"at": a, "run": f"earlier-{i}"} for i, a in enumerate(at)],
+    )
+
+    run = audit.run_full_audit(org_id=org.id, fix=True).run
+
+    assert finding_of(run, profile).outcome == FindingOutcome.FIXED  # 3 in the window: no fight
+    record = record_of(profile)
+    assert record.times_fixed == 5
+    assert [f["run"] for f in record.recent_fixes] == [
+        "earlier-1",
+        "earlier-2",
+        "earlier-3",
+        str(run.id),
+    ]
+    assert record.state == DriftState.RECURRING
+
+
 def test_a_dry_run_beside_a_fix_never_undoes_its_hold(audit, committed):
     """Records are read without row locks: a dry run that read a record before a fixing run
     held it writes only what it observed, and the hold stays."""

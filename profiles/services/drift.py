@@ -309,8 +309,9 @@ class DriftBook:
         since = self._window_start()
         changed: dict[Fingerprint, Drift] = {}
         created: set[Fingerprint] = set()
-        # Records found again whose story did not change (most of them, drift that stays): only
-        # counted, which PostgreSQL does from their findings (``write_from_findings``).
+        # Records found again whose story did not change (most of them, drift that stays), or
+        # changed only by this fix's count: counted, which PostgreSQL does from their findings
+        # (``write_from_findings``).
         seen: set[Fingerprint] = set()
         # The writers of a new record are its organization's marks' writers: shared.
         org_writers: dict[UUID, list[dict[str, Any]]] = {}
@@ -363,9 +364,11 @@ class DriftBook:
             if fix and fp in self.released:
                 record.held_since = None
                 record.recent_fixes = []
+            counted_fix = False
             if fix and row.outcome == FindingOutcome.HELD:
                 record.held_since = record.held_since or now
             elif fix and row.outcome in FIXING_OUTCOMES:
+                counted_fix = True
                 record.times_fixed += 1
                 record.last_fixed_at = now
                 recent = [f for f in record.recent_fixes if (_at(f) or since) > since]
@@ -378,7 +381,7 @@ class DriftBook:
                 record.state = DriftState.OPEN
             record.resolved_at = None
             changed[fp] = record
-            if story is not None and _story(record) == story:
+            if story is not None and _same_story(story, _story(record), fix_counted=counted_fix):
                 seen.add(fp)
             row.drift_id = record.id
             row.recurring = recurring
@@ -423,19 +426,26 @@ class DriftBook:
             self._insert_new(run_id=run_id, first_seq=first_seq, last_seq=last_seq)
 
     def _count_seen(self, *, run_id: UUID, first_seq: int, last_seq: int) -> None:
+        params: dict[str, Any] = {
+            "run": run_id,
+            "first": first_seq,
+            "last": last_seq,
+            "now": self.now,
+            # The ids as one text literal: psycopg dumps a list of UUIDs element by element,
+            # slowly.
+            "rewritten": "{" + ",".join(map(str, self.rewritten)) + "}",
+        }
+        if self.fixing:
+            params |= {
+                "fixed": list(FIXING_OUTCOMES),
+                "since": self._window_start(),
+                "kept": settings.PROFILE_AUDIT_FIGHT_FIXES - 1,
+                "at": self.now.isoformat(),
+                "run_text": str(run_id),
+            }
         with connection.cursor() as cursor:
-            # Before the insert: a new record's finding must not count it twice. The ids as one
-            # text literal: psycopg dumps a list of UUIDs element by element, slowly.
-            cursor.execute(
-                _count_seen_sql(),
-                {
-                    "run": run_id,
-                    "first": first_seq,
-                    "last": last_seq,
-                    "now": self.now,
-                    "rewritten": "{" + ",".join(map(str, self.rewritten)) + "}",
-                },
-            )
+            # Before the insert: a new record's finding must not count it twice.
+            cursor.execute(_count_seen_sql(fix=self.fixing), params)
         self.rewritten, self.any_seen = [], False
 
     def _insert_new(self, *, run_id: UUID, first_seq: int, last_seq: int) -> None:
@@ -604,29 +614,55 @@ def _insert_new_sql() -> str:
     )
 
 
-def _count_seen_sql() -> str:
+def _count_seen_sql(*, fix: bool) -> str:
     """The records the chunk's findings point at, but those written whole (new, or their story
-    changed): found once more, last seen now, their writers the finding's."""
+    changed): found once more, last seen now, their writers the finding's; and, fixing, a
+    finding fixed (or its sync sent) counted as ``DriftBook.record`` counts it: fixed once more,
+    now, the fix added to those of the window (the last PROFILE_AUDIT_FIGHT_FIXES kept)."""
+    counts = (
+        "times_found = d.times_found + 1, last_seen_at = %(now)s, "
+        "last_writers = coalesce(f.writers, '[]'::jsonb)"
+    )
+    if fix:
+        fixed = "f.outcome = ANY(%(fixed)s)"
+        kept = (
+            "(SELECT coalesce(jsonb_agg(k.e ORDER BY k.n), '[]'::jsonb) FROM "
+            "(SELECT x.e, x.n FROM jsonb_array_elements(d.recent_fixes) WITH ORDINALITY "
+            "AS x(e, n) WHERE (x.e ->> 'at')::timestamptz > %(since)s "
+            "ORDER BY x.n DESC LIMIT %(kept)s) k)"
+        )
+        entry = (
+            "jsonb_build_array(jsonb_build_object('at', %(at)s::text, 'run', %(run_text)s::text))"
+        )
+        counts += (
+            f", times_fixed = d.times_fixed + CASE WHEN {fixed} THEN 1 ELSE 0 END, "
+            f"last_fixed_at = CASE WHEN {fixed} THEN %(now)s ELSE d.last_fixed_at END, "
+            f"recent_fixes = CASE WHEN {fixed} THEN {kept} || {entry} ELSE d.recent_fixes END"
+        )
     return (
-        f"UPDATE {DriftRecord._meta.db_table} d SET times_found = d.times_found + 1, "
-        "last_seen_at = %(now)s, last_writers = coalesce(f.writers, '[]'::jsonb) "
+        f"UPDATE {DriftRecord._meta.db_table} d SET {counts} "
         f"FROM {AuditFinding._meta.db_table} f "
         "WHERE f.run_id = %(run)s AND f.seq BETWEEN %(first)s AND %(last)s "
         "AND d.id = f.drift_id AND NOT (f.drift_id = ANY(%(rewritten)s::uuid[]))"
     )
 
 
-def _story(record: Drift) -> tuple[Any, ...]:
-    """What of a record says more than that it was seen again."""
+def _story(record: Drift) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """What of a record says more than that it was seen again: what any run sees of it, and
+    its fixes."""
     return (
-        record.state,
-        record.undone_by,
-        record.undone_at,
-        record.times_fixed,
-        record.last_fixed_at,
-        record.held_since,
-        record.recent_fixes,
+        (record.state, record.undone_by, record.undone_at, record.held_since),
+        (record.times_fixed, record.last_fixed_at, record.recent_fixes),
     )
+
+
+def _same_story(
+    before: tuple[tuple[Any, ...], ...], after: tuple[tuple[Any, ...], ...], *, fix_counted: bool
+) -> bool:
+    """Whether a record found again is only counted (``_count_seen_sql``): its story did not
+    change, or (``fix_counted``) only by this run's fix, which the statement counts as
+    ``DriftBook.record`` does."""
+    return before[0] == after[0] and (fix_counted or before[1] == after[1])
 
 
 def _link_to_existing_sql() -> str:
