@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import sys
 from pathlib import Path
@@ -63,15 +62,12 @@ def main() -> None:
                     env = dbs.env(template=False)
                     if variant == "without":
                         env["BENCH_DRIFT"] = "off"
-                    before = resource.getrusage(resource.RUSAGE_CHILDREN)
                     result = _child(env, "_measure", args, mode=mode, extra=["--workers", "0"])
-                    after = resource.getrusage(resource.RUSAGE_CHILDREN)
                     walls.setdefault((mode, variant), []).append(result["wall_seconds"])
-                    # The measured process's CPU (its Django start-up included): less
-                    # sensitive than wall time to what else the machine runs.
-                    cpus.setdefault((mode, variant), []).append(
-                        after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-                    )
+                    # The run's CPU in the measured process (its sync jobs included, a fix's
+                    # check afterwards not): less sensitive than wall time to what else the
+                    # machine runs.
+                    cpus.setdefault((mode, variant), []).append(result["cpu_seconds"])
                     # With its PostgreSQL backend's: most of the bookkeeping is the server's.
                     if (server := result.get("server_cpu_seconds")) is not None:
                         servers.setdefault((mode, variant), []).append(server)
