@@ -145,18 +145,14 @@ def fight_detail(record: FightFacts) -> str:
 # Not frozen, slots: one per finding of a chunk, cheap to make (a model instance is not).
 @dataclass(slots=True)
 class Drift:
-    """A drift record as a chunk reads and writes it (the columns of ``DriftRecord``)."""
+    """A drift record as a chunk reads and writes it (the columns of ``DriftRecord``): first
+    its fingerprint and what a run may change, then what only a new record is made with."""
 
     id: UUID
     organization_id: UUID
     type: str
-    model: str
     key: str
-    object_id: UUID | None
-    platform: str
-    external_id: str
     state: str
-    first_seen_at: datetime
     last_seen_at: datetime
     times_found: int = 0
     times_fixed: int = 0
@@ -167,10 +163,20 @@ class Drift:
     last_writers: list[dict[str, Any]] = field(default_factory=list)
     undone_by: str = ""
     undone_at: datetime | None = None
+    # Not read on PostgreSQL, where a record read is only ever updated, never written whole.
+    model: str = ""
+    object_id: UUID | None = None
+    platform: str = ""
+    external_id: str = ""
+    first_seen_at: datetime | None = None
     resumed_by: str = ""
 
 
 COLUMNS = [f.name for f in fields(Drift)]
+# What PostgreSQL reads of a record: its fingerprint and what a run may change (a prefix of
+# COLUMNS, so a row of them makes a Drift as it is). SQLite reads them all (its upsert writes
+# whole rows).
+READ_COLUMNS = COLUMNS[: COLUMNS.index("undone_at") + 1]
 _FIELDS = {f.attname: f for f in DriftRecord._meta.concrete_fields}
 JSON_COLUMNS = ("recent_fixes", "last_writers")
 
@@ -216,12 +222,12 @@ class DriftBook:
                 value = decoded[text] = json.loads(text)
             return value
 
-        json_at = [COLUMNS.index(c) for c in JSON_COLUMNS]
+        fixes_at, writers_at = (COLUMNS.index(c) for c in JSON_COLUMNS)
         read = []
         for row in _record_rows(ids):
             values = list(row)
-            for i in json_at:
-                values[i] = decode(values[i])
+            values[fixes_at] = decode(values[fixes_at])
+            values[writers_at] = decode(values[writers_at])
             read.append(Drift(*values))
         if mark_writers is None:
             marks = ChangeMark.objects.filter(organization_id__in=ids).values_list(
@@ -484,7 +490,8 @@ def _link_to_existing(new: Sequence[Drift], rows: Sequence[FindingRow]) -> None:
 
 
 def _record_rows(organization_ids: list[UUID]) -> Iterable[tuple[Any, ...]]:
-    """The records of these organizations, as tuples in COLUMNS' order, JSON columns as text.
+    """The records of these organizations, as tuples in COLUMNS' order (on PostgreSQL only
+    READ_COLUMNS), JSON columns as text.
 
     On PostgreSQL each organization's records are read through the fingerprint's index (it
     leads with the organization), one index scan per organization: a plain ``IN`` is planned on
@@ -499,7 +506,7 @@ def _record_rows(organization_ids: list[UUID]) -> Iterable[tuple[Any, ...]]:
         )
         return
     select = ", ".join(
-        f"d.{_FIELDS[c].column}" + ("::text" if c in JSON_COLUMNS else "") for c in COLUMNS
+        f"d.{_FIELDS[c].column}" + ("::text" if c in JSON_COLUMNS else "") for c in READ_COLUMNS
     )
     # OFFSET 0 keeps the subquery from being flattened into a join the planner may hash.
     sql = (
@@ -584,13 +591,8 @@ def _insert_new_sql() -> str:
         "id": "f.drift_id",
         "organization_id": "f.organization_id",
         "type": "f.type",
-        "model": "f.model",
         "key": _finding_key("f"),
-        "object_id": "f.object_id",
-        "platform": "f.platform",
-        "external_id": "f.external_id",
         "state": f"'{DriftState.OPEN}'",
-        "first_seen_at": "%(now)s",
         "last_seen_at": "%(now)s",
         "times_found": "1",
         "times_fixed": f"CASE WHEN {fixes} THEN 1 ELSE 0 END",
@@ -602,6 +604,11 @@ def _insert_new_sql() -> str:
         "last_writers": "coalesce(f.writers, '[]'::jsonb)",
         "undone_by": "''",
         "undone_at": "NULL",
+        "model": "f.model",
+        "object_id": "f.object_id",
+        "platform": "f.platform",
+        "external_id": "f.external_id",
+        "first_seen_at": "%(now)s",
         "resumed_by": "''",
     }
     assert list(values) == COLUMNS
