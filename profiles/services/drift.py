@@ -63,7 +63,9 @@ OBSERVED_FIELDS = [
 FIXING_FIELDS = ["times_fixed", "last_fixed_at", "recent_fixes", "held_since"]
 UPDATED_FIELDS = OBSERVED_FIELDS + FIXING_FIELDS
 
-Fingerprint = tuple[UUID, str, str]
+# (organization, type, key), the organization's id as its int: a UUID hashes in Python, and a
+# chunk looks its fingerprints up a dozen times each.
+Fingerprint = tuple[int, str, str]
 
 
 def fingerprint_key(*, object_id: UUID | None, platform: str, external_id: str) -> str:
@@ -234,7 +236,7 @@ class DriftBook:
                 "organization_id", "writers"
             )
             mark_writers = {org: list(writers or []) for org, writers in marks}
-        records = {(r.organization_id, r.type, r.key): r for r in read}
+        records = {(r.organization_id.int, r.type, r.key): r for r in read}
         return cls(
             records=records,
             mark_writers=mark_writers,
@@ -251,7 +253,7 @@ class DriftBook:
         organization_id: UUID, type: str, object_id: UUID | None, platform: str, external_id: str
     ) -> Fingerprint:
         return (
-            organization_id,
+            organization_id.int,
             str(type),
             fingerprint_key(object_id=object_id, platform=platform, external_id=external_id),
         )
@@ -320,8 +322,8 @@ class DriftBook:
         # (``write_from_findings``).
         seen: set[Fingerprint] = set()
         # The writers of a new record are its organization's marks' writers: shared.
-        org_writers: dict[UUID, list[dict[str, Any]]] = {}
-        merged: dict[tuple[UUID, int], list[dict[str, Any]]] = {}
+        org_writers: dict[int, list[dict[str, Any]]] = {}
+        merged: dict[tuple[int, int], list[dict[str, Any]]] = {}
         fix_entry = {"at": now.isoformat(), "run": str(run_id)}
         for row in rows:
             org = row.organization_id
@@ -352,15 +354,13 @@ class DriftBook:
                 story = _story(record)
             if record.last_writers and record.state != DriftState.RESOLVED:
                 # Shared lists (decoded once), so merged once per organization and list.
-                pair = (org, id(record.last_writers))
+                pair = (fp[0], id(record.last_writers))
                 if (writers := merged.get(pair)) is None:
                     writers = merged[pair] = merge_writers(
                         record.last_writers, self.mark_writers.get(org, ())
                     )
-            elif org in org_writers:
-                writers = org_writers[org]
-            else:
-                writers = org_writers[org] = merge_writers(self.mark_writers.get(org, ()))
+            elif (writers := org_writers.get(fp[0])) is None:
+                writers = org_writers[fp[0]] = merge_writers(self.mark_writers.get(org, ()))
             if recurring and (other := other_writer(writers, after=record.last_fixed_at)):
                 record.undone_by = writer_name(other)[:255]
                 record.undone_at = _at(other)
@@ -392,12 +392,12 @@ class DriftBook:
             row.drift_id = record.id
             row.recurring = recurring
             row.writers = writers or None
-        audited_orgs, audited_types = set(audited), {str(t) for t in types}
+        audited_orgs, audited_types = {o.int for o in audited}, {str(t) for t in types}
         for fp, record in self.records.items():
             if (
                 fp not in changed
                 and record.state != DriftState.RESOLVED
-                and record.organization_id in audited_orgs
+                and fp[0] in audited_orgs
                 and record.type in audited_types
             ):
                 record.state = DriftState.RESOLVED
