@@ -431,24 +431,28 @@ class DriftBook:
         if self.unwritten:
             self._insert_new(run_id=run_id, first_seq=first_seq, last_seq=last_seq)
 
-    def _count_seen(self, *, run_id: UUID, first_seq: int, last_seq: int) -> None:
-        params: dict[str, Any] = {
+    def _params(self, *, run_id: UUID, first_seq: int, last_seq: int) -> dict[str, Any]:
+        """What the statements written from the chunk's findings share: the findings, now,
+        and (``_FIXED``, ``_FIX_ENTRY``) whether and how a finding's fix is counted."""
+        return {
             "run": run_id,
             "first": first_seq,
             "last": last_seq,
             "now": self.now,
+            "fix": self.fixing,
+            "fixed": list(FIXING_OUTCOMES),
+            "at": self.now.isoformat(),
+            "run_text": str(run_id),
+        }
+
+    def _count_seen(self, *, run_id: UUID, first_seq: int, last_seq: int) -> None:
+        params = self._params(run_id=run_id, first_seq=first_seq, last_seq=last_seq) | {
             # The ids as one text literal: psycopg dumps a list of UUIDs element by element,
             # slowly.
             "rewritten": "{" + ",".join(map(str, self.rewritten)) + "}",
+            "since": self._window_start(),
+            "kept": settings.PROFILE_AUDIT_FIGHT_FIXES - 1,
         }
-        if self.fixing:
-            params |= {
-                "fixed": list(FIXING_OUTCOMES),
-                "since": self._window_start(),
-                "kept": settings.PROFILE_AUDIT_FIGHT_FIXES - 1,
-                "at": self.now.isoformat(),
-                "run_text": str(run_id),
-            }
         with connection.cursor() as cursor:
             # Before the insert: a new record's finding must not count it twice.
             cursor.execute(_count_seen_sql(fix=self.fixing), params)
@@ -456,16 +460,7 @@ class DriftBook:
 
     def _insert_new(self, *, run_id: UUID, first_seq: int, last_seq: int) -> None:
         expected = len(self.unwritten)
-        params: dict[str, Any] = {
-            "run": run_id,
-            "first": first_seq,
-            "last": last_seq,
-            "now": self.now,
-            "fix": self.fixing,
-            "at": self.now.isoformat(),
-            "run_text": str(run_id),
-            "fixed": list(FIXING_OUTCOMES),
-        }
+        params = self._params(run_id=run_id, first_seq=first_seq, last_seq=last_seq)
         with connection.cursor() as cursor:
             cursor.execute(_insert_new_sql(), params)
             if cursor.rowcount < expected:
@@ -583,10 +578,15 @@ def _finding_key(f: str) -> str:
     return f"coalesce({f}.object_id::text, {f}.platform || ':' || {f}.external_id)"
 
 
+# In the statements written from a chunk's findings (``DriftBook._params``): whether the
+# finding ``f`` is a fix that counts, and that fix as an entry of a record's recent fixes.
+_FIXED = "(%(fix)s AND f.outcome = ANY(%(fixed)s))"
+_FIX_ENTRY = "jsonb_build_array(jsonb_build_object('at', %(at)s::text, 'run', %(run_text)s::text))"
+
+
 def _insert_new_sql() -> str:
     """The records of a chunk's new fingerprints, made of their findings: first seen now, found
     once, fixed once if a fixing run fixed (or sent) the finding, its writers the finding's."""
-    fixes = "(%(fix)s AND f.outcome = ANY(%(fixed)s))"
     values = {
         "id": "f.drift_id",
         "organization_id": "f.organization_id",
@@ -595,11 +595,10 @@ def _insert_new_sql() -> str:
         "state": f"'{DriftState.OPEN}'",
         "last_seen_at": "%(now)s",
         "times_found": "1",
-        "times_fixed": f"CASE WHEN {fixes} THEN 1 ELSE 0 END",
-        "last_fixed_at": f"CASE WHEN {fixes} THEN %(now)s END",
+        "times_fixed": f"CASE WHEN {_FIXED} THEN 1 ELSE 0 END",
+        "last_fixed_at": f"CASE WHEN {_FIXED} THEN %(now)s END",
         "resolved_at": "NULL",
-        "recent_fixes": f"CASE WHEN {fixes} THEN jsonb_build_array(jsonb_build_object("
-        "'at', %(at)s::text, 'run', %(run_text)s::text)) ELSE '[]'::jsonb END",
+        "recent_fixes": f"CASE WHEN {_FIXED} THEN {_FIX_ENTRY} ELSE '[]'::jsonb END",
         "held_since": "NULL",
         "last_writers": "coalesce(f.writers, '[]'::jsonb)",
         "undone_by": "''",
@@ -631,20 +630,16 @@ def _count_seen_sql(*, fix: bool) -> str:
         "last_writers = coalesce(f.writers, '[]'::jsonb)"
     )
     if fix:
-        fixed = "f.outcome = ANY(%(fixed)s)"
         kept = (
             "(SELECT coalesce(jsonb_agg(k.e ORDER BY k.n), '[]'::jsonb) FROM "
             "(SELECT x.e, x.n FROM jsonb_array_elements(d.recent_fixes) WITH ORDINALITY "
             "AS x(e, n) WHERE (x.e ->> 'at')::timestamptz > %(since)s "
             "ORDER BY x.n DESC LIMIT %(kept)s) k)"
         )
-        entry = (
-            "jsonb_build_array(jsonb_build_object('at', %(at)s::text, 'run', %(run_text)s::text))"
-        )
         counts += (
-            f", times_fixed = d.times_fixed + CASE WHEN {fixed} THEN 1 ELSE 0 END, "
-            f"last_fixed_at = CASE WHEN {fixed} THEN %(now)s ELSE d.last_fixed_at END, "
-            f"recent_fixes = CASE WHEN {fixed} THEN {kept} || {entry} ELSE d.recent_fixes END"
+            f", times_fixed = d.times_fixed + CASE WHEN {_FIXED} THEN 1 ELSE 0 END, "
+            f"last_fixed_at = CASE WHEN {_FIXED} THEN %(now)s ELSE d.last_fixed_at END, "
+            f"recent_fixes = CASE WHEN {_FIXED} THEN {kept} || {_FIX_ENTRY} ELSE d.recent_fixes END"
         )
     return (
         f"UPDATE {DriftRecord._meta.db_table} d SET {counts} "
