@@ -3,7 +3,8 @@
 import uuid
 
 from django.db import models
-from django.db.models import Q
+from django.db.models import Case, F, OuterRef, Q, Subquery, Value, When
+from django.db.models.functions import Coalesce, Greatest
 from django.utils import timezone
 
 from audit_project.soft_delete import SoftDeleteModel
@@ -460,6 +461,47 @@ class DriftState(models.TextChoices):
     FIGHTING = "fighting", "Fighting (fixing held)"
 
 
+class OrganizationAudits(models.Model):
+    """How many audits of all finding types found drift an organization already had recorded
+    (``profiles.services.drift``): the records those audits found again with nothing new to
+    say are not rewritten. While a record stays unresolved, each such audit since it was last
+    written (``DriftRecord.audits_seen``) found it once more: its times found and last seen
+    follow from these two columns (``DriftRecord.objects.with_sightings()``)."""
+
+    organization_id = models.UUIDField(primary_key=True)
+    audits = models.BigIntegerField(default=0)
+    last_audit_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"Audits of {self.organization_id}: {self.audits}"
+
+
+class DriftRecordQuerySet(models.QuerySet["DriftRecord"]):
+    def with_sightings(self) -> "DriftRecordQuerySet":
+        """Annotated with ``found`` (times found) and ``seen_at`` (last seen): the stored
+        columns as the record was last written, plus the audits of its organization since
+        that found it again unchanged (``OrganizationAudits``) while it is unresolved."""
+        audits = OrganizationAudits.objects.filter(organization_id=OuterRef("organization_id"))
+        since = Coalesce(Subquery(audits.values("audits")[:1]), Value(0)) - F("audits_seen")
+        later = ~Q(state=DriftState.RESOLVED) & Q(
+            audits_seen__lt=Subquery(audits.values("audits")[:1])
+        )
+        return self.annotate(
+            found=Case(
+                When(later, then=F("times_found") + since),
+                default=F("times_found"),
+                output_field=models.BigIntegerField(),
+            ),
+            seen_at=Case(
+                When(
+                    later,
+                    then=Greatest(F("last_seen_at"), Subquery(audits.values("last_audit_at")[:1])),
+                ),
+                default=F("last_seen_at"),
+            ),
+        )
+
+
 class DriftRecord(models.Model):
     """One finding fingerprint's history across runs (DESIGN "Drift history and fights").
 
@@ -487,8 +529,13 @@ class DriftRecord(models.Model):
     external_id = models.CharField(max_length=255, blank=True)
     state = models.CharField(max_length=20, choices=DriftState.choices, default=DriftState.OPEN)
     first_seen_at = models.DateTimeField(default=timezone.now)
+    # As last written: with_sightings() adds the audits that found it again since (``found``,
+    # ``seen_at``), which is what to show and filter on.
     last_seen_at = models.DateTimeField(default=timezone.now)
     times_found = models.PositiveIntegerField(default=0)
+    audits_seen = models.BigIntegerField(
+        default=0, help_text="Its organization's OrganizationAudits.audits when last written."
+    )
     times_fixed = models.PositiveIntegerField(default=0)
     last_fixed_at = models.DateTimeField(null=True, blank=True)
     resolved_at = models.DateTimeField(null=True, blank=True)
@@ -508,6 +555,8 @@ class DriftRecord(models.Model):
     undone_at = models.DateTimeField(null=True, blank=True)
     resumed_by = models.CharField(max_length=150, blank=True)
     resumed_at = models.DateTimeField(null=True, blank=True)
+
+    objects = DriftRecordQuerySet.as_manager()
 
     class Meta:
         ordering = ["-last_seen_at"]

@@ -259,7 +259,10 @@ def recurring_drift(*, now: datetime | None = None) -> QuerySet[DriftRecord]:
     """Records recurring or fighting seen within the last RECURRING_WINDOW (a scan: the table is
     small, and an index on the columns every run rewrites would cost the runs more)."""
     since = (now or timezone.now()) - RECURRING_WINDOW
-    return DriftRecord.objects.filter(state__in=COMES_BACK, last_seen_at__gte=since)
+    # (seen_at: with_sightings' annotation, which django-stubs does not follow into a method.)
+    return DriftRecord.objects.with_sightings().filter(  # type: ignore[misc]
+        state__in=COMES_BACK, seen_at__gte=since
+    )
 
 
 def recurring_drift_by_writer(*, now: datetime | None = None) -> dict[str, int]:

@@ -22,6 +22,7 @@ from profiles.models import (
     DriftRecord,
     DriftState,
     FindingOutcome,
+    OrganizationAudits,
     SocialProfile,
 )
 from profiles.plan import ALL_TYPES, Guard
@@ -67,7 +68,8 @@ def finding_of(run, profile):
 
 
 def record_of(profile):
-    return DriftRecord.objects.get(object_id=profile.id)
+    """Its record, times found and last seen as shown (``found``, ``seen_at``)."""
+    return DriftRecord.objects.with_sightings().get(object_id=profile.id)
 
 
 def test_a_finding_found_in_two_runs_is_one_drift_record_found_twice(audit):
@@ -77,11 +79,63 @@ def test_a_finding_found_in_two_runs_is_one_drift_record_found_twice(audit):
     second = audit.run_full_audit(org_id=org.id).run
 
     record = record_of(profile)
-    assert record.times_found == 2
+    assert record.found == 2
     assert record.state == DriftState.OPEN
     assert record.times_fixed == 0
     assert finding_of(first, profile).drift_id == finding_of(second, profile).drift_id == record.id
     assert not finding_of(second, profile).recurring  # never fixed or resolved: still the same
+
+
+def test_drift_that_stays_is_counted_by_its_organizations_audits_not_rewritten(audit):
+    """Found again with nothing new to say, a record is not written: one more audit of its
+    organization counts it (times found, last seen) while it stays unresolved; a run of some
+    types only counts it on the record itself (a run of every type may then have found it); resolved,
+    the audits since no longer count."""
+    org, profile = deselected_profile()
+    for _ in range(3):
+        last = audit.run_full_audit(org_id=org.id).run
+
+    stored = DriftRecord.objects.get(object_id=profile.id)
+    assert stored.times_found == 1  # as written by the first run
+    record = record_of(profile)
+    assert record.found == 3
+    assert record.seen_at == OrganizationAudits.objects.get(organization_id=org.id).last_audit_at
+    assert record.seen_at >= last.started_at
+
+    audit.run_full_audit(org_id=org.id, scopes=["deselected"])
+    assert record_of(profile).found == 4
+
+    ConnectionAsset.objects.filter(
+        connection__organization=org, external_id=profile.external_id
+    ).update(is_selected=True)
+    audit.run_full_audit(org_id=org.id)  # resolves it
+    audit.run_full_audit(org_id=org.id)
+    record = record_of(profile)
+    assert (record.state, record.found) == (DriftState.RESOLVED, 4)
+
+
+def test_one_audit_counts_drift_that_stays_beside_a_fix_in_the_same_organization(audit, committed):
+    """One fixing run meets, in one organization, a held record (only seen again: counted by
+    the organization's audit) and a record it fixes (written): each is found once more."""
+    org, held = deselected_profile()
+    fight(audit, committed, org, held)
+    committed(audit.run_full_audit, org_id=org.id, fix=True)  # held from now on
+    asset = AssetFactory(connection=held.connection)
+    other = profile_for(asset)
+    ConnectionAsset.objects.filter(id=asset.id).update(is_selected=False)
+    audit.run_full_audit(org_id=org.id)  # a dry run: the other's record is made
+    held_found = record_of(held).found
+
+    run = committed(audit.run_full_audit, org_id=org.id, fix=True).run
+
+    assert finding_of(run, held).outcome == FindingOutcome.HELD
+    assert finding_of(run, other).outcome == FindingOutcome.FIXED
+    assert record_of(held).found == held_found + 1
+    record = record_of(other)
+    assert (record.found, record.times_fixed, record.state) == (2, 1, DriftState.OPEN)
+    audit.run_full_audit(org_id=org.id)  # the other is fixed: resolved, found as often
+    assert (record_of(other).found, record_of(other).state) == (2, DriftState.RESOLVED)
+    assert record_of(held).found == held_found + 2
 
 
 def test_fixed_then_undone_by_partner_sync_it_recurs_and_names_the_writer(audit, committed):
@@ -94,7 +148,7 @@ def test_fixed_then_undone_by_partner_sync_it_recurs_and_names_the_writer(audit,
     record = record_of(profile)
     finding = finding_of(again, profile)
     assert record.state == DriftState.RECURRING
-    assert record.times_fixed == 1 and record.times_found == 2
+    assert record.times_fixed == 1 and record.found == 2
     assert record.undone_by == "partner-sync"
     assert finding.recurring
     assert "partner-sync" in [w["writer"] for w in finding.writers]
@@ -215,7 +269,7 @@ def test_a_dry_run_updates_history_but_never_holds_or_resumes(audit, committed):
     org, profile = deselected_profile()
     fight(audit, committed, org, profile)
     committed(audit.run_full_audit, org_id=org.id, fix=True)  # held
-    found_before = record_of(profile).times_found
+    found_before = record_of(profile).found
 
     dry = audit.run_full_audit(org_id=org.id).run
 
@@ -223,7 +277,7 @@ def test_a_dry_run_updates_history_but_never_holds_or_resumes(audit, committed):
     assert finding.outcome == FindingOutcome.PLANNED
     assert finding.detail.startswith("fighting")
     record = record_of(profile)
-    assert record.times_found == found_before + 1
+    assert record.found == found_before + 1
     assert record.state == DriftState.FIGHTING and record.held_since is not None
 
     # Nor does a dry run start a fight: three fixes, then a dry run plans it as ever.
@@ -255,8 +309,10 @@ def test_retention_keeps_drift_records_and_prunes_them_after_a_long_quiet(audit,
     retention.prune_audit_runs(older_than_days=90)
 
     assert not AuditRun.objects.filter(id=run.id).exists()
-    assert record_of(profile).times_found == 2
-    DriftRecord.objects.update(last_seen_at=timezone.now() - timedelta(days=400))
+    assert record_of(profile).found == 2
+    long_ago = timezone.now() - timedelta(days=400)
+    DriftRecord.objects.update(last_seen_at=long_ago)
+    OrganizationAudits.objects.update(last_audit_at=long_ago)
     assert retention.prune_audit_runs(older_than_days=90).drift_records_deleted == 1
     assert not DriftRecord.objects.exists()
     assert prune_quiet_records(before=timezone.now()) == 0
@@ -351,10 +407,10 @@ def test_a_new_record_of_a_fix_counts_its_fix(audit):
     run = audit.run_full_audit(org_id=org.id, fix=True).run
 
     record = record_of(profile)
-    assert (record.state, record.times_found, record.times_fixed) == (DriftState.OPEN, 1, 1)
+    assert (record.state, record.found, record.times_fixed) == (DriftState.OPEN, 1, 1)
     assert record.last_fixed_at is not None
     assert [f["run"] for f in record.recent_fixes] == [str(run.id)]
-    assert record.first_seen_at == record.last_seen_at == record.last_fixed_at
+    assert record.first_seen_at == record.seen_at == record.last_fixed_at
     assert finding_of(run, profile).drift_id == record.id
 
 
@@ -367,8 +423,8 @@ def test_a_fix_of_a_record_seen_before_counts_its_fix(audit):
     run = audit.run_full_audit(org_id=org.id, fix=True).run
 
     record = record_of(profile)
-    assert (record.state, record.times_found, record.times_fixed) == (DriftState.OPEN, 2, 1)
-    assert record.last_fixed_at == record.last_seen_at
+    assert (record.state, record.found, record.times_fixed) == (DriftState.OPEN, 2, 1)
+    assert record.last_fixed_at == record.seen_at
     assert [f["run"] for f in record.recent_fixes] == [str(run.id)]
 
 

@@ -450,3 +450,25 @@ def test_a_real_fight_is_shown_counted_and_resumed_from_the_admin(client, commit
     assert AuditFinding.objects.get(run=after, object_id=profile.id).outcome == FindingOutcome.FIXED
     profile.refresh_from_db()
     assert profile.deleted_at is not None
+
+
+def test_drift_that_stays_shows_every_audit_that_found_it(client):
+    """Three dry runs find the same drift; the record is written once, and the list, the
+    record's page and the "seen" filter still count all three and the last one."""
+    from profiles.services.audit import ProfileConnectionAuditService
+    from tests.test_drift import deselected_profile
+
+    org, profile = deselected_profile(name="Steady Ltd")
+    audit = ProfileConnectionAuditService()
+    for _ in range(3):
+        audit.run_full_audit(org_id=org.id)
+    record = DriftRecord.objects.get(object_id=profile.id)
+    DriftRecord.objects.filter(id=record.id).update(
+        last_seen_at=timezone.now() - timedelta(days=40)
+    )
+
+    login(client)
+    assert "3 / 0" in text(client.get(DRIFT, {"organization": str(org.id)}))
+    page = text(client.get(reverse("admin:profiles_driftrecord_change", args=[record.id])))
+    assert 'Times found:</label> <div class="readonly">3<' in page
+    assert record.id in listed(client, seen="7d")

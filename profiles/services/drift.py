@@ -28,14 +28,22 @@ from uuid import UUID
 
 from django.conf import settings
 from django.db import connection
-from django.db.models import JSONField, QuerySet, TextField
+from django.db.models import F, JSONField, QuerySet, TextField
 from django.db.models.expressions import RawSQL
 from django.db.models.functions import Cast
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
 from profiles.change_marks import AUDIT_FIX, AUDIT_REVERT
-from profiles.models import AuditFinding, ChangeMark, DriftRecord, DriftState, FindingOutcome
+from profiles.models import (
+    AuditFinding,
+    ChangeMark,
+    DriftRecord,
+    DriftState,
+    FindingOutcome,
+    FindingType,
+    OrganizationAudits,
+)
 from profiles.selectors import binary_cursor
 from profiles.services.recording import FindingRow
 
@@ -55,6 +63,7 @@ OBSERVED_FIELDS = [
     "last_writers",
     "undone_by",
     "undone_at",
+    "audits_seen",
 ]
 # ... and what only a fixing run does: its fixes and holds. Fixing runs of an organization take
 # turns on its lock, and a dry run never writes these, so no run overwrites another's fixes or
@@ -165,6 +174,7 @@ class Drift:
     last_writers: list[dict[str, Any]] = field(default_factory=list)
     undone_by: str = ""
     undone_at: datetime | None = None
+    audits_seen: int = 0
     # Not read on PostgreSQL, where a record read is only ever updated, never written whole.
     model: str = ""
     object_id: UUID | None = None
@@ -178,7 +188,7 @@ COLUMNS = [f.name for f in fields(Drift)]
 # What PostgreSQL reads of a record: its fingerprint and what a run may change (a prefix of
 # COLUMNS, so a row of them makes a Drift as it is). SQLite reads them all (its upsert writes
 # whole rows).
-READ_COLUMNS = COLUMNS[: COLUMNS.index("undone_at") + 1]
+READ_COLUMNS = COLUMNS[: COLUMNS.index("audits_seen") + 1]
 _FIELDS = {f.attname: f for f in DriftRecord._meta.concrete_fields}
 JSON_COLUMNS = ("recent_fixes", "last_writers")
 
@@ -195,11 +205,15 @@ class DriftBook:
     released: set[Fingerprint]
     # Fingerprints held (fighting) when read: few or none, so most findings skip the lookup.
     held: set[Fingerprint] = field(default_factory=set)
+    # The organizations' OrganizationAudits.audits (by the id's int), as read and as bumped.
+    audits: dict[int, int] = field(default_factory=dict)
     # PostgreSQL, for ``write_from_findings``: the records ``record`` created, and those it
     # wrote itself (the others it saw are counted from their findings).
     unwritten: list[Drift] = field(default_factory=list)
     rewritten: list[UUID] = field(default_factory=list)
     any_seen: bool = False
+    # The organizations this chunk counted one more audit of (``_count_audits``).
+    counted: list[UUID] = field(default_factory=list)
     fixing: bool = False
 
     @classmethod
@@ -225,24 +239,31 @@ class DriftBook:
             return value
 
         fixes_at, writers_at = (COLUMNS.index(c) for c in JSON_COLUMNS)
-        read = []
-        for row in _record_rows(ids):
+        # The organizations' audits (OrganizationAudits), as a write of their records sets
+        # ``audits_seen``: on PostgreSQL each record read carries its organization's (and
+        # those without records need none: a new record's is the server's).
+        audits: dict[int, int] = {}
+        records = {}
+        for row in _record_rows(ids, audits):
             values = list(row)
             values[fixes_at] = decode(values[fixes_at])
             values[writers_at] = decode(values[writers_at])
-            read.append(Drift(*values))
+            r = Drift(*values)
+            org = r.organization_id.int
+            audits[org] = r.audits_seen
+            records[(org, r.type, r.key)] = r
         if mark_writers is None:
             marks = ChangeMark.objects.filter(organization_id__in=ids).values_list(
                 "organization_id", "writers"
             )
             mark_writers = {org: list(writers or []) for org, writers in marks}
-        records = {(r.organization_id.int, r.type, r.key): r for r in read}
         return cls(
             records=records,
             mark_writers=mark_writers,
             now=now or timezone.now(),
             released=set(),
             held={fp for fp, r in records.items() if r.held_since is not None},
+            audits=audits,
         )
 
     def _window_start(self) -> datetime:
@@ -311,25 +332,40 @@ class DriftBook:
         """Count the chunk's findings on their records (new ones created), resolve the records of
         ``audited`` organizations (of the run's ``types``) that were not found again, and link
         each row to its record: one statement (on PostgreSQL the new records, and those only seen
-        again, follow from their findings in ``write_from_findings``)."""
+        again, follow from their findings in ``write_from_findings``).
+
+        A run of every type counts the records it finds again with nothing new to say (most of
+        them: drift that stays) by adding one to their organizations' audits
+        (``OrganizationAudits``) instead of rewriting each one; a run of some types only,
+        after which their organizations' other records were not found again, counts them on
+        the records themselves."""
         now = self.now
         fix_needed = settings.PROFILE_AUDIT_FIGHT_FIXES
         since = self._window_start()
+        by_audits = {str(t) for t in types} >= set(FindingType.values)
         changed: dict[Fingerprint, Drift] = {}
         created: set[Fingerprint] = set()
-        # Records found again whose story did not change (most of them, drift that stays), or
-        # changed only by this fix's count: counted, which PostgreSQL does from their findings
-        # (``write_from_findings``).
+        # Records found again whose story and writers did not change (most of them, drift that
+        # stays), or changed only by this fix's count: counted, by their organizations' audits
+        # (``by_audits``) or from their findings on PostgreSQL (``write_from_findings``); the
+        # ones with a fix counted are in ``seen_fixed`` too.
         seen: set[Fingerprint] = set()
+        seen_fixed: set[Fingerprint] = set()
         # The writers of a new record are its organization's marks' writers: shared.
         org_writers: dict[int, list[dict[str, Any]]] = {}
-        merged: dict[tuple[int, int], list[dict[str, Any]]] = {}
+        # (writers merged, the same as the record's) per organization and list of writers.
+        merged: dict[tuple[int, int], tuple[list[dict[str, Any]], bool]] = {}
         fix_entry = {"at": now.isoformat(), "run": str(run_id)}
         for row in rows:
             org = row.organization_id
             if org is None:
                 continue
-            fp = self._fingerprint(org, row.type, row.object_id, row.platform, row.external_id)
+            oid = row.object_id
+            fp = (
+                org.int,
+                str(row.type),
+                str(oid) if oid is not None else f"{row.platform}:{row.external_id}",
+            )
             record = self.records.get(fp)
             if record is None:
                 created.add(fp)
@@ -355,12 +391,15 @@ class DriftBook:
             if record.last_writers and record.state != DriftState.RESOLVED:
                 # Shared lists (decoded once), so merged once per organization and list.
                 pair = (fp[0], id(record.last_writers))
-                if (writers := merged.get(pair)) is None:
-                    writers = merged[pair] = merge_writers(
-                        record.last_writers, self.mark_writers.get(org, ())
-                    )
-            elif (writers := org_writers.get(fp[0])) is None:
-                writers = org_writers[fp[0]] = merge_writers(self.mark_writers.get(org, ()))
+                if (known := merged.get(pair)) is None:
+                    writers = merge_writers(record.last_writers, self.mark_writers.get(org, ()))
+                    known = merged[pair] = (writers, writers == record.last_writers)
+                writers, same_writers = known
+            else:
+                shared = org_writers.get(fp[0])
+                if shared is None:
+                    shared = org_writers[fp[0]] = merge_writers(self.mark_writers.get(org, ()))
+                writers, same_writers = shared, not shared and not record.last_writers
             if recurring and (other := other_writer(writers, after=record.last_fixed_at)):
                 record.undone_by = writer_name(other)[:255]
                 record.undone_at = _at(other)
@@ -387,12 +426,18 @@ class DriftBook:
                 record.state = DriftState.OPEN
             record.resolved_at = None
             changed[fp] = record
-            if story is not None and _same_story(story, _story(record), fix_counted=counted_fix):
+            if (
+                story is not None
+                and same_writers
+                and _same_story(story, _story(record), fix_counted=counted_fix)
+            ):
                 seen.add(fp)
+                if counted_fix:
+                    seen_fixed.add(fp)
             row.drift_id = record.id
             row.recurring = recurring
             row.writers = writers or None
-        audited_orgs, audited_types = {o.int for o in audited}, {str(t) for t in types}
+        audited_orgs, audited_types = {o.int: o for o in audited}, {str(t) for t in types}
         for fp, record in self.records.items():
             if (
                 fp not in changed
@@ -405,19 +450,63 @@ class DriftBook:
                 changed[fp] = record
         if not changed:
             return
+        # The organizations whose records only seen again (their fixes not counted) this audit
+        # counts, by one more audit of each; those records are not written.
+        counted: set[int] = set()
+        if by_audits:
+            counted = {fp[0] for fp in seen if fp not in seen_fixed} & audited_orgs.keys()
+            self._count_audits([audited_orgs[o] for o in counted])
+        covered = {fp for fp in seen if fp[0] in counted and fp not in seen_fixed}
         new = [r for fp, r in changed.items() if fp in created]
-        read = [r for fp, r in changed.items() if fp not in created]
+        read = [r for fp, r in changed.items() if fp not in created and fp not in covered]
+        for r in (*new, *read):
+            r.audits_seen = self.audits.get(r.organization_id.int, 0)
         if connection.vendor == "postgresql":
             # A new record is made of its finding's columns, and one only seen again is counted
             # from its finding: the server does both once the findings are in
             # (``write_from_findings``), instead of Python sending each row twice.
             read = [r for fp, r in changed.items() if fp not in created and fp not in seen]
             self.unwritten, self.rewritten, self.fixing = new, [r.id for r in read], fix
-            self.any_seen = bool(seen)
+            self.counted = [audited_orgs[o] for o in counted]
+            self.any_seen = len(seen) > len(covered)
             new = []
         upsert(new, read, fix=fix)
         if new:
             _link_to_existing(new, rows)
+
+    def _count_audits(self, organizations: list[UUID]) -> None:
+        """One more audit of these organizations found their records (``OrganizationAudits``),
+        taken in the organizations' order (concurrent runs of the same organizations queue
+        instead of deadlocking)."""
+        if not organizations:
+            return
+        ids = sorted(organizations)
+        if connection.vendor == "postgresql":
+            table = OrganizationAudits._meta.db_table
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    f"INSERT INTO {table} AS a (organization_id, audits, last_audit_at) "
+                    "SELECT o, 1, %s FROM unnest(%s::uuid[]) AS o ORDER BY o "
+                    "ON CONFLICT (organization_id) DO UPDATE SET audits = a.audits + 1, "
+                    "last_audit_at = GREATEST(a.last_audit_at, EXCLUDED.last_audit_at)",
+                    # One text literal: psycopg dumps a list of UUIDs element by element.
+                    [self.now, "{" + ",".join(map(str, ids)) + "}"],
+                )
+        else:
+            OrganizationAudits.objects.filter(organization_id__in=ids).update(
+                audits=F("audits") + 1, last_audit_at=self.now
+            )
+            OrganizationAudits.objects.bulk_create(
+                [
+                    OrganizationAudits(organization_id=o, audits=1, last_audit_at=self.now)
+                    for o in ids
+                ],
+                ignore_conflicts=True,
+            )
+        # What this chunk writes of these organizations' records counts from its own audit:
+        # one that another run counted meanwhile found them too, as it counted.
+        for o in ids:
+            self.audits[o.int] = self.audits.get(o.int, 0) + 1
 
     def write_from_findings(self, *, run_id: UUID, first_seq: int, last_seq: int) -> None:
         """PostgreSQL, once the chunk's findings are recorded (``run_id``'s ``first_seq`` to
@@ -450,13 +539,14 @@ class DriftBook:
             # The ids as one text literal: psycopg dumps a list of UUIDs element by element,
             # slowly.
             "rewritten": "{" + ",".join(map(str, self.rewritten)) + "}",
+            "counted": "{" + ",".join(map(str, self.counted)) + "}",
             "since": self._window_start(),
             "kept": settings.PROFILE_AUDIT_FIGHT_FIXES - 1,
         }
         with connection.cursor() as cursor:
             # Before the insert: a new record's finding must not count it twice.
             cursor.execute(_count_seen_sql(fix=self.fixing), params)
-        self.rewritten, self.any_seen = [], False
+        self.rewritten, self.counted, self.any_seen = [], [], False
 
     def _insert_new(self, *, run_id: UUID, first_seq: int, last_seq: int) -> None:
         expected = len(self.unwritten)
@@ -484,9 +574,11 @@ def _link_to_existing(new: Sequence[Drift], rows: Sequence[FindingRow]) -> None:
             row.drift_id = relinked[row.drift_id]
 
 
-def _record_rows(organization_ids: list[UUID]) -> Iterable[tuple[Any, ...]]:
+def _record_rows(organization_ids: list[UUID], audits: dict[int, int]) -> Iterable[tuple[Any, ...]]:
     """The records of these organizations, as tuples in COLUMNS' order (on PostgreSQL only
-    READ_COLUMNS), JSON columns as text.
+    READ_COLUMNS), JSON columns as text; times found and last seen as ``with_sightings`` tells
+    them (the audits of the organization since a record was written added), and
+    ``audits_seen`` its organization's audits now (SQLite: those are put in ``audits``).
 
     On PostgreSQL each organization's records are read through the fingerprint's index (it
     leads with the organization), one index scan per organization: a plain ``IN`` is planned on
@@ -495,19 +587,45 @@ def _record_rows(organization_ids: list[UUID]) -> Iterable[tuple[Any, ...]]:
     for every chunk, quadratic in the installation.
     """
     if connection.vendor != "postgresql":
-        columns = [Cast(c, output_field=TextField()) if c in JSON_COLUMNS else c for c in COLUMNS]
-        yield from DriftRecord.objects.filter(organization_id__in=organization_ids).values_list(
-            *columns
+        audits.update(
+            (org.int, n)
+            for org, n in OrganizationAudits.objects.filter(
+                organization_id__in=organization_ids
+            ).values_list("organization_id", "audits")
         )
+        found = {"times_found": "found", "last_seen_at": "seen_at"}
+        columns = [
+            Cast(c, output_field=TextField()) if c in JSON_COLUMNS else found.get(c, c)
+            for c in COLUMNS
+        ]
+        for row in (
+            DriftRecord.objects.filter(organization_id__in=organization_ids)
+            .with_sightings()
+            .values_list(*columns)
+        ):
+            at = COLUMNS.index("audits_seen")
+            yield (*row[:at], audits.get(row[1].int, 0), *row[at + 1 :])
         return
+    # Since it was written, found again by every audit of its organization while unresolved.
+    later = f"(d.state <> '{DriftState.RESOLVED}' AND a.audits > d.audits_seen)"
+    sighted = {
+        "times_found": f"d.times_found + CASE WHEN {later} THEN a.audits - d.audits_seen ELSE 0 END",
+        "last_seen_at": (
+            f"CASE WHEN {later} THEN GREATEST(d.last_seen_at, a.last_audit_at) "
+            "ELSE d.last_seen_at END"
+        ),
+        "audits_seen": "coalesce(a.audits, 0)",
+    }
     select = ", ".join(
-        f"d.{_FIELDS[c].column}" + ("::text" if c in JSON_COLUMNS else "") for c in READ_COLUMNS
+        sighted.get(c) or f"d.{_FIELDS[c].column}" + ("::text" if c in JSON_COLUMNS else "")
+        for c in READ_COLUMNS
     )
     # OFFSET 0 keeps the subquery from being flattened into a join the planner may hash.
     sql = (
         f"SELECT {select} FROM unnest(%b::uuid[]) AS o(id) CROSS JOIN LATERAL "
         f"(SELECT * FROM {DriftRecord._meta.db_table} r WHERE r.organization_id = o.id "
-        "OFFSET 0) d"
+        f"OFFSET 0) d LEFT JOIN {OrganizationAudits._meta.db_table} a "
+        "ON a.organization_id = o.id"
     )
     # Read in binary: a chunk's records carry thousands of time stamps, which Django's text
     # loader parses in Python.
@@ -603,6 +721,10 @@ def _insert_new_sql() -> str:
         "last_writers": "coalesce(f.writers, '[]'::jsonb)",
         "undone_by": "''",
         "undone_at": "NULL",
+        "audits_seen": (
+            f"coalesce((SELECT a.audits FROM {OrganizationAudits._meta.db_table} a "
+            "WHERE a.organization_id = f.organization_id), 0)"
+        ),
         "model": "f.model",
         "object_id": "f.object_id",
         "platform": "f.platform",
@@ -622,13 +744,18 @@ def _insert_new_sql() -> str:
 
 def _count_seen_sql(*, fix: bool) -> str:
     """The records the chunk's findings point at, but those written whole (new, or their story
-    changed): found once more, last seen now, their writers the finding's; and, fixing, a
-    finding fixed (or its sync sent) counted as ``DriftBook.record`` counts it: fixed once more,
-    now, the fix added to those of the window (the last PROFILE_AUDIT_FIGHT_FIXES kept)."""
-    counts = (
+    changed) and those only seen again in an organization this audit counted (``counted``):
+    found once more, last seen now, their writers the finding's — and, in a counted
+    organization, its audits since written as they were (this one is counted here); and,
+    fixing, a finding fixed (or its sync sent) counted as ``DriftBook.record`` counts it: fixed
+    once more, now, the fix added to those of the window (the last PROFILE_AUDIT_FIGHT_FIXES
+    kept)."""
+    counted = "f.organization_id = ANY(%(counted)s::uuid[])"
+    counts = [
         "times_found = d.times_found + 1, last_seen_at = %(now)s, "
-        "last_writers = coalesce(f.writers, '[]'::jsonb)"
-    )
+        "last_writers = coalesce(f.writers, '[]'::jsonb), "
+        f"audits_seen = d.audits_seen + CASE WHEN {counted} THEN 1 ELSE 0 END"
+    ]
     if fix:
         kept = (
             "(SELECT coalesce(jsonb_agg(k.e ORDER BY k.n), '[]'::jsonb) FROM "
@@ -636,16 +763,17 @@ def _count_seen_sql(*, fix: bool) -> str:
             "AS x(e, n) WHERE (x.e ->> 'at')::timestamptz > %(since)s "
             "ORDER BY x.n DESC LIMIT %(kept)s) k)"
         )
-        counts += (
-            f", times_fixed = d.times_fixed + CASE WHEN {_FIXED} THEN 1 ELSE 0 END, "
+        counts.append(
+            f"times_fixed = d.times_fixed + CASE WHEN {_FIXED} THEN 1 ELSE 0 END, "
             f"last_fixed_at = CASE WHEN {_FIXED} THEN %(now)s ELSE d.last_fixed_at END, "
             f"recent_fixes = CASE WHEN {_FIXED} THEN {kept} || {_FIX_ENTRY} ELSE d.recent_fixes END"
         )
     return (
-        f"UPDATE {DriftRecord._meta.db_table} d SET {counts} "
+        f"UPDATE {DriftRecord._meta.db_table} d SET {', '.join(counts)} "
         f"FROM {AuditFinding._meta.db_table} f "
         "WHERE f.run_id = %(run)s AND f.seq BETWEEN %(first)s AND %(last)s "
-        "AND d.id = f.drift_id AND NOT (f.drift_id = ANY(%(rewritten)s::uuid[]))"
+        "AND d.id = f.drift_id AND NOT (f.drift_id = ANY(%(rewritten)s::uuid[])) "
+        f"AND (NOT {counted} OR {_FIXED})"
     )
 
 
@@ -757,9 +885,9 @@ def prune_quiet_records(*, before: datetime, batch_size: int = 5000) -> int:
     deleted = 0
     while True:
         ids = list(
-            DriftRecord.objects.filter(
-                last_seen_at__lt=before, held_since__isnull=True
-            ).values_list("id", flat=True)[:batch_size]
+            DriftRecord.objects.with_sightings()
+            .filter(seen_at__lt=before, held_since__isnull=True)  # type: ignore[misc]
+            .values_list("id", flat=True)[:batch_size]
         )
         if not ids:
             return deleted
