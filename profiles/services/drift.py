@@ -367,6 +367,29 @@ class DriftBook:
                 str(oid) if oid is not None else f"{row.platform}:{row.external_id}",
             )
             record = self.records.get(fp)
+            if (
+                record is not None
+                and record.state == DriftState.OPEN
+                and record.last_fixed_at is None
+                and record.held_since is None
+                and not (fix and (fp in self.released or row.outcome in _FIX_STORIES))
+            ):
+                # Drift that stays, never fixed (most of a dry run's): open as it was, and
+                # nothing to say but that it was seen again if its writers did not change.
+                pair = (fp[0], id(record.last_writers))
+                if (known := merged.get(pair)) is None:
+                    writers = merge_writers(record.last_writers, self.mark_writers.get(org, ()))
+                    known = merged[pair] = (writers, writers == record.last_writers)
+                writers, same_writers = known
+                record.times_found += 1
+                record.last_seen_at = now
+                record.last_writers = writers
+                record.resolved_at = None
+                changed[fp] = record
+                if same_writers:
+                    seen.add(fp)
+                row.drift_id, row.recurring, row.writers = record.id, False, writers or None
+                continue
             if record is None:
                 created.add(fp)
                 record = self.records[fp] = Drift(
@@ -696,6 +719,9 @@ def _finding_key(f: str) -> str:
     return f"coalesce({f}.object_id::text, {f}.platform || ':' || {f}.external_id)"
 
 
+# A fixing run's outcomes that change a record's story: a fix counted, or a hold.
+_FIX_STORIES = FIXING_OUTCOMES | {FindingOutcome.HELD}
+
 # In the statements written from a chunk's findings (``DriftBook._params``): whether the
 # finding ``f`` is a fix that counts, and that fix as an entry of a record's recent fixes.
 _FIXED = "(%(fix)s AND f.outcome = ANY(%(fixed)s))"
@@ -757,11 +783,13 @@ def _count_seen_sql(*, fix: bool) -> str:
         f"audits_seen = d.audits_seen + CASE WHEN {counted} THEN 1 ELSE 0 END"
     ]
     if fix:
+        # (A record never fixed has none: no subquery for it, the first fix of most.)
         kept = (
+            "CASE WHEN d.recent_fixes = '[]'::jsonb THEN d.recent_fixes ELSE "
             "(SELECT coalesce(jsonb_agg(k.e ORDER BY k.n), '[]'::jsonb) FROM "
             "(SELECT x.e, x.n FROM jsonb_array_elements(d.recent_fixes) WITH ORDINALITY "
             "AS x(e, n) WHERE (x.e ->> 'at')::timestamptz > %(since)s "
-            "ORDER BY x.n DESC LIMIT %(kept)s) k)"
+            "ORDER BY x.n DESC LIMIT %(kept)s) k) END"
         )
         counts.append(
             f"times_fixed = d.times_fixed + CASE WHEN {_FIXED} THEN 1 ELSE 0 END, "
