@@ -482,7 +482,8 @@ class DriftBook:
         covered = {fp for fp in seen if fp[0] in counted and fp not in seen_fixed}
         new = [r for fp, r in changed.items() if fp in created]
         read = [r for fp, r in changed.items() if fp not in created and fp not in covered]
-        for r in (*new, *read):
+        # (PostgreSQL makes a new record's from its finding.)
+        for r in read if connection.vendor == "postgresql" else (*new, *read):
             r.audits_seen = self.audits.get(r.organization_id.int, 0)
         if connection.vendor == "postgresql":
             # A new record is made of its finding's columns, and one only seen again is counted
@@ -747,6 +748,8 @@ def _insert_new_sql() -> str:
         "last_writers": "coalesce(f.writers, '[]'::jsonb)",
         "undone_by": "''",
         "undone_at": "NULL",
+        # A probe of the primary key per record: a join would be planned on the statistics of
+        # a table that grows from empty (a scan of it per chunk, once they are stale).
         "audits_seen": (
             f"coalesce((SELECT a.audits FROM {OrganizationAudits._meta.db_table} a "
             "WHERE a.organization_id = f.organization_id), 0)"
