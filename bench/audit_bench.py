@@ -214,10 +214,13 @@ def _child(
     args: argparse.Namespace,
     mode: str = "",
     extra: list[str] | None = None,
+    root: Path = ROOT,
 ) -> dict:
+    """Run ``command`` of this script in a child process; ``root``: the tree whose
+    bench/audit_bench.py (and so whose code) runs it."""
     cmd = [
         sys.executable,
-        str(Path(__file__).resolve()),
+        str(root / "bench" / "audit_bench.py"),
         command,
         f"--orgs={args.orgs}",
         f"--profiles={args.profiles}",
@@ -226,7 +229,7 @@ def _child(
     ]
     if mode:
         cmd.append(f"--mode={mode}")
-    result = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True)
     if result.returncode != 0:
         sys.stderr.write(result.stdout + result.stderr)
         raise SystemExit(f"benchmark step {command} {mode} failed")

@@ -9,6 +9,10 @@ every finding creates its record: the bookkeeping's dearest case); a fix's sync 
 
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/psa python bench/drift_cost.py \\
         --orgs 5000 --profiles 20 --repeat 5
+
+``--against TREE`` (PostgreSQL) also measures the run with drift history of another checkout
+(``git worktree add TREE <commit>``) in the same rounds, on a data set built by that tree's own
+code and migrations: the change since that commit, side by side, on one machine at one time.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from audit_bench import Databases, _child
+
+VARIANTS = ("with", "without")
 
 
 def main() -> None:
@@ -37,18 +43,41 @@ def main() -> None:
         help="one dry run on the data set first, so every finding's record exists (the steady "
         "state of drift that stays: each run updates its records instead of creating them)",
     )
+    parser.add_argument(
+        "--against",
+        type=Path,
+        help="another checkout (a git worktree): its run with drift history is measured too",
+    )
     args = parser.parse_args()
     args.workers = "0"
     dbs = Databases(os.environ.get("DATABASE_URL"))
+    if args.against and not dbs.url:
+        raise SystemExit("--against needs PostgreSQL: set DATABASE_URL")
+    if args.against and not (args.against / "bench" / "audit_bench.py").is_file():
+        raise SystemExit(f"--against {args.against}: no bench/audit_bench.py there")
+    # The other tree's data set: built by its own code into databases of their own.
+    other = Databases(f"{dbs.url}_against") if args.against else None
+    variants = (*VARIANTS, "against") if args.against else VARIANTS
     print(
         f"drift history cost: {args.orgs} organizations x {args.profiles} profiles, rate "
         f"{args.rate:g}, {'PostgreSQL' if dbs.url else 'SQLite'}, in-process, {args.repeat} rounds"
         + (", records there already (--warm)" if args.warm else ", records created")
     )
-    dbs.fresh_template()
-    _child(dbs.env(template=True), "_build", args)
-    if args.warm:
-        _child(dbs.env(template=True), "_measure", args, mode="dry", extra=["--workers", "0"])
+    trees = [(dbs, Path(__file__).resolve().parent.parent)]
+    if other is not None:
+        trees.append((other, args.against.resolve()))
+    for databases, root in trees:
+        databases.fresh_template()
+        _child(databases.env(template=True), "_build", args, root=root)
+        if args.warm:
+            _child(
+                databases.env(template=True),
+                "_measure",
+                args,
+                mode="dry",
+                extra=["--workers", "0"],
+                root=root,
+            )
     walls: dict[tuple[str, str], list[float]] = {}
     cpus: dict[tuple[str, str], list[float]] = {}
     servers: dict[tuple[str, str], list[float]] = {}
@@ -56,13 +85,15 @@ def main() -> None:
     try:
         for round_ in range(args.repeat):
             for mode in ("dry", "fix"):
-                variants = ("with", "without") if round_ % 2 == 0 else ("without", "with")
-                for variant in variants:
-                    dbs.copy_for_run()
-                    env = dbs.env(template=False)
+                for variant in variants if round_ % 2 == 0 else variants[::-1]:
+                    databases, root = trees[1] if variant == "against" else trees[0]
+                    databases.copy_for_run()
+                    env = databases.env(template=False)
                     if variant == "without":
                         env["BENCH_DRIFT"] = "off"
-                    result = _child(env, "_measure", args, mode=mode, extra=["--workers", "0"])
+                    result = _child(
+                        env, "_measure", args, mode=mode, extra=["--workers", "0"], root=root
+                    )
                     walls.setdefault((mode, variant), []).append(result["wall_seconds"])
                     # The run's CPU in the measured process (its sync jobs included, a fix's
                     # check afterwards not): less sensitive than wall time to what else the
@@ -74,13 +105,14 @@ def main() -> None:
                     found[mode] = result["found"]
     finally:
         if not args.keep:
-            dbs.drop()
+            for databases, _ in trees:
+                databases.drop()
     print(
         f"\n{'phase':<6}{'drift history':<15}{'wall s':>9}{'min':>7}{'max':>7}"
         f"{'CPU s':>8}{'found':>8}"
     )
     for mode in ("dry", "fix"):
-        for variant in ("without", "with"):
+        for variant in ("without", "with", "against")[: len(variants)]:
             w = walls[(mode, variant)]
             print(
                 f"{mode:<6}{variant:<15}{statistics.median(w):>9.2f}{min(w):>7.2f}{max(w):>7.2f}"
@@ -103,7 +135,8 @@ def main() -> None:
             # noisy machine.
             totals = {
                 v: [c + s for c, s in zip(cpus[(mode, v)], servers[(mode, v)], strict=True)]
-                for v in ("with", "without")
+                for v in variants
+                if len(servers.get((mode, v), ())) == len(cpus[(mode, v)])
             }
             print(
                 f"  {mode}: CPU (process + PostgreSQL backend) with / without = "
@@ -113,6 +146,13 @@ def main() -> None:
                 f"{statistics.median(servers[(mode, 'with')]):.2f} s / "
                 f"{statistics.median(servers[(mode, 'without')]):.2f} s)"
             )
+            if "against" in totals:
+                against = statistics.median(totals["against"])
+                print(
+                    f"  {mode}: CPU (process + backend) {args.against} / without = "
+                    f"{against / statistics.median(totals['without']):.3f} ({against:.2f} s; "
+                    f"server alone {statistics.median(servers[(mode, 'against')]):.2f} s)"
+                )
 
 
 if __name__ == "__main__":
