@@ -622,13 +622,13 @@ def _record_rows(organization_ids: list[UUID], audits: dict[int, int]) -> Iterab
             Cast(c, output_field=TextField()) if c in JSON_COLUMNS else found.get(c, c)
             for c in COLUMNS
         ]
+        org_at, audits_at = COLUMNS.index("organization_id"), COLUMNS.index("audits_seen")
         for row in (
             DriftRecord.objects.filter(organization_id__in=organization_ids)
             .with_sightings()
             .values_list(*columns)
         ):
-            at = COLUMNS.index("audits_seen")
-            yield (*row[:at], audits.get(row[1].int, 0), *row[at + 1 :])
+            yield (*row[:audits_at], audits.get(row[org_at].int, 0), *row[audits_at + 1 :])
         return
     # Since it was written, found again by every audit of its organization while unresolved.
     later = f"(d.state <> '{DriftState.RESOLVED}' AND a.audits > d.audits_seen)"
