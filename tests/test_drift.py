@@ -318,6 +318,22 @@ def test_retention_keeps_drift_records_and_prunes_them_after_a_long_quiet(audit,
     assert prune_quiet_records(before=timezone.now()) == 0
 
 
+def test_the_prune_forgets_the_audits_of_a_deleted_organization(audit):
+    """An organization's audit count (drift that stays) goes once the organization is gone;
+    another's stays, and so do its records' times found."""
+    gone, _ = deselected_profile()
+    kept, profile = deselected_profile()
+    for org in (gone, kept, gone, kept):
+        audit.run_full_audit(org_id=org.id)
+    assert OrganizationAudits.objects.count() == 2
+
+    gone.delete()
+    prune_quiet_records(before=timezone.now() - timedelta(days=1))
+
+    assert list(OrganizationAudits.objects.values_list("organization_id", flat=True)) == [kept.id]
+    assert record_of(profile).found == 2
+
+
 @contextmanager
 def rolled_back():
     with transaction.atomic():

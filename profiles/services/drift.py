@@ -34,6 +34,7 @@ from django.db.models.functions import Cast
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
+from orgs.models import Organization
 from profiles.change_marks import AUDIT_FIX, AUDIT_REVERT
 from profiles.models import (
     AuditFinding,
@@ -912,7 +913,8 @@ def resume_fixing(records: QuerySet[DriftRecord], *, by: str) -> int:
 
 def prune_quiet_records(*, before: datetime, batch_size: int = 5000) -> int:
     """Delete drift records not seen since ``before`` and not held (a held fight stays until it
-    is resumed), in batches. Returns how many were deleted."""
+    is resumed), in batches, and the audit counts of organizations deleted since (their records
+    went with them). Returns how many records were deleted."""
     deleted = 0
     while True:
         ids = list(
@@ -921,5 +923,9 @@ def prune_quiet_records(*, before: datetime, batch_size: int = 5000) -> int:
             .values_list("id", flat=True)[:batch_size]
         )
         if not ids:
-            return deleted
+            break
         deleted += DriftRecord.objects.filter(id__in=ids).delete()[0]
+    OrganizationAudits.objects.exclude(
+        organization_id__in=Organization.objects.values("id")
+    ).delete()
+    return deleted
