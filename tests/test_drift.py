@@ -25,7 +25,7 @@ from profiles.models import (
     OrganizationAudits,
     SocialProfile,
 )
-from profiles.plan import ALL_TYPES, Guard
+from profiles.plan import ALL_TYPES, SCOPES, Guard
 from profiles.services import retention
 from profiles.services.audit import ProfileConnectionAuditService
 from profiles.services.chunks import plan_chunk
@@ -265,6 +265,22 @@ def test_a_run_of_other_types_resolves_nothing_of_this_type(audit, committed):
     assert record_of(profile).state == DriftState.OPEN
 
 
+def test_a_run_of_some_types_counts_nothing_of_the_others(audit):
+    """A --type run says nothing of the records of other types: they were not looked for, so
+    it neither resolves them nor counts them found (its organization's audits count only
+    runs of every type)."""
+    org, profile = deselected_profile()
+    AssetFactory(connection=profile.connection)  # selected, and no profile: a missing one
+    audit.run_full_audit(org_id=org.id)
+    audit.run_full_audit(org_id=org.id)
+
+    audit.run_full_audit(org_id=org.id, scopes=["missing"])
+
+    assert (record_of(profile).found, record_of(profile).state) == (2, DriftState.OPEN)
+    missing = DriftRecord.objects.with_sightings().get(organization=org, type="missing")
+    assert missing.found == 3
+
+
 def test_a_dry_run_updates_history_but_never_holds_or_resumes(audit, committed):
     org, profile = deselected_profile()
     fight(audit, committed, org, profile)
@@ -358,6 +374,35 @@ def test_the_audit_never_fights_itself(audit, committed, state, runs):
         assert all(r.times_fixed <= 1 for r in records), [(r.key, r.times_fixed) for r in records]
         assert not records.filter(state__in=[DriftState.RECURRING, DriftState.FIGHTING]).exists()
         assert not AuditFinding.objects.filter(run__organization=org, recurring=True).exists()
+
+
+# A run: fixing or not, and the --type values it looks for (none: every type).
+_RUNS = st.tuples(
+    st.booleans(),
+    st.lists(st.sampled_from(sorted(SCOPES)), max_size=2, unique=True),
+)
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(state=org_states(), runs=st.lists(_RUNS, min_size=1, max_size=5))
+def test_times_found_is_the_number_of_findings_of_the_fingerprint(audit, committed, state, runs):
+    """Whichever runs, in whichever order — dry or fixing, of every type or some — a record's
+    times found is how many findings it has: counted on the record or by its organization's
+    audits, never twice and never missed."""
+    with rolled_back():
+        org = build_org(state)
+        for fix, scopes in runs:
+            committed(audit.run_full_audit, org_id=org.id, fix=fix, force=True, scopes=scopes)
+        records = DriftRecord.objects.with_sightings().filter(organization=org)
+        found = {r.id: r.found for r in records}
+        findings = {
+            drift_id: AuditFinding.objects.filter(drift_id=drift_id).count() for drift_id in found
+        }
+        assert found == findings
 
 
 def test_the_command_lists_findings_as_new_or_recurring(audit, committed, capsys):
