@@ -3,8 +3,8 @@
 import uuid
 
 from django.db import models
-from django.db.models import Case, F, OuterRef, Q, Subquery, Value, When
-from django.db.models.functions import Coalesce, Greatest
+from django.db.models import Case, F, OuterRef, Q, Subquery, When
+from django.db.models.functions import Greatest
 from django.utils import timezone
 
 from audit_project.soft_delete import SoftDeleteModel
@@ -482,13 +482,11 @@ class DriftRecordQuerySet(models.QuerySet["DriftRecord"]):
         columns as the record was last written, plus the audits of its organization since
         that found it again unchanged (``OrganizationAudits``) while it is unresolved."""
         audits = OrganizationAudits.objects.filter(organization_id=OuterRef("organization_id"))
-        since = Coalesce(Subquery(audits.values("audits")[:1]), Value(0)) - F("audits_seen")
-        later = ~Q(state=DriftState.RESOLVED) & Q(
-            audits_seen__lt=Subquery(audits.values("audits")[:1])
-        )
+        count = Subquery(audits.values("audits")[:1])
+        later = ~Q(state=DriftState.RESOLVED) & Q(audits_seen__lt=count)
         return self.annotate(
             found=Case(
-                When(later, then=F("times_found") + since),
+                When(later, then=F("times_found") + count - F("audits_seen")),
                 default=F("times_found"),
                 output_field=models.BigIntegerField(),
             ),

@@ -356,17 +356,23 @@ class DriftBook:
         org_writers: dict[int, list[dict[str, Any]]] = {}
         # (writers merged, the same as the record's) per organization and list of writers.
         merged: dict[tuple[int, int], tuple[list[dict[str, Any]], bool]] = {}
+
+        def with_marks(record: Drift, org: UUID) -> tuple[list[dict[str, Any]], bool]:
+            """The record's writers and its organization's marks' merged, and whether that is
+            what the record had: the lists are shared (decoded once), so merged once per
+            organization and list."""
+            pair = (org.int, id(record.last_writers))
+            if (known := merged.get(pair)) is None:
+                writers = merge_writers(record.last_writers, self.mark_writers.get(org, ()))
+                known = merged[pair] = (writers, writers == record.last_writers)
+            return known
+
         fix_entry = {"at": now.isoformat(), "run": str(run_id)}
         for row in rows:
             org = row.organization_id
             if org is None:
                 continue
-            oid = row.object_id
-            fp = (
-                org.int,
-                str(row.type),
-                str(oid) if oid is not None else f"{row.platform}:{row.external_id}",
-            )
+            fp = self._fingerprint(org, row.type, row.object_id, row.platform, row.external_id)
             record = self.records.get(fp)
             if (
                 record is not None
@@ -377,11 +383,7 @@ class DriftBook:
             ):
                 # Drift that stays, never fixed (most of a dry run's): open as it was, and
                 # nothing to say but that it was seen again if its writers did not change.
-                pair = (fp[0], id(record.last_writers))
-                if (known := merged.get(pair)) is None:
-                    writers = merge_writers(record.last_writers, self.mark_writers.get(org, ()))
-                    known = merged[pair] = (writers, writers == record.last_writers)
-                writers, same_writers = known
+                writers, same_writers = with_marks(record, org)
                 record.times_found += 1
                 record.last_seen_at = now
                 record.last_writers = writers
@@ -413,12 +415,7 @@ class DriftBook:
                 recurring = record.state != DriftState.OPEN or record.last_fixed_at is not None
                 story = _story(record)
             if record.last_writers and record.state != DriftState.RESOLVED:
-                # Shared lists (decoded once), so merged once per organization and list.
-                pair = (fp[0], id(record.last_writers))
-                if (known := merged.get(pair)) is None:
-                    writers = merge_writers(record.last_writers, self.mark_writers.get(org, ()))
-                    known = merged[pair] = (writers, writers == record.last_writers)
-                writers, same_writers = known
+                writers, same_writers = with_marks(record, org)
             else:
                 shared = org_writers.get(fp[0])
                 if shared is None:
@@ -483,9 +480,6 @@ class DriftBook:
         covered = {fp for fp in seen if fp[0] in counted and fp not in seen_fixed}
         new = [r for fp, r in changed.items() if fp in created]
         read = [r for fp, r in changed.items() if fp not in created and fp not in covered]
-        # (PostgreSQL makes a new record's from its finding.)
-        for r in read if connection.vendor == "postgresql" else (*new, *read):
-            r.audits_seen = self.audits.get(r.organization_id.int, 0)
         if connection.vendor == "postgresql":
             # A new record is made of its finding's columns, and one only seen again is counted
             # from its finding: the server does both once the findings are in
@@ -495,6 +489,8 @@ class DriftBook:
             self.counted = [audited_orgs[o] for o in counted]
             self.any_seen = len(seen) > len(covered)
             new = []
+        for r in (*new, *read):  # what Python writes (PostgreSQL makes a new record's itself)
+            r.audits_seen = self.audits.get(r.organization_id.int, 0)
         upsert(new, read, fix=fix)
         if new:
             _link_to_existing(new, rows)
